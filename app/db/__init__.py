@@ -1,0 +1,1 @@
+"""Database layer: declarative models and engine/session factories (SQLAlchemy 2, async)."""

@@ -1,0 +1,128 @@
+"""Keeps the on-disk indexes equal to the database.
+
+The database is the source of truth: every chunk row carries its embedding. Publishing a
+collection's index means *reconciling* it: chunk ids present in the database but not in
+the current snapshot are added (with their stored vectors), ids in the snapshot but gone
+from the database are removed, and the store switches to the new version atomically.
+Because reconciliation only looks at the two id sets, it repairs any crash between a
+database commit and an index publish: run it again and the sets are equal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.db.models import Chunk as ChunkRow
+from app.db.models import Collection, Document
+from retrieval.store import IndexStore, Snapshot
+from retrieval.types import Chunk
+
+logger = logging.getLogger(__name__)
+
+_FETCH = 2000  # rows per query when loading missing chunks (bounded memory, few round trips)
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileResult:
+    """What a reconciliation changed."""
+
+    collection: str
+    added: int
+    removed: int
+    total: int
+    version: str | None
+
+
+def vector_from_bytes(blob: bytes) -> np.ndarray:
+    """Decode a stored embedding (little-endian float32)."""
+    return np.frombuffer(blob, dtype="<f4")
+
+
+def vector_to_bytes(vector: np.ndarray) -> bytes:
+    """Encode an embedding for storage (little-endian float32)."""
+    return np.asarray(vector, dtype="<f4").tobytes()
+
+
+async def _db_ids(session: AsyncSession, collection_id: int) -> set[int]:
+    rows = await session.scalars(select(ChunkRow.id).where(ChunkRow.collection_id == collection_id))
+    return set(rows)
+
+
+async def _load_chunks(
+    session: AsyncSession, collection: Collection, ids: Sequence[int]
+) -> tuple[list[Chunk], np.ndarray]:
+    chunks: list[Chunk] = []
+    vectors: list[np.ndarray] = []
+    ordered = sorted(ids)
+    for start in range(0, len(ordered), _FETCH):
+        batch = ordered[start : start + _FETCH]
+        rows = await session.execute(
+            select(ChunkRow, Document.path, Document.title)
+            .join(Document, Document.id == ChunkRow.document_id)
+            .where(ChunkRow.id.in_(batch))
+        )
+        for row, path, title in rows:
+            metadata = {"heading": row.heading} if row.heading else {}
+            chunks.append(
+                Chunk(
+                    id=row.id,
+                    document_id=row.document_id,
+                    collection=collection.name,
+                    path=path,
+                    ordinal=row.ordinal,
+                    text=row.text,
+                    start=row.start,
+                    end=row.end,
+                    page=row.page,
+                    title=title,
+                    metadata=metadata,
+                )
+            )
+            vectors.append(vector_from_bytes(row.embedding))
+    matrix = np.vstack(vectors).astype(np.float32) if vectors else np.zeros((0, 0), dtype=np.float32)
+    return chunks, matrix
+
+
+async def reconcile(
+    sessionmaker: async_sessionmaker[AsyncSession], store: IndexStore, collection_name: str
+) -> ReconcileResult:
+    """Make the collection's current index snapshot hold exactly the database's chunks."""
+    snapshot: Snapshot | None = await asyncio.to_thread(store.load, collection_name)
+    have = {int(i) for i in snapshot.ids} if snapshot is not None else set()
+    async with sessionmaker() as session:
+        collection = await session.scalar(select(Collection).where(Collection.name == collection_name))
+        if collection is None:
+            if snapshot is not None:
+                await asyncio.to_thread(store.drop, collection_name)
+            return ReconcileResult(collection_name, 0, len(have), 0, None)
+        wanted = await _db_ids(session, collection.id)
+        missing = wanted - have
+        extra = have - wanted
+        if snapshot is not None and not missing and not extra:
+            return ReconcileResult(collection_name, 0, 0, len(wanted), snapshot.version)
+        chunks, vectors = await _load_chunks(session, collection, list(missing))
+    if vectors.size == 0:
+        vectors = np.zeros((0, store.dimension), dtype=np.float32)
+    new = await asyncio.to_thread(store.publish, collection_name, add=chunks, vectors=vectors, remove=extra)
+    logger.info(
+        "index published",
+        extra={"collection": collection_name, "added": len(chunks), "removed": len(extra), "version": new.version},
+    )
+    return ReconcileResult(collection_name, len(chunks), len(extra), len(wanted), new.version)
+
+
+async def reconcile_all(
+    sessionmaker: async_sessionmaker[AsyncSession], store: IndexStore
+) -> list[ReconcileResult]:
+    """Reconcile every collection known to the database or the store (worker start-up repair)."""
+    async with sessionmaker() as session:
+        names = set(await session.scalars(select(Collection.name)))
+    names |= set(await asyncio.to_thread(store.collections))
+    return [await reconcile(sessionmaker, store, name) for name in sorted(names)]

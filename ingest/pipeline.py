@@ -1,0 +1,464 @@
+"""One ingestion job: walk -> hash -> load -> split -> embed -> record -> publish.
+
+Contract:
+- A file whose sha256 equals the recorded one is *unchanged* and not read again (whatever
+  its earlier outcome: a corrupt file stays failed until its content changes).
+- New and changed files are loaded, split and embedded off the event loop. Their old
+  chunks are replaced in the same transaction that records the new ones, together with
+  the job's counters, so a crash (even ``kill -9``) leaves the database at a batch
+  boundary; the job is then claimed again and the files already recorded are unchanged.
+- A file that fails (corrupt, binary, empty, too large) is recorded as ``failed`` with
+  the reason and the batch goes on.
+- With ``prune``, documents under a folder root that are no longer on disk are deleted.
+- The index is published by reconciling it with the database (see ``ingest.indexer``),
+  during long jobs every ``publish_every`` seconds and always at the end.
+Memory stays bounded: files are prepared a few at a time and embedded in batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.db.base import utcnow
+from app.db.models import Chunk as ChunkRow
+from app.db.models import Collection, Document, IngestJob
+from ingest import queue
+from ingest.indexer import reconcile, vector_to_bytes
+from ingest.loaders import LoaderError, loader_for
+from ingest.loaders.base import LoadedDocument
+from ingest.splitter import Piece, Splitter
+from retrieval.store import IndexStore
+from retrieval.types import Embedder
+
+logger = logging.getLogger(__name__)
+
+MAX_RECORDED_ERRORS = 1000
+
+
+class ProgressCallback(Protocol):
+    """Called after every file: files done, files total, the file's path, and its outcome."""
+
+    def __call__(self, done: int, total: int, path: str, outcome: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """A file found under the job's root."""
+
+    path: Path
+    size: int
+    mtime: float
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A file after hashing and (when new or changed) loading and splitting."""
+
+    entry: FileEntry
+    sha256: str
+    outcome: str  # unchanged | new | changed
+    document: LoadedDocument | None = None
+    pieces: list[Piece] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class JobSummary:
+    """The result of a job, as ``rag ingest --json`` prints it."""
+
+    job_id: int
+    status: str
+    collection: str
+    files: dict[str, int]
+    chunks: dict[str, int]
+    errors: list[dict[str, str]]
+    seconds: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        """The documented JSON shape (scripts rely on these keys)."""
+        return {
+            "job_id": self.job_id,
+            "status": self.status,
+            "collection": self.collection,
+            "files": self.files,
+            "chunks": self.chunks,
+            "errors": self.errors,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def iter_files(root: Path) -> Iterator[FileEntry]:
+    """Regular files under ``root`` (or ``root`` itself), sorted, skipping hidden names.
+
+    Symlinks are not followed (a link could lead outside the folder an operator named).
+    """
+    if root.is_file():
+        st = root.stat()
+        yield FileEntry(root, st.st_size, st.st_mtime)
+        return
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            if path.is_symlink() or not path.is_file():
+                continue
+            st = path.stat()
+            yield FileEntry(path, st.st_size, st.st_mtime)
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Streamed sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class IngestPipeline:
+    """Runs ingestion jobs. One instance per process; jobs run one at a time per instance."""
+
+    def __init__(
+        self,
+        *,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        store: IndexStore,
+        embedder: Embedder,
+        splitter: Splitter,
+        worker_id: str,
+        max_file_bytes: int,
+        batch_chunks: int = 256,
+        prefetch: int = 8,
+        heartbeat_seconds: float = 5.0,
+        publish_every: float = 30.0,
+        executor: Executor | None = None,
+    ) -> None:
+        self._sessionmaker = sessionmaker
+        self._store = store
+        self._embedder = embedder
+        self._splitter = splitter
+        self._worker_id = worker_id
+        self._max_file_bytes = max_file_bytes
+        self._batch_chunks = batch_chunks
+        self._prefetch = prefetch
+        self._heartbeat_seconds = heartbeat_seconds
+        self._publish_every = publish_every
+        # Preparation (hash, parse, split) runs on its own thread so it overlaps with
+        # embedding, which releases the GIL inside torch.
+        self._prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-prep")
+        self._embed_executor = executor
+
+    def close(self) -> None:
+        """Stop the preparation thread."""
+        self._prep_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- preparation (runs on the prep thread) -------------------------------------------------
+
+    def _prepare(self, entry: FileEntry, known_sha: str | None) -> Prepared:
+        try:
+            sha = sha256_file(entry.path)
+        except OSError as e:
+            return Prepared(entry, "", "new" if known_sha is None else "changed", error=f"unreadable: {e}")
+        if sha == known_sha:
+            return Prepared(entry, sha, "unchanged")
+        outcome = "new" if known_sha is None else "changed"
+        loader = loader_for(entry.path, max_bytes=self._max_file_bytes)
+        if loader is None:  # filtered before, but a race with a rename must not crash the job
+            return Prepared(entry, sha, outcome, error="unsupported file type")
+        try:
+            document = loader.load(entry.path)
+            pieces = self._splitter.split(document)
+        except LoaderError as e:
+            return Prepared(entry, sha, outcome, error=str(e))
+        except Exception as e:  # a parser bug on one file must not stop the batch
+            logger.exception("unexpected error while loading", extra={"path": str(entry.path)})
+            return Prepared(entry, sha, outcome, error=f"unexpected error: {type(e).__name__}: {e}")
+        if not pieces:
+            return Prepared(entry, sha, outcome, document=document, error="no text to index")
+        return Prepared(entry, sha, outcome, document=document, pieces=pieces)
+
+    # -- the job --------------------------------------------------------------------------------
+
+    async def run(self, job_id: int, *, on_progress: ProgressCallback | None = None) -> JobSummary:
+        """Run a claimed job to completion and return its summary.
+
+        The job must already be ``running`` and owned by this worker (see ``queue.claim``).
+        """
+        started = time.monotonic()
+        async with self._sessionmaker() as session:
+            job = await session.get(IngestJob, job_id)
+            if job is None:
+                raise ValueError(f"no ingest job {job_id}")
+            collection = await session.get(Collection, job.collection_id)
+            assert collection is not None
+            collection_name, collection_id = collection.name, collection.id
+            root = Path(job.root_path)
+            prune = job.prune
+        heartbeat = asyncio.create_task(self._heartbeat(job_id))
+        try:
+            await self._run(job_id, collection_id, collection_name, root, prune, on_progress)
+            status, error = "succeeded", None
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.exception("ingest job failed", extra={"job_id": job_id})
+            status, error = "failed", f"{type(e).__name__}: {e}"
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        # Publish even after a failure: whatever was committed becomes searchable.
+        await reconcile(self._sessionmaker, self._store, collection_name)
+        async with self._sessionmaker() as session:
+            job = await session.get(IngestJob, job_id)
+            assert job is not None
+            job.status = status
+            job.error = error
+            job.finished_at = utcnow()
+            job.progress = 1.0 if status == "succeeded" else job.progress
+            total = await session.scalar(
+                select(func.count()).select_from(ChunkRow).where(ChunkRow.collection_id == collection_id)
+            )
+            await session.commit()
+            return summarize(job, collection_name, int(total or 0), time.monotonic() - started)
+
+    async def _heartbeat(self, job_id: int) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_seconds)
+            try:
+                async with self._sessionmaker() as session:
+                    await queue.heartbeat(session, job_id, self._worker_id)
+            except Exception:  # a missed beat is not fatal; the next one retries
+                logger.warning("heartbeat failed", exc_info=True, extra={"job_id": job_id})
+
+    async def _run(
+        self,
+        job_id: int,
+        collection_id: int,
+        collection_name: str,
+        root: Path,
+        prune: bool,
+        on_progress: ProgressCallback | None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist")
+        entries = await loop.run_in_executor(self._prep_pool, lambda: list(iter_files(root)))
+        prefix = str(root) if root.is_file() else str(root).rstrip(os.sep) + os.sep
+        async with self._sessionmaker() as session:
+            rows = await session.execute(
+                select(Document.path, Document.sha256, Document.last_job_id).where(
+                    Document.collection_id == collection_id
+                )
+            )
+            known = {p: (s, j) for p, s, j in rows if p == str(root) or p.startswith(prefix)}
+            job = await session.get(IngestJob, job_id)
+            assert job is not None
+            job.files_total = len(entries)
+            await session.commit()
+
+        supported = [e for e in entries if loader_for(e.path) is not None]
+        skipped = len(entries) - len(supported)
+        seen = {str(e.path) for e in supported}
+        batch: list[Prepared] = []
+        batch_pieces = 0
+        done = skipped
+        last_publish = time.monotonic()
+        # On a retried job, files recorded by the earlier attempt are already counted.
+        async with self._sessionmaker() as session:
+            job = await session.get(IngestJob, job_id)
+            assert job is not None
+            resumed = job.attempts > 1
+            job.files_skipped = skipped
+            job.files_seen = len(entries)
+            # Unchanged files are counted afresh by every attempt (they are not written).
+            job.files_unchanged = 0
+            await session.commit()
+        unchanged = 0
+
+        async for prepared in self._prepared(supported, known):
+            done += 1
+            if prepared.outcome == "unchanged":
+                counted_before = resumed and known.get(str(prepared.entry.path), ("", None))[1] == job_id
+                if not counted_before:
+                    unchanged += 1
+                if on_progress:
+                    on_progress(done, len(entries), str(prepared.entry.path), "unchanged")
+                continue
+            batch.append(prepared)
+            batch_pieces += len(prepared.pieces)
+            if batch_pieces >= self._batch_chunks:
+                await self._flush(job_id, collection_id, batch, done, len(entries), unchanged)
+                if on_progress:
+                    for p in batch:
+                        on_progress(done, len(entries), str(p.entry.path), _outcome(p))
+                batch, batch_pieces, unchanged = [], 0, 0
+                if time.monotonic() - last_publish > self._publish_every:
+                    await reconcile(self._sessionmaker, self._store, collection_name)
+                    last_publish = time.monotonic()
+        if batch or unchanged:
+            await self._flush(job_id, collection_id, batch, done, len(entries), unchanged)
+            if on_progress:
+                for p in batch:
+                    on_progress(done, len(entries), str(p.entry.path), _outcome(p))
+        if prune and root.is_dir():
+            gone = [path for path in known if path not in seen]
+            await self._prune(job_id, collection_id, gone)
+
+    async def _prepared(
+        self, entries: list[FileEntry], known: dict[str, tuple[str, int | None]]
+    ) -> AsyncIterator[Prepared]:
+        """Yield prepared files in order, keeping up to ``prefetch`` in flight on the prep thread."""
+        pending: list[Future[Prepared]] = []
+        it = iter(entries)
+        try:
+            while True:
+                while len(pending) < self._prefetch:
+                    entry = next(it, None)
+                    if entry is None:
+                        break
+                    sha = known.get(str(entry.path), (None, None))[0]
+                    pending.append(self._prep_pool.submit(self._prepare, entry, sha))
+                if not pending:
+                    return
+                yield await asyncio.wrap_future(pending.pop(0))
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+    async def _flush(
+        self, job_id: int, collection_id: int, batch: list[Prepared], done: int, total: int, unchanged: int
+    ) -> None:
+        """Embed a batch and record it, with the job's counters, in one transaction."""
+        texts = [piece.text for p in batch for piece in p.pieces]
+        loop = asyncio.get_running_loop()
+        vectors = await loop.run_in_executor(self._embed_executor, self._embedder.embed_documents, texts)
+        row = 0
+        async with self._sessionmaker() as session, session.begin():
+            job = await session.get(IngestJob, job_id)
+            assert job is not None
+            job.files_unchanged += unchanged
+            errors = list(job.errors or [])
+            for p in batch:
+                path = str(p.entry.path)
+                document = await session.scalar(
+                    select(Document).where(Document.collection_id == collection_id, Document.path == path)
+                )
+                if document is not None:
+                    removed = await session.execute(delete(ChunkRow).where(ChunkRow.document_id == document.id))
+                    job.chunks_removed += int(getattr(removed, "rowcount", 0) or 0)
+                else:
+                    document = Document(collection_id=collection_id, path=path, meta={})
+                    session.add(document)
+                loaded = p.document
+                document.sha256 = p.sha256
+                document.size = p.entry.size
+                document.mtime = p.entry.mtime
+                document.last_job_id = job_id
+                document.format = loaded.format if loaded else p.entry.path.suffix.lstrip(".").lower()
+                document.title = loaded.title if loaded else None
+                document.page_count = loaded.page_count if loaded else None
+                document.meta = dict(loaded.metadata) if loaded else {}
+                document.chunk_count = len(p.pieces) if p.error is None else 0
+                if p.error is not None:
+                    document.status, document.error = "failed", p.error
+                    job.files_failed += 1
+                    if len(errors) < MAX_RECORDED_ERRORS:
+                        errors.append({"path": path, "reason": p.error})
+                else:
+                    document.status, document.error = "indexed", None
+                    if p.outcome == "new":
+                        job.files_new += 1
+                    else:
+                        job.files_changed += 1
+                await session.flush()
+                if p.error is None:
+                    values = [
+                        {
+                            "document_id": document.id,
+                            "collection_id": collection_id,
+                            "ordinal": piece.ordinal,
+                            "text": piece.text,
+                            "start": piece.start,
+                            "end": piece.end,
+                            "page": piece.page,
+                            "token_count": piece.token_count,
+                            "heading": piece.heading,
+                            "embedding": vector_to_bytes(vectors[row + i]),
+                        }
+                        for i, piece in enumerate(p.pieces)
+                    ]
+                    if values:
+                        await session.execute(insert(ChunkRow), values)
+                    job.chunks_added += len(values)
+                row += len(p.pieces)
+            job.errors = errors
+            job.progress = done / total if total else 1.0
+            job.heartbeat_at = utcnow()
+
+    async def _prune(self, job_id: int, collection_id: int, paths: list[str]) -> None:
+        if not paths:
+            return
+        async with self._sessionmaker() as session, session.begin():
+            job = await session.get(IngestJob, job_id)
+            assert job is not None
+            for start in range(0, len(paths), 500):
+                part = paths[start : start + 500]
+                removed = await session.scalar(
+                    select(func.coalesce(func.sum(Document.chunk_count), 0)).where(
+                        Document.collection_id == collection_id, Document.path.in_(part)
+                    )
+                )
+                deleted = await session.execute(
+                    delete(Document).where(Document.collection_id == collection_id, Document.path.in_(part))
+                )
+                job.files_deleted += int(getattr(deleted, "rowcount", 0) or 0)
+                job.chunks_removed += int(removed or 0)
+
+
+def _outcome(p: Prepared) -> str:
+    return "failed" if p.error is not None else p.outcome
+
+
+def summarize(job: IngestJob, collection: str, total_chunks: int, seconds: float) -> JobSummary:
+    """Turn a job row into the documented summary."""
+    return JobSummary(
+        job_id=job.id,
+        status=job.status,
+        collection=collection,
+        files={
+            "seen": job.files_seen,
+            "new": job.files_new,
+            "changed": job.files_changed,
+            "unchanged": job.files_unchanged,
+            "deleted": job.files_deleted,
+            "failed": job.files_failed,
+            "skipped": job.files_skipped,
+        },
+        chunks={"added": job.chunks_added, "removed": job.chunks_removed, "total": total_chunks},
+        errors=list(job.errors or []),
+        seconds=seconds,
+    )
+
+
+def default_worker_id() -> str:
+    """host:pid, unique enough to tell workers apart in the jobs table."""
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+

@@ -1,0 +1,133 @@
+"""The ingestion job queue, kept in the ``ingest_jobs`` table.
+
+Claiming is safe with several workers: on PostgreSQL the candidate row is locked with
+``SELECT ... FOR UPDATE SKIP LOCKED``; on every backend the claim itself is a conditional
+``UPDATE`` that succeeds for exactly one claimer. A running job whose heartbeat is older
+than ``stale_after`` was abandoned (its worker died) and is claimed again; after
+``max_attempts`` claims it is failed instead, so a file that kills the worker cannot loop
+forever.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db.base import utcnow
+from app.db.models import Collection, IngestJob
+
+COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+TERMINAL = ("succeeded", "failed")
+
+
+class QueueError(Exception):
+    """Base class of job-queue errors."""
+
+
+class InvalidCollectionName(QueueError):
+    """A collection name that is not a safe identifier."""
+
+
+def check_collection_name(name: str) -> str:
+    """Return ``name`` if it is a valid collection name (it is also a directory name on disk).
+
+    Raises:
+        InvalidCollectionName: with the rule in the message.
+    """
+    if not COLLECTION_NAME.fullmatch(name) or name in {".", ".."}:
+        raise InvalidCollectionName(
+            f"invalid collection name {name!r}: use 1-128 letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+async def get_or_create_collection(session: AsyncSession, name: str) -> Collection:
+    """The collection called ``name``, created if missing (flushes, never commits)."""
+    check_collection_name(name)
+    found = await session.scalar(select(Collection).where(Collection.name == name))
+    if found is not None:
+        return found
+    collection = Collection(name=name)
+    session.add(collection)
+    await session.flush()
+    return collection
+
+
+async def enqueue(session: AsyncSession, *, collection: Collection, root_path: str, prune: bool) -> IngestJob:
+    """Add a queued job (flushes, never commits)."""
+    job = IngestJob(collection_id=collection.id, root_path=root_path, prune=prune, status="queued", errors=[])
+    session.add(job)
+    await session.flush()
+    return job
+
+
+async def claim(
+    session: AsyncSession,
+    *,
+    worker_id: str,
+    stale_after: float,
+    max_attempts: int = 3,
+    job_id: int | None = None,
+) -> IngestJob | None:
+    """Claim the oldest runnable job (or ``job_id``) for ``worker_id`` and commit the claim.
+
+    Returns None when nothing is runnable. Jobs abandoned ``max_attempts`` times are
+    marked failed on the way.
+    """
+    while True:
+        now = utcnow()
+        stale = now - timedelta(seconds=stale_after)
+        runnable = or_(
+            IngestJob.status == "queued",
+            and_(IngestJob.status == "running", IngestJob.heartbeat_at < stale),
+        )
+        stmt = select(IngestJob.id, IngestJob.status, IngestJob.attempts).where(runnable)
+        if job_id is not None:
+            stmt = stmt.where(IngestJob.id == job_id)
+        stmt = stmt.order_by(IngestJob.created_at, IngestJob.id).limit(1)
+        if session.bind is not None and session.bind.dialect.name == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True)
+        row = (await session.execute(stmt)).first()
+        if row is None:
+            await session.commit()
+            return None
+        candidate_id, status, attempts = row
+        values: dict[str, Any]
+        if attempts >= max_attempts:
+            values = {
+                "status": "failed",
+                "finished_at": now,
+                "error": f"abandoned by its worker {attempts} times (crash or kill while ingesting)",
+            }
+        else:
+            values = {"status": "running", "attempts": attempts + 1, "worker_id": worker_id, "heartbeat_at": now}
+        # Conditional on the state we read: exactly one concurrent claimer wins.
+        result = await session.execute(
+            update(IngestJob)
+            .where(IngestJob.id == candidate_id, IngestJob.status == status, IngestJob.attempts == attempts)
+            .values(**values)
+        )
+        await session.commit()
+        if getattr(result, "rowcount", 0) != 1 or values["status"] == "failed":
+            continue
+        job = await session.get(IngestJob, candidate_id, populate_existing=True)
+        if job is not None and job.started_at is None:
+            job.started_at = now
+            await session.commit()
+        return job
+
+
+async def heartbeat(session: AsyncSession, job_id: int, worker_id: str) -> bool:
+    """Refresh a running job's heartbeat; False if this worker no longer owns it."""
+    result = await session.execute(
+        update(IngestJob)
+        .where(IngestJob.id == job_id, IngestJob.worker_id == worker_id, IngestJob.status == "running")
+        .values(heartbeat_at=utcnow())
+    )
+    await session.commit()
+    return getattr(result, "rowcount", 0) == 1

@@ -1,0 +1,186 @@
+"""Composition root of the ingestion worker process.
+
+``build_ingest_context(settings)`` turns Settings into the objects the pipeline needs
+(engine, store, embedding model, splitter); ``run_worker`` claims and runs queued jobs
+until stopped; ``ingest_now`` enqueues one job and runs it in this process (``rag ingest``).
+At start-up the worker migrates the database and reconciles every collection's index with
+the database, which repairs whatever a crash left half-published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.db.engine import create_engine, create_sessionmaker
+from app.db.migrate import aupgrade
+from app.settings import Settings
+from ingest import queue
+from ingest.indexer import reconcile_all
+from ingest.pipeline import IngestPipeline, JobSummary, ProgressCallback, default_worker_id
+from ingest.splitter import Splitter
+from retrieval.embedders import SentenceTransformerEmbedder
+from retrieval.store import IndexStore
+from retrieval.tokenize import TokenizerOptions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestContext:
+    """Everything a worker process holds; ``aclose`` releases it."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    store: IndexStore
+    embedder: SentenceTransformerEmbedder
+    pipeline: IngestPipeline
+    worker_id: str
+
+    async def aclose(self) -> None:
+        """Stop threads and close database connections."""
+        self.pipeline.close()
+        await self.engine.dispose()
+
+
+def open_store(settings: Settings, *, model_id: str, dimension: int) -> IndexStore:
+    """The index store for these settings (shared by the worker and the API)."""
+    return IndexStore(
+        settings.index_dir,
+        model_id=model_id,
+        dimension=dimension,
+        tokenizer=TokenizerOptions(stopwords=settings.retrieval.stopwords, stem=settings.retrieval.stem),
+        use_gpu=settings.retrieval.faiss_gpu,
+    )
+
+
+def load_embedder(settings: Settings, *, threads: int | None = None) -> SentenceTransformerEmbedder:
+    """Load the configured embedding model, offline."""
+    # The model ships inside a package; never let transformers try the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return SentenceTransformerEmbedder(
+        settings.embedding.model,
+        device=settings.embedding.device,
+        dtype=settings.embedding.dtype,
+        batch_size=settings.embedding.batch_size,
+        threads=threads,
+    )
+
+
+async def build_ingest_context(
+    settings: Settings,
+    *,
+    worker_id: str | None = None,
+    embedder: SentenceTransformerEmbedder | None = None,
+) -> IngestContext:
+    """Migrate the database and build the worker's objects (loads the embedding model unless given)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    await aupgrade(settings.database_url)
+    engine = create_engine(
+        settings.database_url, echo=settings.database.echo, pool_size=settings.database.pool_size
+    )
+    sessionmaker = create_sessionmaker(engine)
+    if embedder is None:
+        embedder = await asyncio.to_thread(load_embedder, settings)
+    store = open_store(settings, model_id=embedder.model_id, dimension=embedder.dimension)
+    splitter = Splitter(
+        embedder.tokenizer,
+        chunk_tokens=settings.chunking.chunk_tokens,
+        overlap_tokens=settings.chunking.overlap_tokens,
+    )
+    worker_id = worker_id or default_worker_id()
+    pipeline = IngestPipeline(
+        sessionmaker=sessionmaker,
+        store=store,
+        embedder=embedder,
+        splitter=splitter,
+        worker_id=worker_id,
+        max_file_bytes=settings.ingest.max_file_mb * 1024 * 1024,
+        batch_chunks=max(settings.embedding.batch_size * 4, 64),
+        heartbeat_seconds=settings.ingest.heartbeat_seconds,
+        publish_every=settings.ingest.publish_every_seconds,
+    )
+    return IngestContext(settings, engine, sessionmaker, store, embedder, pipeline, worker_id)
+
+
+async def enqueue_path(
+    sessionmaker: async_sessionmaker[AsyncSession], path: Path, *, collection: str, prune: bool = True
+) -> tuple[int, str]:
+    """Queue an ingest of ``path`` (a folder, recursively, or a file). Returns (job id, collection)."""
+    resolved = path.expanduser().resolve()
+    if not resolved.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    async with sessionmaker() as session:
+        coll = await queue.get_or_create_collection(session, collection)
+        job = await queue.enqueue(session, collection=coll, root_path=str(resolved), prune=prune)
+        await session.commit()
+        return job.id, coll.name
+
+
+async def run_job(
+    ctx: IngestContext, job_id: int, *, on_progress: ProgressCallback | None = None
+) -> JobSummary | None:
+    """Claim ``job_id`` for this process and run it; None if another worker holds it."""
+    async with ctx.sessionmaker() as session:
+        job = await queue.claim(
+            session,
+            worker_id=ctx.worker_id,
+            stale_after=ctx.settings.ingest.stale_after_seconds,
+            job_id=job_id,
+        )
+    if job is None:
+        return None
+    return await ctx.pipeline.run(job.id, on_progress=on_progress)
+
+
+async def run_worker(
+    settings: Settings,
+    *,
+    once: bool = False,
+    stop: asyncio.Event | None = None,
+    worker_id: str | None = None,
+) -> int:
+    """Claim and run jobs until ``stop`` is set (or, with ``once``, until the queue is empty).
+
+    Returns the number of jobs run.
+    """
+    ctx = await build_ingest_context(settings, worker_id=worker_id)
+    stop = stop or asyncio.Event()
+    ran = 0
+    try:
+        repaired = await reconcile_all(ctx.sessionmaker, ctx.store)
+        for r in repaired:
+            if r.added or r.removed:
+                logger.warning(
+                    "index repaired at start-up",
+                    extra={"collection": r.collection, "added": r.added, "removed": r.removed},
+                )
+        while not stop.is_set():
+            async with ctx.sessionmaker() as session:
+                job = await queue.claim(
+                    session,
+                    worker_id=ctx.worker_id,
+                    stale_after=settings.ingest.stale_after_seconds,
+                )
+            if job is None:
+                if once:
+                    break
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=settings.ingest.poll_seconds)
+                except TimeoutError:
+                    pass
+                continue
+            logger.info("job claimed", extra={"job_id": job.id, "root": job.root_path})
+            summary = await ctx.pipeline.run(job.id)
+            ran += 1
+            logger.info("job finished", extra={"job_id": job.id, "status": summary.status})
+    finally:
+        await ctx.aclose()
+    return ran

@@ -1,0 +1,265 @@
+"""Hybrid retrieval over every collection of an :class:`~retrieval.store.IndexStore`.
+
+:class:`HybridRetriever` implements the :class:`~retrieval.types.Retriever` protocol. A
+request
+
+1. loads the live snapshot of each collection in the filter (or all of them),
+2. embeds the query once (only when the mode has a dense leg),
+3. runs each leg in each collection to ``options.depth`` candidates, restricted to the
+   chunks matching ``filters.path_prefix`` in both legs,
+4. merges each leg across collections (concatenate, re-rank by raw score) — dense
+   scores are comparable across collections (same model); BM25 scores are only roughly
+   comparable (per-collection idf), which is accepted here,
+5. fuses the two legs per ``options`` (:mod:`retrieval.fusion`), or returns one leg as
+   is in ``dense``/``sparse`` mode (score = the leg's raw score).
+
+All CPU work (embedding, FAISS, BM25) runs in the executor, keeping the event loop free.
+
+Errors: :class:`~retrieval.types.UnknownCollectionError` when the filter names a
+collection without an index; :class:`~retrieval.types.IndexMismatchError` when the
+embedder does not match the store; :class:`ValueError` for invalid options.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from retrieval.fusion import Fused, Legs, rrf, weighted
+from retrieval.store import IndexStore, Snapshot
+from retrieval.types import (
+    Chunk,
+    Embedder,
+    IndexMismatchError,
+    LegScore,
+    ScoredChunk,
+    SearchFilters,
+    SearchOptions,
+    UnknownCollectionError,
+)
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+__all__ = ["HybridRetriever"]
+
+log = logging.getLogger(__name__)
+
+
+class _Leg:
+    """One leg's per-collection results, merged into a single ranking."""
+
+    __slots__ = ("ids", "scores", "sources")
+
+    def __init__(self) -> None:
+        self.ids: list[npt.NDArray[np.int64]] = []
+        self.scores: list[npt.NDArray[np.float64]] = []
+        self.sources: list[npt.NDArray[np.int32]] = []
+
+    def extend(self, source: int, ids: npt.NDArray[np.int64], scores: npt.NDArray[np.floating]) -> None:
+        self.ids.append(ids)
+        self.scores.append(scores.astype(np.float64))
+        self.sources.append(np.full(ids.size, source, dtype=np.int32))
+
+    def ranked(
+        self, depth: int, snapshots: Sequence[Snapshot], owner: dict[int, Chunk]
+    ) -> list[tuple[int, float]]:
+        """Best-first ``(id, score)`` over all collections, cut at ``depth``; fills ``owner``."""
+        if not self.ids:
+            return []
+        ids = np.concatenate(self.ids)
+        scores = np.concatenate(self.scores)
+        sources = np.concatenate(self.sources)
+        order = np.lexsort((ids, -scores))  # score descending, then id: deterministic
+        out: list[tuple[int, float]] = []
+        seen: set[int] = set()
+        for i in order.tolist():
+            chunk_id = int(ids[i])
+            if chunk_id in seen:
+                # Chunk ids are database keys, unique across collections; a repeat means two
+                # collections share an id, and the better-scored copy wins.
+                log.warning("chunk id %d found in more than one collection", chunk_id)
+                continue
+            seen.add(chunk_id)
+            owner.setdefault(chunk_id, snapshots[int(sources[i])].chunks[chunk_id])
+            out.append((chunk_id, float(scores[i])))
+            if len(out) == depth:
+                break
+        return out
+
+
+def _validate(options: SearchOptions) -> None:
+    if options.mode not in ("hybrid", "dense", "sparse"):
+        raise ValueError(f"unknown search mode {options.mode!r}")
+    if options.fusion not in ("rrf", "weighted"):
+        raise ValueError(f"unknown fusion {options.fusion!r}")
+    if options.depth < 1:
+        raise ValueError(f"depth must be >= 1, got {options.depth}")
+
+
+class HybridRetriever:
+    """Dense + BM25 retrieval with fusion, over the snapshots of an :class:`IndexStore`.
+
+    Thread-safe; snapshots are immutable and reloaded by the store when a new version is
+    published, so searches running during a publish see the old or the new version.
+
+    Args:
+        store: Where the collections' indexes live.
+        embedder: Embeds queries; must be the model the store's indexes were built with.
+        executor: Runs the CPU work of :meth:`search` (``None``: the loop's default executor).
+        defaults: Options used when a request passes none.
+
+    Raises:
+        IndexMismatchError: If ``embedder`` has another model id or dimension than ``store``.
+    """
+
+    def __init__(
+        self,
+        store: IndexStore,
+        embedder: Embedder,
+        *,
+        executor: Executor | None = None,
+        defaults: SearchOptions | None = None,
+    ) -> None:
+        if embedder.model_id != store.model_id or embedder.dimension != store.dimension:
+            raise IndexMismatchError(
+                f"the embedder is {embedder.model_id!r} ({embedder.dimension} dimensions) but the "
+                f"index store expects {store.model_id!r} ({store.dimension} dimensions)"
+            )
+        self._store = store
+        self._embedder = embedder
+        self._executor = executor
+        self._defaults = defaults or SearchOptions()
+        _validate(self._defaults)
+
+    @property
+    def defaults(self) -> SearchOptions:
+        """Options used when a request passes none."""
+        return self._defaults
+
+    async def search(
+        self,
+        query: str,
+        *,
+        k: int = 10,
+        filters: SearchFilters | None = None,
+        options: SearchOptions | None = None,
+    ) -> list[ScoredChunk]:
+        """Return at most ``k`` chunks, best first (:meth:`search_sync` in the executor)."""
+        loop = asyncio.get_running_loop()
+        call = functools.partial(self.search_sync, query, k=k, filters=filters, options=options)
+        return await loop.run_in_executor(self._executor, call)
+
+    def _snapshots(self, filters: SearchFilters | None) -> list[Snapshot]:
+        if filters is None or filters.collections is None:
+            found = (self._store.load(name) for name in self._store.collections())
+            # A collection dropped between listing and loading is simply gone.
+            return [s for s in found if s is not None]
+        snapshots = []
+        for name in dict.fromkeys(filters.collections):  # de-duplicated, order kept
+            snapshot = self._store.load(name)
+            if snapshot is None:
+                raise UnknownCollectionError(f"collection {name!r} has no index")
+            snapshots.append(snapshot)
+        return snapshots
+
+    def search_sync(
+        self,
+        query: str,
+        *,
+        k: int = 10,
+        filters: SearchFilters | None = None,
+        options: SearchOptions | None = None,
+    ) -> list[ScoredChunk]:
+        """Blocking search; same contract as :meth:`search`.
+
+        Args:
+            query: The user's question.
+            k: Maximum number of results (``k <= 0`` returns nothing).
+            filters: Collections (``None``: all) and an optional chunk path prefix.
+            options: Mode, fusion and parameters (``None``: the retriever's defaults).
+
+        Returns:
+            Up to ``k`` chunks, best first, each with its rank (1-based), its final score
+            (fused score, or the raw leg score in single-leg modes) and per-leg evidence.
+
+        Raises:
+            UnknownCollectionError: If ``filters.collections`` names a collection without
+                an index.
+            ValueError: For invalid options.
+        """
+        opts = options or self._defaults
+        _validate(opts)
+        if k <= 0:
+            return []
+        snapshots = self._snapshots(filters)
+        prefix = filters.path_prefix if filters is not None else None
+        use_dense = opts.mode in ("hybrid", "dense")
+        use_sparse = opts.mode in ("hybrid", "sparse")
+        # Each leg must reach at least k candidates for a single-leg mode to return k.
+        depth = max(opts.depth, k)
+
+        allowed: list[npt.NDArray[np.int64] | None] = []
+        for snap in snapshots:
+            allowed.append(None if prefix is None else snap.ids_with_path_prefix(prefix))
+        searchable = [
+            (i, snap, ok)
+            for i, (snap, ok) in enumerate(zip(snapshots, allowed, strict=True))
+            if len(snap) and (ok is None or ok.size)
+        ]
+        if not searchable:
+            return []
+
+        dense_leg, sparse_leg = _Leg(), _Leg()
+        if use_dense:
+            vector = self._embedder.embed_query(query)  # once per request, for all collections
+            for i, snap, ok in searchable:
+                dense_leg.extend(i, *snap.dense.search(vector, depth, ok))
+        if use_sparse:
+            for i, snap, ok in searchable:
+                # Tokenized per snapshot: each follows the tokenizer options of its manifest.
+                sparse_leg.extend(i, *snap.sparse.search(query, depth, ok))
+
+        owner: dict[int, Chunk] = {}
+        dense = dense_leg.ranked(depth, snapshots, owner)
+        sparse = sparse_leg.ranked(depth, snapshots, owner)
+
+        if opts.mode == "dense":
+            return _single(dense, k, owner, leg="dense")
+        if opts.mode == "sparse":
+            return _single(sparse, k, owner, leg="sparse")
+        legs = Legs(dense=dense, sparse=sparse)
+        fused: list[Fused]
+        if opts.fusion == "rrf":
+            fused = rrf(legs, k=opts.rrf_k, weights=(opts.dense_weight, opts.sparse_weight))
+        else:
+            fused = weighted(legs, alpha=opts.alpha, normalization=opts.normalization)
+        return [
+            ScoredChunk(chunk=owner[row.id], score=row.score, rank=rank, dense=row.dense, sparse=row.sparse)
+            for rank, row in enumerate(fused[:k], start=1)
+        ]
+
+
+def _single(
+    results: list[tuple[int, float]], k: int, owner: dict[int, Chunk], *, leg: str
+) -> list[ScoredChunk]:
+    """Results of one leg as ScoredChunks: score and rank are the leg's own."""
+    out = []
+    for rank, (chunk_id, score) in enumerate(results[:k], start=1):
+        evidence = LegScore(rank=rank, score=score)
+        out.append(
+            ScoredChunk(
+                chunk=owner[chunk_id],
+                score=score,
+                rank=rank,
+                dense=evidence if leg == "dense" else None,
+                sparse=evidence if leg == "sparse" else None,
+            )
+        )
+    return out

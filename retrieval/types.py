@@ -1,0 +1,149 @@
+"""Value types and protocols shared by retrieval, ingestion and generation.
+
+This module is the contract of the ``retrieval`` package. It is deliberately
+light (stdlib + typing only, numpy only for type hints) so that importing it is
+instant and ``generation`` can depend on it without pulling FAISS or torch.
+
+Exception tree::
+
+    RetrievalError
+    ├── IndexMismatchError      an index on disk was built with another embedding model/dimension
+    ├── IndexCorruptError       a snapshot is unreadable or inconsistent
+    └── UnknownCollectionError  a search named a collection that has no index
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    FloatMatrix = npt.NDArray[np.float32]
+    FloatVector = npt.NDArray[np.float32]
+
+SearchMode = Literal["hybrid", "dense", "sparse"]
+FusionMethod = Literal["rrf", "weighted"]
+Normalization = Literal["minmax", "zscore"]
+
+
+class RetrievalError(Exception):
+    """Base class of every error raised by the retrieval package."""
+
+
+class IndexMismatchError(RetrievalError):
+    """The index on disk was built with a different embedding model or dimension than configured."""
+
+
+class IndexCorruptError(RetrievalError):
+    """A snapshot on disk is unreadable or its parts disagree with each other."""
+
+
+class UnknownCollectionError(RetrievalError):
+    """A search named a collection for which no index exists."""
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A passage of a document, as indexed and as cited.
+
+    ``id`` is the database primary key of the chunk and, by design, also its
+    FAISS id and its BM25 id: the three stores are reconciled on that key.
+    ``start``/``end`` are character offsets into the document's extracted text
+    (``text == extracted[start:end]``), ``page`` is 1-based where known.
+    """
+
+    id: int
+    document_id: int
+    collection: str
+    path: str
+    ordinal: int
+    text: str
+    start: int
+    end: int
+    page: int | None = None
+    title: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LegScore:
+    """Where one retrieval leg (dense or sparse) put a chunk: 1-based rank and raw score."""
+
+    rank: int
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredChunk:
+    """A retrieved chunk with its final rank/score and the per-leg evidence behind them."""
+
+    chunk: Chunk
+    score: float
+    rank: int
+    dense: LegScore | None = None
+    sparse: LegScore | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SearchFilters:
+    """Restricts a search. ``collections=None`` means every collection the caller may see."""
+
+    collections: tuple[str, ...] | None = None
+    path_prefix: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SearchOptions:
+    """How to search: mode, fusion and its parameters. Defaults are chosen by measurement (docs/retrieval.md)."""
+
+    mode: SearchMode = "hybrid"
+    fusion: FusionMethod = "weighted"
+    depth: int = 100
+    rrf_k: int = 60
+    dense_weight: float = 1.0
+    sparse_weight: float = 1.0
+    alpha: float = 0.7
+    normalization: Normalization = "zscore"
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns text into L2-normalized float32 vectors of a fixed dimension."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def dimension(self) -> int: ...
+
+    def embed_documents(self, texts: Sequence[str]) -> FloatMatrix:
+        """Embed passages; returns an array of shape ``(len(texts), dimension)``."""
+        ...
+
+    def embed_query(self, text: str) -> FloatVector:
+        """Embed one query; returns an array of shape ``(dimension,)``."""
+        ...
+
+    def count_tokens(self, text: str) -> int:
+        """Number of model tokens in ``text`` (without special tokens)."""
+        ...
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    """Anything that answers a query with ranked chunks. Implementations keep the event loop free."""
+
+    async def search(
+        self,
+        query: str,
+        *,
+        k: int = 10,
+        filters: SearchFilters | None = None,
+        options: SearchOptions | None = None,
+    ) -> list[ScoredChunk]:
+        """Return at most ``k`` chunks, best first."""
+        ...
