@@ -131,8 +131,8 @@ async def _ingest(
             ) as progress:
                 task = progress.add_task("ingest", total=None, current="")
 
-                def on_progress(done: int, total: int, current: str, outcome: str) -> None:
-                    progress.update(task, completed=done, total=total, current=Path(current).name[:40])
+                def on_progress(done: int, total: int, path: str, outcome: str) -> None:
+                    progress.update(task, completed=done, total=total, current=Path(path).name[:40])
 
                 summary = await run_job(ctx, job_id, on_progress=on_progress)
         if summary is None:
@@ -150,8 +150,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     table.add_row(*(str(files[c]) for c in ("new", "changed", "unchanged", "deleted", "failed", "skipped")))
     console.print(table)
     console.print(
-        f"chunks: +{chunks['added']} -{chunks['removed']} = {chunks['total']} in collection"
-        f" · {summary['seconds']:.1f}s"
+        f"chunks: +{chunks['added']} -{chunks['removed']} = {chunks['total']} in collection · {summary['seconds']:.1f}s"
     )
     if summary["errors"]:
         errors = Table(title="failed files", show_lines=False)

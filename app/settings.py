@@ -129,9 +129,7 @@ class ServerSettings(BaseModel):
 class Settings(BaseSettings):
     """The whole configuration; see docs/configuration.md."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="RAG_", env_nested_delimiter="__", env_file=".env", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="RAG_", env_nested_delimiter="__", env_file=".env", extra="ignore")
 
     data_dir: Path = Path("data")
     """Everything the service writes: SQLite database, index snapshots, prepared models."""

@@ -11,11 +11,14 @@ or transport failures.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol, runtime_checkable
+from contextlib import asynccontextmanager
+from typing import Protocol, TypeVar, runtime_checkable
 
 from generation.types import ChatMessage, Completion, GenerationParams, StreamDelta
 
-__all__ = ["LLMClient"]
+__all__ = ["LLMClient", "aclosing_iter"]
+
+_T = TypeVar("_T")
 
 
 @runtime_checkable
@@ -70,3 +73,19 @@ class LLMClient(Protocol):
     async def aclose(self) -> None:
         """Release connections. The client is unusable afterwards."""
         ...
+
+
+@asynccontextmanager
+async def aclosing_iter(iterator: AsyncIterator[_T]) -> AsyncIterator[AsyncIterator[_T]]:
+    """Like :func:`contextlib.aclosing` for any async iterator: ``aclose()`` it on exit if it has one.
+
+    Streams are typed as ``AsyncIterator`` in the protocol but are async generators in practice;
+    closing them deterministically (not at garbage collection) is what stops the server's work
+    when the consumer goes away.
+    """
+    try:
+        yield iterator
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -59,7 +59,7 @@ class LLMError(GenerationError):
         self.status_code = status_code
 
 
-class LLMUnavailable(LLMError):
+class LLMUnavailable(LLMError):  # noqa: N818 (names fixed by the issue; httpx names them alike)
     """The server cannot be reached or says it is overloaded; trying again later may work.
 
     Args:
@@ -71,20 +71,21 @@ class LLMUnavailable(LLMError):
     code = "llm_unavailable"
     retryable = True
 
-    def __init__(self, message: str, *, status_code: int | None = None, retry_after: float | None = None
+    def __init__(
+        self, message: str, *, status_code: int | None = None, retry_after: float | None = None
     ) -> None:
         super().__init__(message, status_code=status_code)
         self.retry_after = retry_after
 
 
-class LLMTimeout(LLMError):
+class LLMTimeout(LLMError):  # noqa: N818 (names fixed by the issue; httpx names them alike)
     """Connecting, sending, or waiting for the next byte took longer than the configured timeout."""
 
     code = "llm_timeout"
     retryable = True
 
 
-class ContextTooLong(LLMError):
+class ContextTooLong(LLMError):  # noqa: N818 (names fixed by the issue; httpx names them alike)
     """The prompt plus the requested completion length do not fit the model's context window.
 
     Args:
@@ -109,14 +110,14 @@ class ContextTooLong(LLMError):
         self.prompt_tokens = prompt_tokens
 
 
-class LLMBadRequest(LLMError):
+class LLMBadRequest(LLMError):  # noqa: N818 (names fixed by the issue; httpx names them alike)
     """The server refused the request (a 4xx other than context length): a bug or a misconfiguration."""
 
     code = "llm_bad_request"
 
 
 class TokenizeUnsupported(LLMBadRequest):
-    """The server offers neither vLLM's/llama.cpp's ``/tokenize`` nor llama-cpp-python's ``/extras/tokenize``."""
+    """The server has no tokenize endpoint (``/tokenize`` of vLLM/llama.cpp, ``/extras/tokenize``)."""
 
     code = "tokenize_unsupported"
 

@@ -305,7 +305,12 @@ def event_to_dict(event: AnswerEvent) -> dict[str, Any]:
     if isinstance(event, RetrievalEvent):
         return _retrieval_to_dict(event)
     if isinstance(event, ErrorEvent):
-        return {"type": event.type, "code": event.code, "message": event.message, "retryable": event.retryable}
+        return {
+            "type": event.type,
+            "code": event.code,
+            "message": event.message,
+            "retryable": event.retryable,
+        }
     return {
         "type": event.type,
         "answer": event.answer,

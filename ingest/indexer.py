@@ -118,9 +118,7 @@ async def reconcile(
     return ReconcileResult(collection_name, len(chunks), len(extra), len(wanted), new.version)
 
 
-async def reconcile_all(
-    sessionmaker: async_sessionmaker[AsyncSession], store: IndexStore
-) -> list[ReconcileResult]:
+async def reconcile_all(sessionmaker: async_sessionmaker[AsyncSession], store: IndexStore) -> list[ReconcileResult]:
     """Reconcile every collection known to the database or the store (worker start-up repair)."""
     async with sessionmaker() as session:
         names = set(await session.scalars(select(Collection.name)))

@@ -461,4 +461,3 @@ def default_worker_id() -> str:
     import socket
 
     return f"{socket.gethostname()}:{os.getpid()}"
-

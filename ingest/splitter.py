@@ -20,12 +20,15 @@ Contract of :meth:`Splitter.split`, for every returned piece ``p``:
 Speed: token counting is the hot path. langchain's own
 ``from_huggingface_tokenizer`` calls ``tokenizer.tokenize`` on every candidate
 split (often two or three times each); here the same count comes from the Rust
-``tokenizers`` backend with a per-document memo, about 4× faster on real docs.
+``tokenizers`` backend with a per-document memo, and splits longer than
+``8 × chunk_tokens`` characters, which langchain is going to cut further anyway,
+are not tokenized at all.
 """
 
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -43,6 +46,9 @@ HEADING_SEPARATOR = " > "
 # punctuation with its sentence; the whitespace goes to the start of the next split.
 _SENTENCE_END = r"(?<=[.!?])\s+"
 _TEXT_SEPARATORS = ["\n\n", "\n", _SENTENCE_END, " ", ""]
+_NON_SPACE = re.compile(r"\S")
+# Above this many characters per token of the limit, a split is taken as over-long untokenized.
+_MAX_CHARS_PER_TOKEN = 8
 
 
 def _markdown_separators() -> list[str]:
@@ -157,15 +163,13 @@ class Splitter:
         chunks = self._langchain_splitter(markdown=markdown).split_text(text)
 
         located: list[tuple[str, int]] = []
-        cursor = 0
+        previous_start, previous_end = -1, 0
         for chunk in chunks:
             if not chunk.strip():
                 continue
-            start = _locate(text, chunk, cursor)
-            if start < 0:  # cannot happen: langchain only joins and strips contiguous splits
-                raise AssertionError("splitter produced text that is not in the document")
+            start = self._locate(text, chunk, previous_start, previous_end)
             located.append((chunk, start))
-            cursor = start
+            previous_start, previous_end = start, start + len(chunk)
 
         headings = _HeadingIndex(text) if markdown else None
         counts = self._counter.count_many([chunk for chunk, _ in located])
@@ -182,12 +186,56 @@ class Splitter:
             for ordinal, ((chunk, start), count) in enumerate(zip(located, counts, strict=True))
         ]
 
+    def _locate(self, text: str, chunk: str, previous_start: int, previous_end: int) -> int:
+        """Return where ``chunk``, the piece after ``text[previous_start:previous_end]``, starts.
+
+        langchain returns strings, not offsets, and its ``add_start_index`` guesses
+        a start from a character count and ``find``s from there, which misplaces
+        pieces of repetitive text. Two facts pin the start down instead: pieces
+        advance (it is after ``previous_start``), and they lose nothing but
+        whitespace (it is at or before the first non-space character from
+        ``previous_end`` on). Inside that window the piece almost always occurs
+        once; if it occurs more than once (text repeating within a piece's
+        length), the first occurrence whose overlap with the previous piece is
+        within ``overlap_tokens`` is taken, which is how langchain chose it.
+        Whatever the choice, ``text[start:start + len(chunk)] == chunk`` holds.
+        """
+        nonspace = _NON_SPACE.search(text, previous_end)
+        last = nonspace.start() if nonspace is not None else len(text)
+        window_end = last + len(chunk)
+        first = text.find(chunk, previous_start + 1, window_end)
+        if first < 0:
+            # Outside the guarantees above (cannot happen with langchain's splitters): any
+            # occurrence at or after the previous piece, else anywhere, keeps text[start:end] exact.
+            start = text.find(chunk, max(previous_start, 0))
+            start = start if start >= 0 else text.find(chunk)
+            if start < 0:
+                raise AssertionError("the splitter produced text that is not in the document")
+            return start
+        candidate = first
+        while candidate >= 0:
+            if (
+                candidate >= previous_end
+                or self.count_tokens(text[candidate:previous_end]) <= self.overlap_tokens
+            ):
+                return candidate
+            candidate = text.find(chunk, candidate + 1, window_end)
+        return first
+
     def _langchain_splitter(self, *, markdown: bool) -> RecursiveCharacterTextSplitter:
         # A fresh splitter (cheap) per document, so the memo lives and dies with the document.
         memo: dict[str, int] = {}
         count = self._counter.count
+        chunk_tokens = self.chunk_tokens
+        # A split this long is over the limit in any realistic text (prose runs 4-5 characters a
+        # token): report it as too long without tokenizing it, since langchain only uses the
+        # number to decide to cut it further. Were it wrong, the split would merely be cut at
+        # its own separators and merged back, never producing a piece over the limit.
+        too_long_chars = chunk_tokens * _MAX_CHARS_PER_TOKEN
 
         def length(s: str) -> int:
+            if len(s) > too_long_chars:
+                return chunk_tokens
             n = memo.get(s)
             if n is None:
                 n = memo[s] = count(s)
@@ -202,19 +250,6 @@ class Splitter:
             length_function=length,
             strip_whitespace=True,
         )
-
-
-def _locate(text: str, chunk: str, cursor: int) -> int:
-    """Find ``chunk`` at or after ``cursor``, the start of the previous piece.
-
-    Pieces come out in document order with non-decreasing starts, so the first
-    occurrence at or after the previous start is never later than the true one;
-    it can only be earlier where text repeats within one piece's reach, which
-    leaves ``text[start:end] == chunk`` true. ``str.find`` (not langchain's
-    ``add_start_index``, which searches from an estimate) keeps this exact.
-    """
-    start = text.find(chunk, cursor)
-    return start if start >= 0 else text.find(chunk)
 
 
 class _HeadingIndex:

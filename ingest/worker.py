@@ -10,6 +10,7 @@ the database, which repairs whatever a crash left half-published.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -83,9 +84,7 @@ async def build_ingest_context(
     """Migrate the database and build the worker's objects (loads the embedding model unless given)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     await aupgrade(settings.database_url)
-    engine = create_engine(
-        settings.database_url, echo=settings.database.echo, pool_size=settings.database.pool_size
-    )
+    engine = create_engine(settings.database_url, echo=settings.database.echo, pool_size=settings.database.pool_size)
     sessionmaker = create_sessionmaker(engine)
     if embedder is None:
         embedder = await asyncio.to_thread(load_embedder, settings)
@@ -124,9 +123,7 @@ async def enqueue_path(
         return job.id, coll.name
 
 
-async def run_job(
-    ctx: IngestContext, job_id: int, *, on_progress: ProgressCallback | None = None
-) -> JobSummary | None:
+async def run_job(ctx: IngestContext, job_id: int, *, on_progress: ProgressCallback | None = None) -> JobSummary | None:
     """Claim ``job_id`` for this process and run it; None if another worker holds it."""
     async with ctx.sessionmaker() as session:
         job = await queue.claim(
@@ -172,10 +169,8 @@ async def run_worker(
             if job is None:
                 if once:
                     break
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=settings.ingest.poll_seconds)
-                except TimeoutError:
-                    pass
                 continue
             logger.info("job claimed", extra={"job_id": job.id, "root": job.root_path})
             summary = await ctx.pipeline.run(job.id)

@@ -185,12 +185,13 @@ class DenseIndex:
     # ------------------------------------------------------------------ search
 
     def _search_params(self, faiss: Any, selector: Any) -> Any:
+        kwargs = {} if selector is None else {"sel": selector}
         inner = faiss.downcast_index(self._cpu.index)
         if isinstance(inner, faiss.IndexIVF):
-            return faiss.SearchParametersIVF(sel=selector, nprobe=self._nprobe)
+            return faiss.SearchParametersIVF(nprobe=self._nprobe, **kwargs)
         if isinstance(inner, faiss.IndexHNSW):
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=self._ef_search)
-        return faiss.SearchParameters(sel=selector)
+            return faiss.SearchParametersHNSW(efSearch=self._ef_search, **kwargs)
+        return faiss.SearchParameters(**kwargs)
 
     def _searcher(self, faiss: Any) -> Any:
         if not self._use_gpu:
@@ -234,7 +235,12 @@ class DenseIndex:
         if limit <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         if allowed is None:
-            scores, ids = self._searcher(faiss).search(query, limit)
+            searcher = self._searcher(faiss)
+            if searcher is self._cpu:
+                # Params even without a filter: they carry nprobe/efSearch for IVF/HNSW.
+                scores, ids = searcher.search(query, limit, params=self._search_params(faiss, None))
+            else:
+                scores, ids = searcher.search(query, limit)
         else:
             # ``selector`` must stay referenced until search returns (SWIG keeps no ref).
             selector = faiss.IDSelectorBatch(allowed)

@@ -159,8 +159,10 @@ class SentenceTransformerEmbedder:
 
     def embed_query(self, text: str) -> npt.NDArray[np.float32]:
         """Embed one query: shape ``(dimension,)``."""
-        return self._encode([text])[0]
+        vector: npt.NDArray[np.float32] = self._encode([text])[0]
+        return vector
 
     def count_tokens(self, text: str) -> int:
         """Model tokens in ``text`` without special tokens."""
-        return len(self._model.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids: list[int] = self._model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return len(ids)

@@ -50,6 +50,10 @@ class BM25Params:
     epsilon: float = 0.25
 
 
+def _as_tuple(tokens: Sequence[str]) -> tuple[str, ...]:
+    return tokens if isinstance(tokens, tuple) else tuple(tokens)
+
+
 class SparseIndex:
     """An immutable BM25 index whose document keys are chunk ids.
 
@@ -69,8 +73,8 @@ class SparseIndex:
 
     __slots__ = (
         "_doc_idx",
-        "_ids",
         "_idf",
+        "_ids",
         "_indptr",
         "_norm",
         "_params",
@@ -98,9 +102,7 @@ class SparseIndex:
         self._ids: IntArray = id_array
         self._ids.setflags(write=False)
         # Tuples: immutable, and shared as-is by the next rebuild.
-        self._tokens: tuple[tuple[str, ...], ...] = tuple(
-            tokens[i] if isinstance(tokens[i], tuple) else tuple(tokens[i]) for i in order.tolist()
-        )
+        self._tokens: tuple[tuple[str, ...], ...] = tuple(_as_tuple(tokens[i]) for i in order.tolist())
         self._tokenizer = tokenizer or Tokenizer()
         self._params = params or BM25Params()
         self._build()

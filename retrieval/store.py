@@ -57,7 +57,7 @@ import numpy as np
 from retrieval.dense import DenseIndex
 from retrieval.sparse import BM25Params, SparseIndex
 from retrieval.tokenize import Tokenizer, TokenizerOptions
-from retrieval.types import Chunk, IndexCorruptError, IndexMismatchError
+from retrieval.types import Chunk, IndexCorruptError, IndexMismatchError, UnknownCollectionError
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -428,7 +428,8 @@ class IndexStore:
         manifest = self._read_manifest(vdir)
         if manifest.version != version or manifest.collection != collection:
             raise IndexCorruptError(
-                f"{vdir}: manifest names {manifest.collection!r}/{manifest.version}, not {collection!r}/{version}"
+                f"{vdir}: manifest names {manifest.collection!r}/{manifest.version}, "
+                f"not {collection!r}/{version}"
             )
         # Before reading the heavy files: a wrong model is the user's problem to fix, not corruption.
         self._check_compatible(manifest)
@@ -463,12 +464,19 @@ class IndexStore:
                 return cached
             try:
                 snapshot = self._read_snapshot(collection, version)
-            except FileNotFoundError:
+            except FileNotFoundError as e:
                 # Garbage-collected between reading CURRENT and opening the files: two or
                 # more publishes happened meanwhile. Follow CURRENT again.
                 newer = self._read_current(collection)
-                if newer is None or newer == version:
-                    raise
+                if newer is None:
+                    raise UnknownCollectionError(
+                        f"collection {collection!r} was dropped while loading"
+                    ) from e
+                if newer == version:
+                    raise IndexCorruptError(
+                        f"collection {collection!r}: CURRENT names version {version}, "
+                        f"whose files are missing: {e}"
+                    ) from e
                 version = newer
                 continue
             with self._guard:
@@ -505,6 +513,8 @@ class IndexStore:
             return cached  # another thread is loading the new version: serve the old one
         try:
             return self._load_version(collection, version)
+        except UnknownCollectionError:
+            return None  # dropped while we were loading it
         finally:
             lock.release()
 
@@ -679,7 +689,7 @@ class IndexStore:
             raise
         current_tmp = cdir / "CURRENT.tmp"
         _write_text(current_tmp, snapshot.version + "\n")
-        os.replace(current_tmp, cdir / "CURRENT")  # the atomic switch
+        current_tmp.replace(cdir / "CURRENT")  # os.replace: the atomic switch
         _fsync_path(cdir)
 
     def _collect_garbage(self, collection: str) -> None:

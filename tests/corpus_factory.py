@@ -282,11 +282,52 @@ def write_corpus(root: Path) -> Corpus:
 # ---------------------------------------------------------------------------- large file
 
 _WORDS = (
-    "system data river stone method signal carbon market valley engine theory island "
-    "network pattern garden window metal process record table energy forest question "
-    "library harbour bridge circuit measure sample station winter summer course letter "
-    "orbit crystal lantern meadow ledger factor module thread socket buffer kernel"
-).split()
+    "system",
+    "data",
+    "river",
+    "stone",
+    "method",
+    "signal",
+    "carbon",
+    "market",
+    "valley",
+    "engine",
+    "theory",
+    "island",
+    "network",
+    "pattern",
+    "garden",
+    "window",
+    "metal",
+    "process",
+    "record",
+    "table",
+    "energy",
+    "forest",
+    "question",
+    "library",
+    "harbour",
+    "bridge",
+    "circuit",
+    "measure",
+    "sample",
+    "station",
+    "winter",
+    "summer",
+    "course",
+    "letter",
+    "orbit",
+    "crystal",
+    "lantern",
+    "meadow",
+    "ledger",
+    "factor",
+    "module",
+    "thread",
+    "socket",
+    "buffer",
+    "kernel",
+)
 
 LARGE_TEXT_FACT = "The vault code of the Ostrava lighthouse is 7712-KAPPA."
 LARGE_TEXT_QUERY = "What is the vault code of the Ostrava lighthouse?"

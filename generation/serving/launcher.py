@@ -107,7 +107,9 @@ class ServerStartError(LauncherError):
     code = "llm_server_start_failed"
 
     def __init__(self, message: str, *, returncode: int | None = None, log_tail: str = "") -> None:
-        super().__init__(message + (f"\n--- last lines of the server log ---\n{log_tail}" if log_tail else ""))
+        super().__init__(
+            message + (f"\n--- last lines of the server log ---\n{log_tail}" if log_tail else "")
+        )
         self.returncode = returncode
         self.log_tail = log_tail
 
@@ -455,7 +457,9 @@ class ManagedServer:
             rc = self._proc.poll()
             if rc is not None:
                 raise ServerStartError(
-                    f"model server exited with status {rc} while starting", returncode=rc, log_tail=self.log_tail()
+                    f"model server exited with status {rc} while starting",
+                    returncode=rc,
+                    log_tail=self.log_tail(),
                 )
             try:
                 models = fetch_models(self.base_url, timeout=2.0)

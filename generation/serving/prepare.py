@@ -428,9 +428,7 @@ def write_quantized(model: Any, out: Path, spec: QuantSpec) -> dict[str, torch.T
             tensors[f"{name}.{suffix}"] = t
     for key, t in state.items():
         tensors[key] = t.detach().to(torch.bfloat16).contiguous()
-    logger.info(
-        "quantized %d layers, relative weight error %.4f", len(modules), math.sqrt(sq_err / sq_norm)
-    )
+    logger.info("quantized %d layers, relative weight error %.4f", len(modules), math.sqrt(sq_err / sq_norm))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"] = quantization_config(spec)

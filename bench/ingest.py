@@ -1,0 +1,126 @@
+"""Ingestion throughput vs the raw embedding rate of the same model on the same chunks.
+
+Writes a BEIR corpus (default: ../shared/eval/faq-dev-small, 2,000 passages) as one file per
+passage, ingests the folder end to end (walk, hash, load, split, embed, SQLite, FAISS + BM25
+publish) into a fresh data dir, then embeds exactly the chunks that ingestion produced with
+the same embedder, in the same process, and reports both rates and their ratio (the target
+is end-to-end >= 0.85x raw). Ratios from one run are what to compare across machines.
+
+    .venv/bin/python bench/ingest.py [--dataset DIR] [--limit N] [--out bench/results/ingest.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+async def run(dataset_dir: Path, limit: int | None) -> dict[str, object]:
+    from sqlalchemy import select
+
+    from app.db.models import Chunk as ChunkRow
+    from app.evaluation.beir import Dataset, load_dataset, materialize
+    from app.settings import Settings
+    from ingest.worker import build_ingest_context, enqueue_path, load_embedder, run_job
+
+    dataset = load_dataset(dataset_dir)
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        tmpdir = Path(tmp)
+        if limit:
+            rows = [p for _, p in zip(range(limit), dataset.passages(), strict=False)]
+            sub = tmpdir / "subset"
+            (sub / "qrels").mkdir(parents=True)
+            with (sub / "corpus.jsonl").open("w") as fh:
+                for p in rows:
+                    fh.write(json.dumps({"_id": p.id, "title": p.title, "text": p.text}) + "\n")
+            dataset = Dataset(sub, dataset.name, dataset.queries, dataset.qrels)
+        folder = tmpdir / "docs"
+        mapping = materialize(dataset, folder)
+        settings = Settings(data_dir=tmpdir / "data")
+        embedder = load_embedder(settings)
+        embedder.embed_documents(["warm up the model"] * 8)
+        ctx = await build_ingest_context(settings, embedder=embedder)
+        try:
+            load0 = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            job_id, _ = await enqueue_path(ctx.sessionmaker, folder, collection="bench")
+            summary = await run_job(ctx, job_id)
+            e2e = time.perf_counter() - t0
+            assert summary is not None
+            async with ctx.sessionmaker() as session:
+                texts = list(await session.scalars(select(ChunkRow.text).order_by(ChunkRow.id)))
+            batch = settings.embedding.batch_size * 4
+            t1 = time.perf_counter()
+            for i in range(0, len(texts), batch):
+                embedder.embed_documents(texts[i : i + batch])
+            raw = time.perf_counter() - t1
+            load1 = os.getloadavg()[0]
+        finally:
+            await ctx.aclose()
+    chunks = len(texts)
+    docs = len(mapping)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "benchmark": "ingest",
+        "dataset": str(dataset_dir),
+        "documents": docs,
+        "chunks": chunks,
+        "files": summary.files,
+        "end_to_end_seconds": round(e2e, 2),
+        "documents_per_second": round(docs / e2e, 1),
+        "chunks_per_second": round(chunks / e2e, 1),
+        "raw_embedding_seconds": round(raw, 2),
+        "raw_embedding_chunks_per_second": round(chunks / raw, 1),
+        "ratio_end_to_end_vs_raw": round((chunks / e2e) / (chunks / raw), 3),
+        "peak_rss_mb": round(peak_mb, 1),
+        "embedding_dtype": embedder.dtype,
+        "load_average_before_after": [round(load0, 2), round(load1, 2)],
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "eval" / "faq-dev-small")
+    parser.add_argument("--limit", type=int, default=None, help="Only the first N passages.")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
+    args = parser.parse_args()
+    result = asyncio.run(run(args.dataset, args.limit))
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"ingestion · {result['documents']} documents · {result['chunks']} chunks")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key in (
+        "end_to_end_seconds",
+        "documents_per_second",
+        "chunks_per_second",
+        "raw_embedding_chunks_per_second",
+        "ratio_end_to_end_vs_raw",
+        "peak_rss_mb",
+        "embedding_dtype",
+        "load_average_before_after",
+    ):
+        table.add_row(key, str(result[key]))
+    Console().print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
