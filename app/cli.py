@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 from rich.console import Console
@@ -22,6 +22,8 @@ from app.settings import Settings
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Self-hosted RAG question answering.")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic).")
 app.add_typer(db_app, name="db")
+eval_app = typer.Typer(no_args_is_help=True, help="Measure retrieval and answer quality on BEIR-layout datasets.")
+app.add_typer(eval_app, name="eval")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -37,7 +39,7 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     # pypdf/fontTools report recoverable oddities of real-world PDFs as warnings.
-    for noisy in ("pypdf", "fontTools", "sentence_transformers", "transformers"):
+    for noisy in ("pypdf", "fontTools", "sentence_transformers", "transformers", "generation"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -264,6 +266,314 @@ def worker(
 
     ran = asyncio.run(_main())
     err_console.print(f"worker stopped after {ran} job(s)")
+
+
+def _search_options(
+    settings: Settings,
+    mode: str | None = None,
+    fusion: str | None = None,
+    alpha: float | None = None,
+    depth: int | None = None,
+) -> Any:
+    from ingest.worker import search_defaults
+
+    defaults = search_defaults(settings)
+    changes: dict[str, Any] = {}
+    if mode is not None:
+        changes["mode"] = mode
+    if fusion is not None:
+        changes["fusion"] = fusion
+    if alpha is not None:
+        changes["alpha"] = alpha
+    if depth is not None:
+        changes["depth"] = depth
+    from dataclasses import replace
+
+    return replace(defaults, **changes)
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    collection: Annotated[
+        list[str] | None, typer.Option("--collection", "-c", help="Search only these collections (repeatable).")
+    ] = None,
+    mode: Annotated[str | None, typer.Option(help="hybrid | dense | sparse (default: configured).")] = None,
+    fusion: Annotated[str | None, typer.Option(help="rrf | weighted (hybrid only).")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Dense weight of weighted fusion.")] = None,
+    k: Annotated[int, typer.Option("--k", "-k", help="Number of results.")] = 10,
+    path_prefix: Annotated[str | None, typer.Option(help="Only chunks of documents under this path.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Hybrid search over ingested collections; shows where each leg ranked every hit."""
+    _setup_logging(False)
+    settings = _settings()
+    if mode not in (None, "hybrid", "dense", "sparse"):
+        _fail(f"--mode must be hybrid, dense or sparse, not {mode!r}")
+    if fusion not in (None, "rrf", "weighted"):
+        _fail(f"--fusion must be rrf or weighted, not {fusion!r}")
+    from ingest.worker import load_embedder, open_store
+    from retrieval.hybrid import HybridRetriever
+    from retrieval.types import RetrievalError, SearchFilters
+
+    embedder = load_embedder(settings, threads=1)
+    store = open_store(settings, model_id=embedder.model_id, dimension=embedder.dimension)
+    options = _search_options(settings, mode, fusion, alpha)
+    filters = SearchFilters(collections=tuple(collection) if collection else None, path_prefix=path_prefix)
+    try:
+        hits = HybridRetriever(store, embedder, defaults=options).search_sync(query, k=k, filters=filters)
+    except (RetrievalError, ValueError) as e:
+        _fail(str(e))
+        return
+    if as_json:
+        typer.echo(json.dumps({"query": query, "options": _asdict(options), "hits": [_hit_json(h) for h in hits]}))
+        return
+    table = Table(title=f"{query!r} · {options.mode}" + (f" · {options.fusion}" if options.mode == "hybrid" else ""))
+    for col, justify in (("#", "right"), ("score", "right"), ("dense", "right"), ("bm25", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    table.add_column("source")
+    table.add_column("page", justify="right")
+    table.add_column("snippet", overflow="fold")
+    for h in hits:
+        table.add_row(
+            str(h.rank),
+            f"{h.score:.4f}",
+            str(h.dense.rank) if h.dense else "-",
+            str(h.sparse.rank) if h.sparse else "-",
+            f"{h.chunk.collection}:{_short_path(h.chunk.path)}",
+            str(h.chunk.page) if h.chunk.page else "",
+            " ".join(h.chunk.text.split())[:160],
+        )
+    console.print(table)
+    if not hits:
+        console.print("no results (is the collection ingested? rag ingest PATH -c NAME)")
+
+
+def _short_path(path: str, width: int = 48) -> str:
+    return path if len(path) <= width else "…" + path[-(width - 1) :]
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(obj)
+
+
+def _hit_json(hit: Any) -> dict[str, Any]:
+    c = hit.chunk
+    return {
+        "rank": hit.rank,
+        "score": hit.score,
+        "dense": {"rank": hit.dense.rank, "score": hit.dense.score} if hit.dense else None,
+        "sparse": {"rank": hit.sparse.rank, "score": hit.sparse.score} if hit.sparse else None,
+        "chunk_id": c.id,
+        "document_id": c.document_id,
+        "collection": c.collection,
+        "path": c.path,
+        "page": c.page,
+        "start": c.start,
+        "end": c.end,
+        "text": c.text,
+    }
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    dataset: Annotated[Path, typer.Option("--dataset", "-d", help="A BEIR-layout folder.")],
+    as_json: JsonOpt = False,
+    sweep: Annotated[bool, typer.Option("--sweep", help="Also score a grid of fusion parameters.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Ingest a BEIR dataset into a scratch collection and report nDCG@10, Recall@10/100, MRR@10 per mode."""
+    _setup_logging(verbose)
+    from app.evaluation.beir import DatasetError, load_dataset
+
+    settings = _settings()
+    try:
+        data = load_dataset(dataset)
+    except DatasetError as e:
+        _fail(str(e))
+        return
+    report, sweep_rows = asyncio.run(_eval_retrieval(settings, data, sweep=sweep, quiet=as_json))
+    if as_json:
+        out = report.as_json()
+        if sweep_rows:
+            out["sweep"] = [{"fusion": name, **metrics} for name, metrics in sweep_rows]
+        typer.echo(json.dumps(out, indent=2))
+        return
+    table = Table(title=f"retrieval · {data.name} · {report.queries} queries")
+    table.add_column("mode")
+    for col in ("nDCG@10", "Recall@10", "Recall@100", "MRR@10", "ms/query"):
+        table.add_column(col, justify="right")
+    for name, m in report.results.items():
+        table.add_row(
+            name,
+            f"{m['ndcg@10']:.4f}",
+            f"{m['recall@10']:.4f}",
+            f"{m['recall@100']:.4f}",
+            f"{m['mrr@10']:.4f}",
+            f"{report.seconds[name]:.1f}",
+        )
+    console.print(table)
+    if sweep_rows:
+        st = Table(title="fusion sweep (same legs, best first)")
+        st.add_column("fusion")
+        for col in ("nDCG@10", "Recall@10", "Recall@100", "MRR@10"):
+            st.add_column(col, justify="right")
+        for name, m in sweep_rows:
+            st.add_row(name, *(f"{m[k]:.4f}" for k in ("ndcg@10", "recall@10", "recall@100", "mrr@10")))
+        console.print(st)
+
+
+async def _eval_retrieval(settings: Settings, data: Any, *, sweep: bool, quiet: bool) -> tuple[Any, list[Any]]:
+    from app.evaluation.retrieval import (
+        RetrievalEvaluator,
+        default_grid,
+        materialize_dataset,
+        mode_options,
+        scratch_collection,
+    )
+    from ingest.worker import build_ingest_context, enqueue_path, run_job
+    from retrieval.hybrid import HybridRetriever
+
+    collection = scratch_collection(data)
+    folder, mapping = await asyncio.to_thread(materialize_dataset, data, settings.data_dir, collection)
+    ctx = await build_ingest_context(settings)
+    try:
+        job_id, _ = await enqueue_path(ctx.sessionmaker, folder, collection=collection)
+        if not quiet:
+            err_console.print(f"ingesting {len(mapping)} passages into collection {collection} (incremental)…")
+        summary = await run_job(ctx, job_id)
+        if summary is not None and not quiet:
+            err_console.print(f"ingested: {summary.files} in {summary.seconds:.1f}s")
+        retriever = HybridRetriever(ctx.store, ctx.embedder, defaults=_search_options(settings))
+        evaluator = RetrievalEvaluator(retriever, data, collection, mapping)
+        report = await asyncio.to_thread(evaluator.evaluate, mode_options(_search_options(settings)))
+        rows: list[Any] = []
+        if sweep:
+            legs = await asyncio.to_thread(evaluator.legs, 300)
+            rows = await asyncio.to_thread(evaluator.sweep, legs, default_grid())
+        return report, rows
+    finally:
+        await ctx.aclose()
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    collection: Annotated[
+        list[str] | None, typer.Option("--collection", "-c", help="Answer from these collections (repeatable).")
+    ] = None,
+    mode: Annotated[str, typer.Option(help="single | interval")] = "single",
+    k: Annotated[int | None, typer.Option("--k", "-k", help="Chunks per retrieval.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Answer length cap in tokens.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Answer a question from your documents, streamed, with the sources it cites."""
+    _setup_logging(verbose)
+    from generation.rag import ANSWER_MODES
+
+    if mode not in ANSWER_MODES:
+        _fail(f"--mode must be one of {', '.join(ANSWER_MODES)}, not {mode!r}")
+    settings = _settings()
+    done = asyncio.run(_ask(settings, question, collection, mode, k, max_tokens, temperature, quiet=as_json))
+    if done is None:
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps(done, indent=2))
+
+
+async def _ask(
+    settings: Settings,
+    question: str,
+    collections: list[str] | None,
+    mode: str,
+    k: int | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    *,
+    quiet: bool,
+) -> dict[str, Any] | None:
+    from app.llm import answer_defaults, build_llm_client, generation_params
+    from generation.rag import AnswerMode, answer
+    from generation.types import DoneEvent, ErrorEvent, TokenEvent, event_to_dict
+    from ingest.worker import load_embedder, open_store, search_defaults
+    from retrieval.hybrid import HybridRetriever
+    from retrieval.types import SearchFilters
+
+    embedder = await asyncio.to_thread(load_embedder, settings, threads=1)
+    store = open_store(settings, model_id=embedder.model_id, dimension=embedder.dimension)
+    retriever = HybridRetriever(store, embedder, defaults=search_defaults(settings))
+    llm = build_llm_client(settings)
+    kwargs = answer_defaults(settings).kwargs()
+    if k is not None:
+        kwargs["k"] = k
+    params = generation_params(settings, max_tokens=max_tokens, temperature=temperature)
+    filters = SearchFilters(collections=tuple(collections) if collections else None)
+    try:
+        async for event in answer(
+            question,
+            retriever=retriever,
+            llm=llm,
+            mode=cast("AnswerMode", mode),
+            params=params,
+            filters=filters,
+            **kwargs,
+        ):
+            if isinstance(event, ErrorEvent):
+                _print_error(event.code, event.message, settings)
+                return None
+            if isinstance(event, TokenEvent) and not quiet:
+                console.print(event.text, end="", markup=False, highlight=False, soft_wrap=True)
+            elif isinstance(event, DoneEvent):
+                if not quiet:
+                    console.print()
+                    _print_sources(event)
+                return _done_json(event_to_dict(event))
+    finally:
+        await llm.aclose()
+    return None
+
+
+def _print_error(code: str, message: str, settings: Settings) -> None:
+    hint = ""
+    if code == "llm_unavailable":
+        hint = f" (is the model server running at {settings.llm.base_url}? start it with `make run` or `rag llm serve`)"
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error[/] {escape(f'[{code}] {message}{hint}')}", highlight=False)
+
+
+def _print_sources(done: Any) -> None:
+    if not done.citations:
+        console.print("[dim]no sources cited[/]")
+        return
+    console.print("[bold]sources[/]")
+    for c in done.citations:
+        page = f" p.{c.page}" if c.page else ""
+        flag = " (inferred)" if getattr(c, "inferred", False) else ""
+        console.print(f"  [{c.n}] {c.path}{page} chars {c.start}-{c.end}{flag}", markup=False, highlight=False)
+
+
+def _done_json(done: dict[str, Any]) -> dict[str, Any]:
+    """The documented ``rag ask --json`` shape."""
+    return {
+        "answer": done["answer"],
+        "mode": done["mode"],
+        "citations": [
+            {k: c[k] for k in ("n", "chunk_id", "path", "page", "start", "end", "snippet", "inferred")}
+            for c in done["citations"]
+        ],
+        "retrievals": [
+            {"round": r["round"], "query": r["query"], "reason": r["reason"], "chunk_ids": r["chunk_ids"]}
+            for r in done["retrievals"]
+        ],
+        "usage": done["usage"],
+        "timings": done["timings"],
+        "finish_reason": done.get("finish_reason"),
+    }
 
 
 def _mount_subapps() -> None:

@@ -28,7 +28,14 @@ from typing import Literal
 from generation.types import CitationEvent
 from retrieval.types import Chunk
 
-__all__ = ["MAX_MARKER_CHARS", "CitationTracker", "best_snippet", "make_citation", "parse_marker"]
+__all__ = [
+    "MAX_MARKER_CHARS",
+    "CitationTracker",
+    "best_snippet",
+    "infer_citations",
+    "make_citation",
+    "parse_marker",
+]
 
 MAX_MARKER_CHARS = 32
 _MAX_DIGITS = 3
@@ -142,7 +149,9 @@ def best_snippet(chunk: Chunk, claim: str, max_chars: int = 240) -> tuple[str, i
     return text[lo:hi], chunk.start + lo, chunk.start + hi
 
 
-def make_citation(n: int, chunk: Chunk, claim: str = "", *, snippet_chars: int = 240) -> CitationEvent:
+def make_citation(
+    n: int, chunk: Chunk, claim: str = "", *, snippet_chars: int = 240, inferred: bool = False
+) -> CitationEvent:
     """A :class:`CitationEvent` for source ``n``, its snippet chosen against ``claim``."""
     snippet, start, end = best_snippet(chunk, claim, snippet_chars)
     return CitationEvent(
@@ -156,7 +165,42 @@ def make_citation(n: int, chunk: Chunk, claim: str = "", *, snippet_chars: int =
         end=end,
         snippet=snippet,
         chunk=chunk,
+        inferred=inferred,
     )
+
+
+def infer_citations(
+    answer: str,
+    sources: Mapping[int, Chunk],
+    *,
+    min_shared: int = 3,
+    min_ratio: float = 0.3,
+    snippet_chars: int = 240,
+) -> list[CitationEvent]:
+    """Attribute an answer that has no citation markers to its sources, after the fact.
+
+    Small models often ignore the instruction to cite. For each sentence of ``answer`` the
+    source sharing the most content words is credited when it shares at least ``min_shared``
+    words and at least ``min_ratio`` of the sentence's content words. Events are marked
+    ``inferred=True``, in order of first use; the answer text is not changed.
+    """
+    events: dict[int, CitationEvent] = {}
+    source_words = {n: _content_words(chunk.text) for n, chunk in sources.items()}
+    for match in _SENTENCE_RE.finditer(answer):
+        sentence = match.group(0).strip()
+        words = _content_words(sentence)
+        if not words:
+            continue
+        best_n, best_shared = 0, 0
+        for n, vocabulary in source_words.items():
+            shared = len(words & vocabulary)
+            if shared > best_shared:
+                best_n, best_shared = n, shared
+        if best_shared >= min_shared and best_shared >= min_ratio * len(words) and best_n not in events:
+            events[best_n] = make_citation(
+                best_n, sources[best_n], sentence, snippet_chars=snippet_chars, inferred=True
+            )
+    return list(events.values())
 
 
 def _claim(text: str) -> str:
@@ -199,6 +243,11 @@ class CitationTracker:
         if existing is not None and existing.id != chunk.id:
             raise ValueError(f"citation number {n} already names chunk {existing.id}")
         self._sources[n] = chunk
+
+    @property
+    def sources(self) -> Mapping[int, Chunk]:
+        """The citable sources, by number."""
+        return dict(self._sources)
 
     @property
     def text(self) -> str:
@@ -274,9 +323,7 @@ class CitationTracker:
             self._started = True
             out.append(body)
 
-    def _marker(
-        self, raw: str, numbers: tuple[int, ...], out: list[str], events: list[CitationEvent]
-    ) -> None:
+    def _marker(self, raw: str, numbers: tuple[int, ...], out: list[str], events: list[CitationEvent]) -> None:
         unique = list(dict.fromkeys(numbers))
         valid = [n for n in unique if n in self._sources]
         if not valid:

@@ -52,9 +52,7 @@ class LLMClient(Protocol):
         """Answer a conversation; the server applies the model's chat template."""
         ...
 
-    def stream_chat(
-        self, messages: Sequence[ChatMessage], params: GenerationParams
-    ) -> AsyncIterator[StreamDelta]:
+    def stream_chat(self, messages: Sequence[ChatMessage], params: GenerationParams) -> AsyncIterator[StreamDelta]:
         """Stream the answer to a conversation."""
         ...
 

@@ -214,9 +214,7 @@ def _turns(history: Sequence[ChatMessage]) -> list[list[ChatMessage]]:
     return turns
 
 
-def fit_history(
-    history: Sequence[ChatMessage], budget: int, count_tokens: TokenCount
-) -> tuple[ChatMessage, ...]:
+def fit_history(history: Sequence[ChatMessage], budget: int, count_tokens: TokenCount) -> tuple[ChatMessage, ...]:
     """The most recent whole turns of ``history`` that fit ``budget`` tokens, oldest first.
 
     A turn is a user message and the assistant replies after it; turns are never split and the
@@ -312,9 +310,7 @@ def plan_context(
         next_number=next_number,
         min_trim_tokens=min_trim_tokens,
     )
-    messages = build_messages(
-        question, [s.block for s in fitted.sources], kept_history, system_prompt=system_prompt
-    )
+    messages = build_messages(question, [s.block for s in fitted.sources], kept_history, system_prompt=system_prompt)
     prompt = template.render(messages, assistant_prefix=assistant_prefix)
     return ContextPlan(
         prompt=prompt,

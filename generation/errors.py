@@ -59,7 +59,7 @@ class LLMError(GenerationError):
         self.status_code = status_code
 
 
-class LLMUnavailable(LLMError):  # noqa: N818 (names fixed by the issue; httpx names them alike)
+class LLMUnavailable(LLMError):
     """The server cannot be reached or says it is overloaded; trying again later may work.
 
     Args:
@@ -71,21 +71,19 @@ class LLMUnavailable(LLMError):  # noqa: N818 (names fixed by the issue; httpx n
     code = "llm_unavailable"
     retryable = True
 
-    def __init__(
-        self, message: str, *, status_code: int | None = None, retry_after: float | None = None
-    ) -> None:
+    def __init__(self, message: str, *, status_code: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(message, status_code=status_code)
         self.retry_after = retry_after
 
 
-class LLMTimeout(LLMError):  # noqa: N818 (names fixed by the issue; httpx names them alike)
+class LLMTimeout(LLMError):
     """Connecting, sending, or waiting for the next byte took longer than the configured timeout."""
 
     code = "llm_timeout"
     retryable = True
 
 
-class ContextTooLong(LLMError):  # noqa: N818 (names fixed by the issue; httpx names them alike)
+class ContextTooLong(LLMError):
     """The prompt plus the requested completion length do not fit the model's context window.
 
     Args:
@@ -110,7 +108,7 @@ class ContextTooLong(LLMError):  # noqa: N818 (names fixed by the issue; httpx n
         self.prompt_tokens = prompt_tokens
 
 
-class LLMBadRequest(LLMError):  # noqa: N818 (names fixed by the issue; httpx names them alike)
+class LLMBadRequest(LLMError):
     """The server refused the request (a 4xx other than context length): a bug or a misconfiguration."""
 
     code = "llm_bad_request"
@@ -152,6 +150,7 @@ _PROMPT_TOKEN_PATTERNS = tuple(
     re.compile(p, re.IGNORECASE)
     for p in (
         r"your request has (\d+) input tokens",
+        r"your prompt contains at least (\d+) input tokens",
         r"\((\d+) in (?:the|your) (?:messages|prompt)",
         r"prompt \(length (\d+)\)",
         r"input prompt \((\d+) tokens\)",

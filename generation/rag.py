@@ -47,7 +47,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from typing import Literal
 
-from generation.citations import CitationTracker
+from generation.citations import CitationTracker, infer_citations
 from generation.client import LLMClient, aclosing_iter
 from generation.context import ContextPlan, assign_numbers, plan_context, skeleton_prompt
 from generation.errors import ContextTooLong, GenerationError
@@ -138,6 +138,7 @@ class AnswerSession:
         search_options: SearchOptions | None,
         context_margin: int,
         clock: Callable[[], float],
+        infer_missing_citations: bool = False,
     ) -> None:
         self.question = question
         self.retriever = retriever
@@ -154,6 +155,7 @@ class AnswerSession:
         self.search_options = search_options
         self.context_margin = context_margin
         self.clock = clock
+        self.infer_missing_citations = infer_missing_citations
 
         self.counter = CachedTokenCounter(llm.count_tokens)
         self.tracker = CitationTracker()
@@ -184,9 +186,7 @@ class AnswerSession:
     async def retrieve(self, query: str) -> tuple[list[ScoredChunk], float]:
         """Ask the retriever; returns the hits (duplicates removed) and the milliseconds it took."""
         start = self.clock()
-        found = await self.retriever.search(
-            query, k=self.k, filters=self.filters, options=self.search_options
-        )
+        found = await self.retriever.search(query, k=self.k, filters=self.filters, options=self.search_options)
         elapsed = self._ms_since(start)
         self.timings["retrieval_ms"] += elapsed
         # A chunk listed twice would get two numbers; keep its best-ranked occurrence.
@@ -400,12 +400,16 @@ class AnswerSession:
         events: list[AnswerEvent] = list(citations)
         if text:
             events.extend(self._emit_flushed(text))
+        cited = self.tracker.citations
+        if not cited and self.infer_missing_citations:
+            cited = infer_citations(self.tracker.text, self.tracker.sources)
+            events.extend(cited)
         self.timings["total_ms"] = self._ms_since(self._started)
         self.timings.setdefault("ttft_ms", self.timings["total_ms"])
         events.append(
             DoneEvent(
                 answer=self.tracker.text,
-                citations=tuple(self.tracker.citations),
+                citations=tuple(cited),
                 retrievals=tuple(self.retrievals),
                 usage=self.usage,
                 timings=dict(self.timings),
@@ -443,19 +447,13 @@ async def run_interval(
     query = session.question
     round_no = 0
     while True:
-        event, plan = await session.ground(
-            query, round=round_no, reason="initial" if round_no == 0 else "interval"
-        )
+        event, plan = await session.ground(query, round=round_no, reason="initial" if round_no == 0 else "interval")
         yield event
         step = min(interval_tokens, session.remaining_tokens)
         async with aclosing_iter(session.stream(plan, max_tokens=step)) as stream:
             async for answer_event in stream:
                 yield answer_event
-        if (
-            session.finish_reason != "length"
-            or session.last_round_tokens == 0
-            or session.remaining_tokens <= 0
-        ):
+        if session.finish_reason != "length" or session.last_round_tokens == 0 or session.remaining_tokens <= 0:
             return
         round_no += 1
         query = continuation_query(session.question, session.raw_answer, query_tail_words)
@@ -465,9 +463,7 @@ def _runner(mode: str, *, interval_tokens: int, query_tail_words: int) -> ModeRu
     if mode == "single":
         return run_single
     if mode == "interval":
-        return functools.partial(
-            run_interval, interval_tokens=interval_tokens, query_tail_words=query_tail_words
-        )
+        return functools.partial(run_interval, interval_tokens=interval_tokens, query_tail_words=query_tail_words)
     raise ValueError(f"unknown answer mode {mode!r}; expected one of {ANSWER_MODES}")
 
 
@@ -489,6 +485,7 @@ async def answer(
     filters: SearchFilters | None = None,
     search_options: SearchOptions | None = None,
     context_margin: int = 16,
+    infer_missing_citations: bool = False,
     clock: Callable[[], float] = time.perf_counter,
 ) -> AsyncIterator[AnswerEvent]:
     """Answer ``question`` from retrieved sources as a stream of events.
@@ -511,6 +508,8 @@ async def answer(
         filters: Passed to the retriever.
         search_options: Passed to the retriever.
         context_margin: Tokens kept free in the context window for counting drift.
+        infer_missing_citations: When the model cited nothing, attribute the answer's sentences to
+            sources by word overlap (citation events with ``inferred=True``, sent before ``done``).
         clock: Monotonic clock in seconds (tests inject one).
 
     Yields:
@@ -541,6 +540,7 @@ async def answer(
         search_options=search_options,
         context_margin=context_margin,
         clock=clock,
+        infer_missing_citations=infer_missing_citations,
     )
     try:
         async with aclosing_iter(runner(session)) as events:

@@ -92,9 +92,7 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(
-            self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens
-        )
+        return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +172,9 @@ class CitationEvent:
 
     ``start``/``end`` are character offsets of ``snippet`` in the document's extracted text
     (``extracted[start:end] == snippet``): the passage of the chunk that best matches the
-    sentence that cited it, so a client can highlight exactly that.
+    sentence that cited it, so a client can highlight exactly that. ``inferred`` is true when
+    the model wrote no marker and the source was attributed afterwards by word overlap
+    (:func:`generation.citations.infer_citations`).
     """
 
     n: int
@@ -187,6 +187,7 @@ class CitationEvent:
     end: int
     snippet: str
     chunk: Chunk
+    inferred: bool = False
     type: Literal["citation"] = field(default="citation", init=False)
 
 
@@ -266,6 +267,7 @@ def _citation_to_dict(event: CitationEvent) -> dict[str, Any]:
         "start": event.start,
         "end": event.end,
         "snippet": event.snippet,
+        "inferred": event.inferred,
     }
 
 
@@ -277,6 +279,7 @@ def _retrieval_to_dict(event: RetrievalEvent) -> dict[str, Any]:
         "reason": event.reason,
         "elapsed_ms": event.elapsed_ms,
         "trigger": None if event.trigger is None else [_token_to_dict(t) for t in event.trigger],
+        "chunk_ids": [sc.chunk.id for sc in event.chunks],
         "chunks": [
             {
                 "chunk": chunk_to_dict(sc.chunk),

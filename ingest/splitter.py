@@ -12,10 +12,14 @@ Contract of :meth:`Splitter.split`, for every returned piece ``p``:
   (nor has leading/trailing whitespace);
 * ordinals are 0, 1, 2...; starts never decrease; consecutive pieces may overlap
   by up to about ``overlap_tokens`` tokens;
-* ``p.page`` is the page holding ``p.start`` (``None`` if the document has no pages);
+* pieces never straddle a page: a paged document (PDF) is cut at every page
+  start first, so ``p.page`` (the page holding ``p.start``; ``None`` if the
+  document has no pages) is the page of the whole piece and citations are exact.
+  Short pages give short pieces; that is the price;
 * ``p.heading`` is, for markdown, the path of the nearest heading at or before
   ``p.start`` ("Install > Linux"), else ``None``;
-* ``p.token_count`` is the number of tokens of ``p.text`` without special tokens.
+* ``p.token_count`` is the number of tokens of ``p.text`` without special tokens;
+* together the pieces cover every non-whitespace character of the text.
 
 Speed: token counting is the hot path. langchain's own
 ``from_huggingface_tokenizer`` calls ``tokenizer.tokenize`` on every candidate
@@ -106,6 +110,8 @@ class _TokenCounter:
             self._backend = own
         else:
             self._slow = tokenizer.tokenize
+        # True for WordPiece (BERT, MiniLM, MPNet): whitespace only separates tokens.
+        self.ignores_whitespace = self.count(" \n\t ") == 0 and self.count(" \n word \t") == self.count("word")
 
     def count(self, text: str) -> int:
         if self._backend is not None:
@@ -160,19 +166,25 @@ class Splitter:
         if not text.strip():
             return []
         markdown = doc.format == MARKDOWN_FORMAT
-        chunks = self._langchain_splitter(markdown=markdown).split_text(text)
+        # Token counts of the splits langchain measured, for this document only.
+        memo: dict[str, int] = {}
+        splitter = self._langchain_splitter(markdown=markdown, memo=memo)
 
         located: list[tuple[str, int]] = []
-        previous_start, previous_end = -1, 0
-        for chunk in chunks:
-            if not chunk.strip():
+        for base, end in _segments(doc):
+            segment = text[base:end]
+            if not segment.strip():
                 continue
-            start = self._locate(text, chunk, previous_start, previous_end)
-            located.append((chunk, start))
-            previous_start, previous_end = start, start + len(chunk)
+            previous_start, previous_end = -1, 0
+            for chunk in splitter.split_text(segment):
+                if not chunk.strip():
+                    continue
+                start = self._locate(segment, chunk, previous_start, previous_end)
+                located.append((chunk, base + start))
+                previous_start, previous_end = start, start + len(chunk)
 
         headings = _HeadingIndex(text) if markdown else None
-        counts = self._counter.count_many([chunk for chunk, _ in located])
+        counts = self._piece_counts([chunk for chunk, _ in located], memo)
         return [
             Piece(
                 ordinal=ordinal,
@@ -214,18 +226,25 @@ class Splitter:
             return start
         candidate = first
         while candidate >= 0:
-            if (
-                candidate >= previous_end
-                or self.count_tokens(text[candidate:previous_end]) <= self.overlap_tokens
-            ):
+            if candidate >= previous_end or self.count_tokens(text[candidate:previous_end]) <= self.overlap_tokens:
                 return candidate
             candidate = text.find(chunk, candidate + 1, window_end)
         return first
 
-    def _langchain_splitter(self, *, markdown: bool) -> RecursiveCharacterTextSplitter:
+    def _piece_counts(self, pieces: list[str], memo: dict[str, int]) -> list[int]:
+        """Token counts of the pieces: from the memo where a piece is one measured split, else batched."""
+        counts = [memo.get(piece, -1) for piece in pieces]
+        missing = [i for i, n in enumerate(counts) if n < 0]
+        for i, n in zip(missing, self._counter.count_many([pieces[i] for i in missing]), strict=True):
+            counts[i] = n
+        return counts
+
+    def _langchain_splitter(self, *, markdown: bool, memo: dict[str, int]) -> RecursiveCharacterTextSplitter:
         # A fresh splitter (cheap) per document, so the memo lives and dies with the document.
-        memo: dict[str, int] = {}
         count = self._counter.count
+        # Pieces are stripped splits; where whitespace carries no tokens, a split's count is also
+        # its stripped form's, and a piece made of one split needs no second tokenization.
+        strip_keys = self._counter.ignores_whitespace
         chunk_tokens = self.chunk_tokens
         # A split this long is over the limit in any realistic text (prose runs 4-5 characters a
         # token): report it as too long without tokenizing it, since langchain only uses the
@@ -239,6 +258,8 @@ class Splitter:
             n = memo.get(s)
             if n is None:
                 n = memo[s] = count(s)
+                if strip_keys:
+                    memo[s.strip()] = n
             return n
 
         return RecursiveCharacterTextSplitter(
@@ -250,6 +271,12 @@ class Splitter:
             length_function=length,
             strip_whitespace=True,
         )
+
+
+def _segments(doc: LoadedDocument) -> list[tuple[int, int]]:
+    """Cut the text at every page start, so that no piece straddles two pages."""
+    starts = sorted({0, *(span.start for span in doc.pages if 0 < span.start < len(doc.text))})
+    return list(zip(starts, [*starts[1:], len(doc.text)], strict=True))
 
 
 class _HeadingIndex:

@@ -28,6 +28,7 @@ from ingest.splitter import Splitter
 from retrieval.embedders import SentenceTransformerEmbedder
 from retrieval.store import IndexStore
 from retrieval.tokenize import TokenizerOptions
+from retrieval.types import SearchOptions
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,21 @@ def open_store(settings: Settings, *, model_id: str, dimension: int) -> IndexSto
         dimension=dimension,
         tokenizer=TokenizerOptions(stopwords=settings.retrieval.stopwords, stem=settings.retrieval.stem),
         use_gpu=settings.retrieval.faiss_gpu,
+    )
+
+
+def search_defaults(settings: Settings) -> SearchOptions:
+    """The configured default search options."""
+    r = settings.retrieval
+    return SearchOptions(
+        mode=r.mode,
+        fusion=r.fusion,
+        depth=r.depth,
+        rrf_k=r.rrf_k,
+        dense_weight=r.dense_weight,
+        sparse_weight=r.sparse_weight,
+        alpha=r.alpha,
+        normalization=r.normalization,
     )
 
 

@@ -227,19 +227,13 @@ def _parse_logprobs(obj: object) -> tuple[TokenLogprob, ...]:
             if not isinstance(item, dict):
                 raise LLMProtocolError("logprobs.content item is not an object")
             alts = item.get("top_logprobs") or []
-            top = tuple(
-                (str(a.get("token", "")), _float(a.get("logprob"))) for a in alts if isinstance(a, dict)
-            )
+            top = tuple((str(a.get("token", "")), _float(a.get("logprob"))) for a in alts if isinstance(a, dict))
             out.append(TokenLogprob(str(item.get("token", "")), _float(item.get("logprob")), _sorted(top)))
         return tuple(out)
     tokens = obj.get("tokens") or []
     token_logprobs = obj.get("token_logprobs") or []
     top_logprobs = obj.get("top_logprobs") or []
-    if (
-        not isinstance(tokens, list)
-        or not isinstance(token_logprobs, list)
-        or not isinstance(top_logprobs, list)
-    ):
+    if not isinstance(tokens, list) or not isinstance(token_logprobs, list) or not isinstance(top_logprobs, list):
         raise LLMProtocolError("logprobs fields are not lists")
     result: list[TokenLogprob] = []
     for i, token in enumerate(tokens):
@@ -362,9 +356,7 @@ class OpenAICompatClient:
             body["logprobs"] = params.logprobs
         return self._deltas("/v1/completions", body, chat=False)
 
-    def stream_chat(
-        self, messages: Sequence[ChatMessage], params: GenerationParams
-    ) -> AsyncIterator[StreamDelta]:
+    def stream_chat(self, messages: Sequence[ChatMessage], params: GenerationParams) -> AsyncIterator[StreamDelta]:
         """Stream ``POST /v1/chat/completions``; the server applies the chat template."""
         body = self._sampling(params)
         body["messages"] = [{"role": m.role, "content": m.content} for m in messages]
@@ -446,9 +438,7 @@ class OpenAICompatClient:
                 if started or not _is_connect_failure(exc) or attempt >= self._max_retries:
                     raise _translate(exc, self._where) from exc
                 delay = self._backoff(attempt, None)
-                logger.warning(
-                    "model server connect failed, retrying", extra={"where": self._where, "delay_s": delay}
-                )
+                logger.warning("model server connect failed, retrying", extra={"where": self._where, "delay_s": delay})
             if error is not None:
                 if error.status_code not in _RETRY_STATUSES or attempt >= self._max_retries:
                     raise error

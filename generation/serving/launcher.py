@@ -107,9 +107,7 @@ class ServerStartError(LauncherError):
     code = "llm_server_start_failed"
 
     def __init__(self, message: str, *, returncode: int | None = None, log_tail: str = "") -> None:
-        super().__init__(
-            message + (f"\n--- last lines of the server log ---\n{log_tail}" if log_tail else "")
-        )
+        super().__init__(message + (f"\n--- last lines of the server log ---\n{log_tail}" if log_tail else ""))
         self.returncode = returncode
         self.log_tail = log_tail
 

@@ -271,9 +271,7 @@ def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return vals.reshape(-1, packed.shape[1]).to(torch.int32)
 
 
-def pack_gptq(
-    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec
-) -> dict[str, torch.Tensor]:
+def pack_gptq(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """The four tensors of one GPTQ (AutoGPTQ v1 ``checkpoint_format="gptq"``) linear layer.
 
     ``qweight`` int32 ``[in/8, out]`` packed along the input dim; ``qzeros`` int32 ``[in/g, out/8]``
@@ -291,9 +289,7 @@ def pack_gptq(
     }
 
 
-def pack_awq(
-    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec
-) -> dict[str, torch.Tensor]:
+def pack_awq(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """The three tensors of one AWQ (GEMM version) linear layer.
 
     ``qweight`` int32 ``[in, out/8]`` and ``qzeros`` int32 ``[in/g, out/8]`` packed along the output dim
@@ -378,8 +374,8 @@ def load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     """Dequantize a GGUF into a transformers model (and its tokenizer) that ``save_pretrained`` accepts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    tokenizer: Any = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
     # The weights are plain dequantized tensors now; transformers still marks the model as GGUF-quantized
     # and refuses to serialise it until these are cleared.
     model.hf_quantizer = None
@@ -603,9 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     spec = QuantSpec(format=args.format, bits=args.bits, group_size=args.group_size)
     try:
-        out = prepare(
-            args.gguf, args.out, spec, evaluate=not args.no_eval, force=args.force, bf16_out=args.bf16_out
-        )
+        out = prepare(args.gguf, args.out, spec, evaluate=not args.no_eval, force=args.force, bf16_out=args.bf16_out)
     except PrepareError as e:
         logger.error("%s", e)
         return 1

@@ -164,9 +164,7 @@ class FakeLLM:
     def stream(self, prompt: str, params: GenerationParams) -> AsyncIterator[StreamDelta]:
         return self._run(FakeCall("completion", prompt, (), params))
 
-    def stream_chat(
-        self, messages: Sequence[ChatMessage], params: GenerationParams
-    ) -> AsyncIterator[StreamDelta]:
+    def stream_chat(self, messages: Sequence[ChatMessage], params: GenerationParams) -> AsyncIterator[StreamDelta]:
         return self._run(FakeCall("chat", "", tuple(messages), params))
 
     async def _gather(self, deltas: AsyncIterator[StreamDelta]) -> Completion:
@@ -245,6 +243,4 @@ class FakeRetriever:
             found = self.by_query(query)
         else:
             found = self.chunks
-        return [
-            ScoredChunk(chunk=c, score=1.0 / rank, rank=rank) for rank, c in enumerate(found[:k], start=1)
-        ]
+        return [ScoredChunk(chunk=c, score=1.0 / rank, rank=rank) for rank, c in enumerate(found[:k], start=1)]

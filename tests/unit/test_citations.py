@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from generation.citations import CitationTracker, best_snippet, parse_marker
+from generation.citations import CitationTracker, best_snippet, infer_citations, parse_marker
 from generation.types import CitationEvent
 from retrieval.types import Chunk
 from tests.unit.fakes_llm import make_chunk, split_tokens
@@ -38,9 +38,7 @@ def run(pieces: list[str], sources: list[Chunk] | None = None) -> tuple[str, lis
 def test_whole_marker() -> None:
     text, _, events = run(["Paris is the capital [1]."])
     assert text == "Paris is the capital [1]."
-    assert [(e.n, e.chunk_id, e.path, e.page, e.title) for e in events] == [
-        (1, 11, "docs/doc11.md", 3, "France")
-    ]
+    assert [(e.n, e.chunk_id, e.path, e.page, e.title) for e in events] == [(1, 11, "docs/doc11.md", 3, "France")]
 
 
 def test_marker_split_across_tokens_is_held_then_emitted_once_complete() -> None:
@@ -165,3 +163,12 @@ def test_parse_marker_states() -> None:
     assert parse_marker("x[1,", 1) == ("partial", 4, ())
     assert parse_marker("[1234]", 0)[0] == "none"
     assert parse_marker("[5-2]", 0)[0] == "none"
+
+
+def test_infer_citations_attributes_unmarked_sentences_by_overlap() -> None:
+    sources = {1: SOURCES[0], 2: SOURCES[1], 3: SOURCES[2]}
+    answer = "Berlin is the capital city of Germany. Paris lies on the Seine river. I like cake."
+    events = infer_citations(answer, sources)
+    assert [(e.n, e.inferred) for e in events] == [(2, True), (1, True)]
+    assert events[1].snippet == "It lies on the Seine."
+    assert infer_citations("Nothing relevant here at all.", sources) == []

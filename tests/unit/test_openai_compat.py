@@ -347,6 +347,21 @@ def counting(handler: Handler) -> tuple[Handler, list[int]]:
             400,
             {
                 "error": {
+                    "message": (
+                        "This model's maximum context length is 2048 tokens. However, your prompt contains at "
+                        "least 2049 input tokens, which exceeds this limit even without any output tokens."
+                    ),
+                    "type": "BadRequestError",
+                    "code": 400,
+                }
+            },
+            ContextTooLong,
+            lambda e: (e.max_context, e.prompt_tokens) == (2048, 2049),
+        ),
+        (
+            400,
+            {
+                "error": {
                     "code": 400,
                     "message": "the request exceeds the available context size, try increasing it",
                     "type": "exceed_context_size_error",

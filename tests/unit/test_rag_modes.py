@@ -143,9 +143,7 @@ async def test_history_goes_into_the_prompt_without_old_citations() -> None:
     history = [ChatMessage("user", "Where is Paris?"), ChatMessage("assistant", "In France [3].")]
     await run(answer("Is it big?", retriever=FakeRetriever([PARIS]), llm=llm, params=PARAMS, history=history))
     prompt = llm.calls[0].prompt
-    assert (
-        "<|im_start|>user\nWhere is Paris?<|im_end|>\n<|im_start|>assistant\nIn France.<|im_end|>" in prompt
-    )
+    assert "<|im_start|>user\nWhere is Paris?<|im_end|>\n<|im_start|>assistant\nIn France.<|im_end|>" in prompt
 
 
 async def test_interval_mode_retrieves_every_n_tokens_and_continues_the_answer() -> None:
@@ -262,9 +260,7 @@ async def test_retriever_failure_becomes_an_error_event() -> None:
 
 async def test_question_that_cannot_fit_becomes_context_too_long() -> None:
     events = await run(
-        answer(
-            "why " * 3000, retriever=FakeRetriever([PARIS]), llm=FakeLLM(), params=PARAMS, max_model_len=512
-        )
+        answer("why " * 3000, retriever=FakeRetriever([PARIS]), llm=FakeLLM(), params=PARAMS, max_model_len=512)
     )
     assert isinstance(events[-1], ErrorEvent)
     assert events[-1].code == "context_too_long"
@@ -314,3 +310,16 @@ async def test_invalid_arguments_raise() -> None:
 def test_continuation_query() -> None:
     assert continuation_query("Q?", "a b [1] c d e", 3) == "Q?\nc d e"
     assert continuation_query(" Q? ", "", 3) == "Q?"
+
+
+async def test_missing_citations_can_be_inferred() -> None:
+    llm = FakeLLM()
+    llm.enqueue_text("The Seine river flows through Paris.")
+    events = await run(
+        answer("River?", retriever=FakeRetriever([PARIS, SEINE]), llm=llm, params=PARAMS, infer_missing_citations=True)
+    )
+    done = events[-1]
+    assert isinstance(done, DoneEvent)
+    assert [(c.n, c.inferred) for c in done.citations] == [(2, True)]
+    assert isinstance(events[-2], CitationEvent)
+    assert done.answer == "The Seine river flows through Paris."

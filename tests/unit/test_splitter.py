@@ -92,9 +92,7 @@ def check_invariants(
 
 
 @pytest.mark.parametrize(("chunk_tokens", "overlap_tokens"), [(240, 40), (32, 8), (12, 4), (20, 0)])
-def test_invariants_on_the_corpus(
-    tokenizer: Any, corpus: Corpus, chunk_tokens: int, overlap_tokens: int
-) -> None:
+def test_invariants_on_the_corpus(tokenizer: Any, corpus: Corpus, chunk_tokens: int, overlap_tokens: int) -> None:
     splitter = Splitter(tokenizer, chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens)
     for path in corpus.loadable:
         doc = load(path)
@@ -131,27 +129,30 @@ def test_repeated_text_is_located_in_order(tokenizer: Any) -> None:
     assert len({p.start for p in pieces}) == len(pieces)
 
 
-def test_pdf_pieces_are_on_their_page(tokenizer: Any, corpus: Corpus) -> None:
+@pytest.mark.parametrize(("chunk_tokens", "overlap_tokens"), [(240, 40), (16, 4)])
+def test_pdf_pieces_stay_on_their_page(tokenizer: Any, corpus: Corpus, chunk_tokens: int, overlap_tokens: int) -> None:
     doc = load(corpus.pdf)
-    splitter = Splitter(tokenizer, chunk_tokens=16, overlap_tokens=4)
+    splitter = Splitter(tokenizer, chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens)
     pieces = splitter.split(doc)
     check_invariants(doc, pieces, splitter)
     assert {p.page for p in pieces} == {1, 2, 3}
+    for p in pieces:
+        span = next(s for s in doc.pages if s.page == p.page)
+        assert span.start <= p.start and p.end <= span.end
     for fact in corpus.facts_in(corpus.pdf):
         assert any(p.page == fact.page and fact.answer in p.text for p in pieces)
 
 
-def test_page_is_the_page_of_the_start() -> None:
+def test_pages_cut_pieces_even_when_they_would_fit() -> None:
     page1, page2 = "one two three four five six", "seven eight nine ten eleven twelve"
     doc = LoadedDocument(
         text=f"{page1}\n\n{page2}",
         format="pdf",
         pages=(PageSpan(0, len(page1), 1), PageSpan(len(page1) + 2, len(page1) + 2 + len(page2), 2)),
     )
-    pieces = Splitter(Words(), chunk_tokens=8, overlap_tokens=3).split(doc)
-    assert [(p.text, p.page) for p in pieces] == [(page1, 1), (page2, 2)]
-    straddling = Splitter(Words(), chunk_tokens=20, overlap_tokens=3).split(doc)
-    assert [(p.page, p.token_count) for p in straddling] == [(1, 12)]
+    for chunk_tokens in (8, 100):
+        pieces = Splitter(Words(), chunk_tokens=chunk_tokens, overlap_tokens=3).split(doc)
+        assert [(p.text, p.page, p.token_count) for p in pieces] == [(page1, 1, 6), (page2, 2, 6)]
 
 
 def test_markdown_heading_paths(tokenizer: Any, corpus: Corpus) -> None:

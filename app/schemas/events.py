@@ -1,0 +1,134 @@
+"""The answer-event union on the wire, mirrored from :mod:`generation.types`.
+
+One schema, two transports: ``POST /v1/ask/stream`` sends each event as a Server-Sent Event
+(``event: <type>``, ``data: <json>``) and the websocket ``/v1/chat`` sends the same JSON with
+the request's ``id`` added. The models validate exactly what
+:func:`generation.types.event_to_dict` produces (a unit test keeps the two in step), and every
+event goes through them before it is sent, so the documented schema is the real one.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, TypeAdapter
+
+from generation.types import AnswerEvent as DomainEvent
+from generation.types import event_to_dict
+
+
+class ChunkOut(BaseModel):
+    """A retrieved passage, whole."""
+
+    id: int = Field(description="Chunk id (also its FAISS and BM25 id).")
+    document_id: int
+    collection: str
+    path: str = Field(description="Source file path.")
+    ordinal: int = Field(description="Position of the chunk in its document.")
+    text: str
+    start: int = Field(description="Character offset of the chunk in the document's extracted text.")
+    end: int
+    page: int | None = Field(description="1-based page (PDF), when known.")
+    title: str | None
+    metadata: dict[str, str]
+
+
+class TokenLogprobOut(BaseModel):
+    """A generated token with its log-probability and the top alternatives."""
+
+    token: str
+    logprob: float | None
+    top: list[tuple[str, float]]
+
+
+class RetrievedChunk(BaseModel):
+    """One result of a retrieval round."""
+
+    chunk: ChunkOut
+    score: float
+    rank: int
+    n: int | None = Field(description="Citation number of the chunk in the prompt; null if it did not fit.")
+
+
+class RetrievalEvent(BaseModel):
+    """The retriever was asked; comes before the tokens generated from these sources."""
+
+    type: Literal["retrieval"] = "retrieval"
+    round: int = Field(description="0 for the initial retrieval, then 1, 2, ...")
+    query: str
+    reason: str = Field(description="`initial`, `interval` or `low_confidence`.")
+    elapsed_ms: float
+    trigger: list[TokenLogprobOut] | None = Field(description="Low-confidence tokens that caused the round.")
+    chunks: list[RetrievedChunk]
+
+
+class TokenEvent(BaseModel):
+    """A piece of answer text."""
+
+    type: Literal["token"] = "token"
+    text: str
+
+
+class CitationEvent(BaseModel):
+    """The answer cited source `[n]` for the first time (sent right before that token)."""
+
+    type: Literal["citation"] = "citation"
+    n: int
+    chunk_id: int
+    document_id: int
+    path: str
+    title: str | None
+    page: int | None
+    start: int = Field(description="Offset of `snippet` in the document's extracted text.")
+    end: int
+    snippet: str = Field(description="The passage of the chunk that best supports the citing sentence.")
+
+
+class Usage(BaseModel):
+    """Tokens used by every model request of the answer."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class DoneEvent(BaseModel):
+    """The answer is complete; always the last event of a successful answer."""
+
+    type: Literal["done"] = "done"
+    answer: str
+    citations: list[CitationEvent]
+    retrievals: list[RetrievalEvent]
+    usage: Usage
+    timings: dict[str, float] = Field(description="Milliseconds: `retrieval_ms`, `ttft_ms`, `total_ms`, ...")
+    mode: str
+    finish_reason: str | None
+
+
+class ErrorEvent(BaseModel):
+    """The answer failed (or was cancelled); always the last event."""
+
+    type: Literal["error"] = "error"
+    code: str = Field(description="`llm_unavailable`, `llm_timeout`, `context_too_long`, `cancelled`, ...")
+    message: str
+    retryable: bool = False
+
+
+AnswerEventOut = Annotated[
+    RetrievalEvent | TokenEvent | CitationEvent | DoneEvent | ErrorEvent, Field(discriminator="type")
+]
+"""Every answer event, discriminated on ``type``."""
+
+ANSWER_EVENT_ADAPTER: TypeAdapter[RetrievalEvent | TokenEvent | CitationEvent | DoneEvent | ErrorEvent] = TypeAdapter(
+    AnswerEventOut
+)
+
+
+def to_wire(event: DomainEvent) -> RetrievalEvent | TokenEvent | CitationEvent | DoneEvent | ErrorEvent:
+    """The wire model of a domain event (validated against the documented schema)."""
+    return ANSWER_EVENT_ADAPTER.validate_python(event_to_dict(event))
+
+
+def wire_dict(event: DomainEvent) -> dict[str, Any]:
+    """The JSON-ready dict of a domain event, as both transports send it."""
+    return to_wire(event).model_dump(mode="json")

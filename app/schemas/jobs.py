@@ -1,0 +1,65 @@
+"""Ingestion jobs on the wire."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from app.schemas.common import CollectionName, Page, Request, Text
+
+
+class JobCreate(Request):
+    """Ingest a server folder (or file) that lies under one of the allowed roots."""
+
+    path: Text = Field(min_length=1, max_length=4096, description="Absolute path on the server.")
+    collection: CollectionName
+    prune: bool = Field(default=True, description="Delete documents whose files left the folder.")
+
+
+class JobFiles(BaseModel):
+    """Per-file outcome counters."""
+
+    total: int
+    seen: int
+    new: int
+    changed: int
+    unchanged: int
+    deleted: int
+    failed: int
+    skipped: int
+
+
+class JobError(BaseModel):
+    """A file that failed and why."""
+
+    path: str
+    reason: str
+
+
+class JobOut(BaseModel):
+    """A job and its progress."""
+
+    id: int
+    collection: str
+    root_path: str
+    prune: bool
+    status: str = Field(description="`queued`, `running`, `succeeded` or `failed`.")
+    progress: float = Field(description="0 to 1.")
+    attempts: int
+    files: JobFiles
+    chunks_added: int
+    chunks_removed: int
+    error: str | None
+    errors: list[JobError]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+
+
+class JobList(BaseModel):
+    """A page of jobs, newest first."""
+
+    jobs: list[JobOut]
+    page: Page

@@ -1,0 +1,154 @@
+"""The OpenAI-compatible chat-completions facade on the wire.
+
+Requests tolerate unknown fields (``extra="ignore"``, logged): OpenAI clients and chat UIs
+send parameters of newer API versions, and refusing them would break those clients for no
+gain (vLLM's OpenAI server does the same). Responses carry one extra field, ``citations``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from app.schemas.common import CollectionName, Text
+from app.schemas.events import CitationEvent
+
+
+class ContentPart(BaseModel):
+    """A part of a multi-part message; only text parts are read."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: Text | None = None
+
+
+class ChatMessageIn(BaseModel):
+    """A message of the conversation."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Annotated[Text, StringConstraints(max_length=20_000)] | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        """The message's text (text parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text or "" for p in self.content if p.type == "text")
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions``: the last user message is the question.
+
+    The collection and answer mode come from the model name (``rag``, ``rag:<collection>``,
+    ``rag:<collection>:<mode>``) or from the extra fields ``collection`` and ``mode``.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Annotated[str, StringConstraints(min_length=1, max_length=300)]
+    messages: Annotated[list[ChatMessageIn], Field(min_length=1, max_length=200)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    n: int = Field(default=1, ge=1, le=1, description="Only one choice is supported.")
+    user: str | None = None
+    collection: CollectionName | None = Field(default=None, description="Extension: the collection to answer from.")
+    mode: Literal["single", "interval"] | None = Field(default=None, description="Extension: the answer mode.")
+    k: int | None = Field(default=None, ge=1, le=50, description="Extension: chunks retrieved per round.")
+
+
+class AssistantMessage(BaseModel):
+    """The answer."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    """The one choice."""
+
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionUsage(BaseModel):
+    """Token usage."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    """A whole chat completion, plus ``citations``."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: CompletionUsage
+    citations: list[CitationEvent] = Field(description="Extension: the sources cited as `[n]` in the content.")
+
+
+class Delta(BaseModel):
+    """A piece of the streamed message."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    """The streamed choice."""
+
+    index: int = 0
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One streamed chunk; ``citations`` appears on the chunk whose content first cites a source."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: CompletionUsage | None = None
+    citations: list[CitationEvent] | None = None
+
+
+class ModelOut(BaseModel):
+    """A model name the facade accepts."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ragsvc"
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelOut]

@@ -1,0 +1,83 @@
+"""Search on the wire."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, StringConstraints
+
+from app.schemas.common import CollectionName, Request, Text
+
+
+class SearchFilters(Request):
+    """What to search in."""
+
+    collections: Annotated[list[CollectionName], Field(max_length=100)] | None = Field(
+        default=None, description="Collections to search; omitted: every collection the key may read."
+    )
+    path_prefix: Annotated[Text, StringConstraints(min_length=1, max_length=4096)] | None = Field(
+        default=None, description="Only chunks of documents whose path starts with this."
+    )
+
+
+class SearchParams(Request):
+    """How to search; omitted fields take the server's configured defaults."""
+
+    mode: Literal["hybrid", "dense", "sparse"] | None = None
+    fusion: Literal["rrf", "weighted"] | None = Field(default=None, description="Hybrid only.")
+    alpha: float | None = Field(default=None, ge=0.0, le=1.0, description="Dense weight of weighted fusion.")
+    rrf_k: int | None = Field(default=None, ge=1, le=10_000, description="RRF constant.")
+    depth: int | None = Field(default=None, ge=1, le=1000, description="Candidates per leg before fusion.")
+
+
+class SearchRequest(SearchParams):
+    """A search."""
+
+    query: Annotated[Text, StringConstraints(min_length=1, max_length=4000)]
+    k: int = Field(default=10, ge=1, le=100, description="Number of results.")
+    filters: SearchFilters = Field(default_factory=SearchFilters)
+
+
+class LegOut(BaseModel):
+    """Where one leg (dense or BM25) ranked a hit."""
+
+    rank: int
+    score: float
+
+
+class HitOut(BaseModel):
+    """One search result."""
+
+    rank: int
+    score: float = Field(description="Fused score (hybrid) or the leg's raw score (dense/sparse).")
+    dense: LegOut | None
+    sparse: LegOut | None
+    chunk_id: int
+    document_id: int
+    collection: str
+    path: str
+    title: str | None
+    page: int | None
+    start: int
+    end: int
+    text: str
+
+
+class OptionsOut(BaseModel):
+    """The options the search ran with."""
+
+    mode: str
+    fusion: str
+    alpha: float
+    rrf_k: int
+    depth: int
+
+
+class SearchResponse(BaseModel):
+    """Ranked hits with per-leg evidence."""
+
+    query: str
+    options: OptionsOut
+    collections: list[str] | None = Field(description="Collections searched; null: all of them (admin).")
+    hits: list[HitOut]
+    took_ms: float

