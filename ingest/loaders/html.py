@@ -104,9 +104,7 @@ _PARAGRAPH_TAGS = frozenset(
     }
 )
 # Blocks that end a line.
-_LINE_TAGS = frozenset(
-    {"div", "li", "dt", "dd", "tr", "caption", "figcaption", "summary", "legend", "option", "br"}
-)
+_LINE_TAGS = frozenset({"div", "li", "dt", "dd", "tr", "caption", "figcaption", "summary", "legend", "option", "br"})
 # Site chrome rather than content (Sphinx marks its sidebars and link bars this way).
 _SKIP_ROLES = frozenset({"navigation", "search"})
 _CELL_TAGS = frozenset({"td", "th"})

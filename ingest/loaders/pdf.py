@@ -72,9 +72,7 @@ def _metadata(reader: Any) -> dict[str, str]:
     except Exception as e:  # a damaged /Info dictionary must not fail the document
         logger.debug("unreadable PDF metadata: %s", _reason(e))
         return {}
-    return {
-        name: " ".join(str(value).split()) for name, value in found.items() if value and str(value).strip()
-    }
+    return {name: " ".join(str(value).split()) for name, value in found.items() if value and str(value).strip()}
 
 
 class PdfLoader:

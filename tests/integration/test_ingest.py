@@ -174,3 +174,49 @@ async def test_large_files_are_limited_or_ingested(tmp_path: Path, make_settings
         assert any(fact.answer in h.chunk.text for h in hits)
     finally:
         await ctx.aclose()
+
+
+async def test_searches_during_reindex_see_whole_versions(ctx: IngestContext, corpus: Corpus, tmp_path: Path) -> None:
+    """Readers keep searching while the worker publishes new versions; every answer comes from
+    one complete version (its chunk ids are all in that version's DB state, nothing half-written)."""
+    import asyncio
+    import threading
+
+    await ingest(ctx, corpus.root)
+    retriever = HybridRetriever(ctx.store, ctx.embedder)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    versions: set[str] = set()
+    searches = 0
+
+    def reader() -> None:
+        nonlocal searches
+        while not stop.is_set():
+            try:
+                snap = ctx.store.load("docs")
+                assert snap is not None
+                versions.add(snap.version)
+                hits = retriever.search_sync("zorblax reactor temperature", k=5)
+                for h in hits:
+                    assert h.chunk.text
+                searches += 1
+            except BaseException as e:  # surfaced below
+                errors.append(e)
+                return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(3):
+            (corpus.root / f"extra{i}.txt").write_text(
+                f"Extra note {i}: the zorblax reactor was serviced in week {i}.\n"
+            )
+            await ingest(ctx, corpus.root)
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not errors, errors[0]
+    assert searches > 0
+    assert len(versions) >= 2  # the reader saw the index change under it
+    await assert_consistent(ctx, "docs")

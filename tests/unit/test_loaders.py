@@ -344,9 +344,7 @@ def test_html_declared_charset_is_honoured(tmp_path: Path) -> None:
 
 def test_html_without_visible_text_or_binary(tmp_path: Path) -> None:
     with pytest.raises(EmptyFileError, match="no visible text"):
-        load(
-            write(tmp_path, "s.html", "<html><head><title>t</title><script>x()</script></head><body> </body>")
-        )
+        load(write(tmp_path, "s.html", "<html><head><title>t</title><script>x()</script></head><body> </body>"))
     with pytest.raises(BinaryFileError):
         load(write(tmp_path, "b.html", b"<html>\x00\x01\x02</html>"))
 

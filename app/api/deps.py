@@ -1,0 +1,77 @@
+"""Typed dependencies of the routes (``Annotated`` aliases, as in the FastAPI template).
+
+* ``ResourcesDep``: the process's :class:`~app.resources.Resources` (built by the lifespan).
+* ``SessionDep``: one ``AsyncSession`` for the route, closed when the route returns (before a
+  streamed body is sent). The route commits; services only flush.
+* ``PrincipalDep``: who the request acts for, from ``Authorization: Bearer rag_...`` (the local
+  anonymous admin when auth is disabled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Path
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.requests import HTTPConnection
+
+from app.resources import Resources
+from app.services import keys
+from app.services.errors import Unauthorized
+
+
+def get_resources(conn: HTTPConnection) -> Resources:
+    """The resources the lifespan built."""
+    resources: Resources = conn.app.state.resources
+    return resources
+
+
+ResourcesDep = Annotated[Resources, Depends(get_resources)]
+
+
+async def get_session(resources: ResourcesDep) -> AsyncIterator[AsyncSession]:
+    """A session for one route; rolled back unless the route committed."""
+    async with resources.sessionmaker() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key created with `rag keys create` (not needed when auth is disabled).",
+)
+
+
+async def principal_for_token(resources: Resources, token: str | None) -> keys.Principal:
+    """Authenticate ``token`` in a short transaction of its own.
+
+    Raises:
+        Unauthorized: Auth is on and the token is missing, unknown or revoked.
+    """
+    settings = resources.settings
+    if not settings.auth.enabled:
+        return keys.ANONYMOUS_ADMIN
+    if not token:
+        raise Unauthorized("missing API key: send `Authorization: Bearer rag_...`")
+    async with resources.sessionmaker() as session:
+        principal = await keys.authenticate(session, token, touch_every=settings.auth.touch_every_seconds)
+        await session.commit()
+    return principal
+
+
+async def get_principal(
+    resources: ResourcesDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> keys.Principal:
+    """The principal of the request's bearer token."""
+    return await principal_for_token(resources, credentials.credentials if credentials else None)
+
+
+PrincipalDep = Annotated[keys.Principal, Depends(get_principal)]
+
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1, description="Row id.")]
+"""A database id in a URL path (bounded: ids are 32-bit integer columns)."""

@@ -1,0 +1,142 @@
+"""Pure ASGI middleware (no ``BaseHTTPMiddleware``: it would buffer streams and break cancellation).
+
+* :class:`RequestContext`: request id (``X-Request-ID`` taken when sane, else generated, and
+  echoed), one structured log line per request, request count and latency by route template.
+* :class:`BodyLimit`: refuses oversized bodies by their ``Content-Length`` before they are read
+  (413), and multipart uploads without one (411).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.observability import Metrics, request_id_var
+
+logger = logging.getLogger("app.access")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _route_template(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return str(path) if path else "unmatched"
+
+
+class RequestContext:
+    """Request id, access log and HTTP metrics for every request and websocket."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, b"x-request-id")
+        request_id = incoming if incoming and _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                message = {**message, "headers": headers}
+            elif message["type"] == "websocket.accept":
+                status = 101
+            elif message["type"] == "websocket.close" and not status:
+                status = 403  # closed before the handshake completed
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except BaseException:
+            status = status or 500
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            route = _route_template(scope)
+            method = scope.get("method", "WS")
+            metrics: Metrics | None = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
+            if metrics is not None:
+                metrics.http_requests.labels(method=method, route=route, status=str(status)).inc()
+                metrics.http_latency.labels(method=method, route=route).observe(elapsed)
+            logger.info(
+                "request",
+                extra={
+                    "method": method,
+                    "path": scope.get("path"),
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000.0, 2),
+                    "client": (scope.get("client") or ("", 0))[0],
+                },
+            )
+            request_id_var.reset(token)
+
+
+class BodyLimit:
+    """Refuse request bodies over the limit before reading them.
+
+    Multipart uploads must state their ``Content-Length`` (every HTTP client does for a
+    form upload), so the limit holds without reading the body first.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_upload_bytes: int, max_json_bytes: int = 8 * 1024 * 1024) -> None:
+        self.app = app
+        self.max_upload_bytes = max_upload_bytes
+        self.max_json_bytes = max_json_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        content_type = (_header(scope, b"content-type") or "").lower()
+        multipart = content_type.startswith("multipart/")
+        limit = self.max_upload_bytes if multipart else self.max_json_bytes
+        length = _header(scope, b"content-length")
+        if length is None or not length.isdigit():
+            if multipart and _header(scope, b"transfer-encoding") is not None:
+                await _reject(send, 411, "length_required", "uploads must state their Content-Length")
+                return
+            await self.app(scope, receive, send)
+            return
+        if int(length) > limit:
+            mb = limit / (1024 * 1024)
+            what = "upload" if multipart else "request body"
+            setting = " (RAG_API__MAX_UPLOAD_MB)" if multipart else ""
+            await _reject(send, 413, "payload_too_large", f"the {what} is larger than the limit of {mb:g} MB{setting}")
+            return
+        await self.app(scope, receive, send)
+
+
+async def _reject(send: Send, status: int, code: str, message: str) -> None:
+    body: dict[str, Any] = {"error": {"code": code, "message": message, "retryable": False}}
+    data = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})

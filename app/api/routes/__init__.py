@@ -1,0 +1,1 @@
+"""HTTP routes: each parses input, calls a service, commits when it wrote, returns a schema."""

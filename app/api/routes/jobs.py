@@ -1,0 +1,95 @@
+"""``/v1/jobs``: queue a server folder for ingestion, follow jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, status
+
+from app.api.deps import PrincipalDep, ResourcesDep, RowId, SessionDep
+from app.api.errors import RESPONSES
+from app.db.models import IngestJob
+from app.schemas.common import CollectionName, ErrorResponse, Page
+from app.schemas.jobs import JobCreate, JobError, JobFiles, JobList, JobOut
+from app.services import jobs
+
+router = APIRouter(prefix="/v1/jobs", tags=["ingestion jobs"], responses=RESPONSES)
+
+
+def _out(job: IngestJob, collection: str) -> JobOut:
+    return JobOut(
+        id=job.id,
+        collection=collection,
+        root_path=job.root_path,
+        prune=job.prune,
+        status=job.status,
+        progress=job.progress,
+        attempts=job.attempts,
+        files=JobFiles(
+            total=job.files_total,
+            seen=job.files_seen,
+            new=job.files_new,
+            changed=job.files_changed,
+            unchanged=job.files_unchanged,
+            deleted=job.files_deleted,
+            failed=job.files_failed,
+            skipped=job.files_skipped,
+        ),
+        chunks_added=job.chunks_added,
+        chunks_removed=job.chunks_removed,
+        error=job.error,
+        errors=[JobError(path=e.get("path", ""), reason=e.get("reason", "")) for e in job.errors or []],
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        heartbeat_at=job.heartbeat_at,
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Queue a folder for ingestion",
+    responses={403: {"model": ErrorResponse, "description": "The path is not under an allowed root."}},
+)
+async def create_job(
+    body: JobCreate, session: SessionDep, principal: PrincipalDep, resources: ResourcesDep
+) -> JobOut:
+    """Queue the ingestion of a folder (or file) on the server into a collection; the worker runs it.
+
+    The path must resolve, after following symlinks and `..`, to a place under one of the
+    configured roots (`RAG_INGEST__ALLOWED_ROOTS`); anything else is refused with 403.
+    """
+    job, collection = await jobs.enqueue_folder(
+        session,
+        principal,
+        path=body.path,
+        collection=body.collection,
+        prune=body.prune,
+        allowed_roots=resources.settings.ingest.allowed_roots,
+    )
+    await session.commit()
+    return _out(job, collection)
+
+
+@router.get("", summary="List jobs")
+async def list_jobs(
+    session: SessionDep,
+    principal: PrincipalDep,
+    collection: CollectionName | None = None,
+    status_filter: Annotated[Literal["queued", "running", "succeeded", "failed"] | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> JobList:
+    """Jobs of the collections the key may read, newest first."""
+    rows, total = await jobs.list_jobs(
+        session, principal, collection=collection, status=status_filter, limit=limit, offset=offset
+    )
+    return JobList(jobs=[_out(j, c) for j, c in rows], page=Page(total=total, limit=limit, offset=offset))
+
+
+@router.get("/{job_id}", summary="Get a job")
+async def get_job(job_id: RowId, session: SessionDep, principal: PrincipalDep) -> JobOut:
+    """A job's status and progress."""
+    job, collection = await jobs.get_job(session, principal, job_id)
+    return _out(job, collection)

@@ -1,0 +1,69 @@
+"""``POST /v1/search``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.deps import PrincipalDep, ResourcesDep, SessionDep
+from app.api.errors import RESPONSES
+from app.schemas.search import HitOut, LegOut, OptionsOut, SearchRequest, SearchResponse
+from app.services import search
+from retrieval.types import ScoredChunk
+
+router = APIRouter(prefix="/v1", tags=["search"], responses=RESPONSES)
+
+
+def _hit(h: ScoredChunk) -> HitOut:
+    c = h.chunk
+    return HitOut(
+        rank=h.rank,
+        score=h.score,
+        dense=LegOut(rank=h.dense.rank, score=h.dense.score) if h.dense else None,
+        sparse=LegOut(rank=h.sparse.rank, score=h.sparse.score) if h.sparse else None,
+        chunk_id=c.id,
+        document_id=c.document_id,
+        collection=c.collection,
+        path=c.path,
+        title=c.title,
+        page=c.page,
+        start=c.start,
+        end=c.end,
+        text=c.text,
+    )
+
+
+@router.post("/search", summary="Hybrid search")
+async def search_chunks(
+    body: SearchRequest, session: SessionDep, principal: PrincipalDep, resources: ResourcesDep
+) -> SearchResponse:
+    """Dense + BM25 search with the mode, fusion and parameters of this request; every hit says
+    where each leg ranked it. Without `filters.collections`, searches every collection the key may read.
+    Works while the model server is down."""
+    options = search.search_options(
+        resources.retriever.defaults,
+        mode=body.mode,
+        fusion=body.fusion,
+        alpha=body.alpha,
+        rrf_k=body.rrf_k,
+        depth=body.depth,
+    )
+    outcome = await search.search(
+        session,
+        principal,
+        retriever=resources.retriever,
+        store=resources.store,
+        metrics=resources.metrics,
+        query=body.query,
+        k=body.k,
+        collections=body.filters.collections,
+        path_prefix=body.filters.path_prefix,
+        options=options,
+    )
+    o = outcome.options
+    return SearchResponse(
+        query=body.query,
+        options=OptionsOut(mode=o.mode, fusion=o.fusion, alpha=o.alpha, rrf_k=o.rrf_k, depth=o.depth),
+        collections=list(outcome.collections) if outcome.collections is not None else None,
+        hits=[_hit(h) for h in outcome.hits],
+        took_ms=round(outcome.took_ms, 3),
+    )

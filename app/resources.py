@@ -1,0 +1,136 @@
+"""Composition root of the API process: Settings in, long-lived objects out.
+
+:func:`build_resources` migrates the database and builds, from plain constructor arguments:
+the engine and sessionmaker, the query embedder (loaded in a thread, one torch thread), the
+index store, the hybrid retriever with its own thread pool, the model-server client and the
+metrics registry. :meth:`Resources.aclose` releases them. The lifespan of ``app.main`` is the
+only caller in the service; tests pass fakes for the embedder and the LLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.db.engine import create_engine, create_sessionmaker
+from app.db.migrate import aupgrade
+from app.observability import Metrics, TimedEmbedder
+from app.settings import Settings
+from generation.backends.openai_compat import OpenAICompatClient
+from generation.client import LLMClient
+from ingest.worker import load_embedder, open_store, search_defaults
+from retrieval.hybrid import HybridRetriever
+from retrieval.store import IndexStore
+from retrieval.types import Embedder
+
+logger = logging.getLogger(__name__)
+
+LLMProbe = Callable[[], Awaitable[None]]
+"""Raises when the model server cannot be reached (``/readyz``)."""
+
+
+@dataclass
+class Resources:
+    """Everything the API process holds for its lifetime."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    embedder: Embedder
+    store: IndexStore
+    retriever: HybridRetriever
+    executor: ThreadPoolExecutor
+    llm: LLMClient
+    llm_probe: LLMProbe
+    metrics: Metrics
+
+    async def aclose(self) -> None:
+        """Close the model-server connections, the thread pool and the database pool."""
+        try:
+            await self.llm.aclose()
+        finally:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            await self.engine.dispose()
+
+
+def build_llm(settings: Settings) -> OpenAICompatClient:
+    """The configured OpenAI-compatible client (vLLM by default)."""
+    import httpx
+
+    llm = settings.llm
+    return OpenAICompatClient(
+        llm.base_url,
+        llm.model,
+        api_key=llm.api_key.get_secret_value() if llm.api_key else None,
+        timeout=httpx.Timeout(
+            connect=llm.connect_timeout_seconds, read=llm.timeout_seconds, write=30.0, pool=30.0
+        ),
+    )
+
+
+async def build_resources(
+    settings: Settings,
+    *,
+    embedder: Embedder | None = None,
+    llm: LLMClient | None = None,
+    llm_probe: LLMProbe | None = None,
+) -> Resources:
+    """Migrate the database and build the process's objects.
+
+    Args:
+        settings: The configuration.
+        embedder: Use this query embedder instead of loading the configured model (tests).
+        llm: Use this client instead of the configured server (tests).
+        llm_probe: Readiness probe of the model server (default: ``GET /v1/models`` via ``llm``).
+    """
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    await aupgrade(settings.database_url)
+    engine = create_engine(settings.database_url, echo=settings.database.echo, pool_size=settings.database.pool_size)
+    metrics = Metrics()
+    try:
+        if embedder is None:
+            # One torch thread: steadier query latency when the other core is busy.
+            embedder = await asyncio.to_thread(load_embedder, settings, threads=settings.embedding.query_threads)
+        store = open_store(settings, model_id=embedder.model_id, dimension=embedder.dimension)
+        executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="retrieval")
+        timed = TimedEmbedder(embedder, metrics.retrieval_latency)
+        retriever = HybridRetriever(store, timed, executor=executor, defaults=search_defaults(settings))
+    except BaseException:
+        await engine.dispose()
+        raise
+    client = llm if llm is not None else build_llm(settings)
+    if llm_probe is None:
+        llm_probe = _probe_for(client)
+    logger.info(
+        "resources ready",
+        extra={"database": engine.url.get_backend_name(), "embedding_model": embedder.model_id, "llm": client.model},
+    )
+    return Resources(
+        settings=settings,
+        engine=engine,
+        sessionmaker=create_sessionmaker(engine),
+        embedder=embedder,
+        store=store,
+        retriever=retriever,
+        executor=executor,
+        llm=client,
+        llm_probe=llm_probe,
+        metrics=metrics,
+    )
+
+
+def _probe_for(client: LLMClient) -> LLMProbe:
+    async def probe() -> None:
+        # OpenAICompatClient.max_model_len is GET /v1/models; any LLMError means unreachable.
+        models = getattr(client, "max_model_len", None)
+        if models is None:
+            await client.count_tokens("ping")
+        else:
+            await models()
+
+    return probe

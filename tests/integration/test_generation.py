@@ -1,0 +1,178 @@
+"""Answers from the real model server (vLLM CPU, 4-bit SmolLM2) over a really ingested corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from app.db.models import Chunk as ChunkRow
+from app.llm import generation_params
+from generation.backends.openai_compat import OpenAICompatClient
+from generation.rag import answer
+from generation.types import (
+    CitationEvent,
+    DoneEvent,
+    ErrorEvent,
+    GenerationParams,
+    RetrievalEvent,
+    TokenEvent,
+)
+from ingest.worker import build_ingest_context, enqueue_path, run_job
+from retrieval.hybrid import HybridRetriever
+from tests.corpus_factory import write_corpus
+from tests.llm_server import LLMServerInfo
+
+pytestmark = [pytest.mark.integration, pytest.mark.llm]
+
+RAG = str(Path(sys.executable).with_name("rag"))
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("gen") / "corpus").root
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, make_settings: Any, embedder: Any, corpus_dir: Path, llm_server: LLMServerInfo) -> Any:
+    settings = make_settings(llm={"base_url": llm_server.base_url, "model": llm_server.model})
+    ctx = await build_ingest_context(settings, embedder=embedder)
+    job_id, _ = await enqueue_path(ctx.sessionmaker, corpus_dir, collection="gen")
+    summary = await run_job(ctx, job_id)
+    assert summary is not None and summary.status == "succeeded"
+    async with ctx.sessionmaker() as session:
+        chunk_ids = set(await session.scalars(select(ChunkRow.id)))
+    llm = OpenAICompatClient(llm_server.base_url, llm_server.model)
+    yield settings, HybridRetriever(ctx.store, ctx.embedder), llm, chunk_ids
+    await llm.aclose()
+    await ctx.aclose()
+
+
+async def test_stream_returns_logprobs(llm_server: LLMServerInfo) -> None:
+    llm = OpenAICompatClient(llm_server.base_url, llm_server.model)
+    try:
+        deltas = [
+            d
+            async for d in llm.stream(
+                "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n",
+                GenerationParams(max_tokens=8, temperature=0.0, logprobs=3),
+            )
+        ]
+    finally:
+        await llm.aclose()
+    tokens = [t for d in deltas for t in d.tokens]
+    assert len(tokens) >= 2
+    assert all(t.logprob <= 0.0 for t in tokens)
+    assert all(len(t.top) >= 1 for t in tokens)
+    assert "".join(d.text for d in deltas).strip()
+
+
+async def test_single_answer_streams_and_cites_corpus_chunks(stack: Any) -> None:
+    settings, retriever, llm, chunk_ids = stack
+    events = []
+    stamps = []
+    async for event in answer(
+        "At what temperature does the zorblax reactor run?",
+        retriever=retriever,
+        llm=llm,
+        mode="single",
+        params=generation_params(settings, max_tokens=48),
+        infer_missing_citations=True,
+    ):
+        events.append(event)
+        stamps.append(time.perf_counter())
+    assert not [e for e in events if isinstance(e, ErrorEvent)], events[-1]
+    assert isinstance(events[0], RetrievalEvent)
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    assert len(tokens) >= 3, "the answer was not streamed token by token"
+    first_token = stamps[events.index(tokens[0])]
+    assert stamps[-1] - first_token > 0  # tokens arrive over time, not in one block
+    done = events[-1]
+    assert isinstance(done, DoneEvent)
+    assert done.answer.strip()
+    assert done.usage.completion_tokens > 0
+    assert {"retrieval_ms", "ttft_ms", "total_ms"} <= set(done.timings)
+    citations = [e for e in events if isinstance(e, CitationEvent)]
+    assert citations, "no citation (neither written nor inferred)"
+    for c in citations:
+        assert c.chunk_id in chunk_ids
+        assert c.chunk.text  # resolves to the real chunk
+        assert 0 <= c.start < c.end
+    numbers = [c.n for c in done.citations]
+    assert len(numbers) == len(set(numbers))  # each source listed once, in order of first use
+        {c.n for c in done.citations}, key=[c.n for c in done.citations].index
+    )
+
+
+async def test_interval_mode_retrieves_more_than_once(stack: Any) -> None:
+    settings, retriever, llm, chunk_ids = stack
+    events = [
+        e
+        async for e in answer(
+            "Explain how the quokka daemon is installed and configured on Linux and Windows.",
+            retriever=retriever,
+            llm=llm,
+            mode="interval",
+            interval_tokens=16,
+            params=generation_params(settings, max_tokens=64),
+        )
+    ]
+    assert not [e for e in events if isinstance(e, ErrorEvent)], events[-1]
+    rounds = [e for e in events if isinstance(e, RetrievalEvent)]
+    assert len(rounds) >= 2
+    assert rounds[1].query != rounds[0].query  # later rounds query with the text so far
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and len(done.retrievals) == len(rounds)
+    assert all(sc.chunk.id in chunk_ids for r in rounds for sc in r.chunks)
+
+
+def test_rag_ask_json_cli(tmp_path: Path, corpus_dir: Path, llm_server: LLMServerInfo) -> None:
+    env = {
+        **os.environ,
+        "RAG_DATA_DIR": str(tmp_path / "data"),
+        "RAG_LLM__BASE_URL": llm_server.base_url,
+        "RAG_LLM__MODEL": llm_server.model,
+        "HF_HUB_OFFLINE": "1",
+    }
+    ingested = subprocess.run(
+        [RAG, "ingest", str(corpus_dir), "-c", "cli", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert ingested.returncode == 0, ingested.stderr
+    result = subprocess.run(
+        [RAG, "ask", "What is the capital of Veldoria?", "-c", "cli", "--max-tokens", "40", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert set(out) >= {"answer", "mode", "citations", "retrievals", "usage", "timings"}
+    assert out["mode"] == "single" and out["answer"].strip()
+    assert out["retrievals"][0]["chunk_ids"]
+    for c in out["citations"]:
+        assert set(c) >= {"n", "chunk_id", "path", "page", "start", "end", "snippet"}
+        assert c["chunk_id"] in out["retrievals"][0]["chunk_ids"] or any(
+            c["chunk_id"] in r["chunk_ids"] for r in out["retrievals"]
+        )
+
+    # The model server being down is a clear error, not a hang.
+    down = {**env, "RAG_LLM__BASE_URL": "http://127.0.0.1:9", "RAG_LLM__MAX_RETRIES": "0"}
+    failed = subprocess.run(
+        [RAG, "ask", "anything?", "-c", "cli"], env=down, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert failed.returncode == 1
+    assert "llm_unavailable" in failed.stderr
