@@ -28,14 +28,16 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint
+# The model-server tests need .venv-llm (they fail under CI=true without it, skip otherwise).
+test: lint $(LLM_STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/ingest.py
 
-run: $(STAMP)
-	$(VENV)/bin/rag serve
+# The whole embedded stack: vLLM CPU model server, ingestion worker, API on 127.0.0.1:8000.
+run: $(STAMP) $(LLM_STAMP)
+	$(VENV)/bin/rag run
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

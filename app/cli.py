@@ -576,6 +576,19 @@ def _done_json(done: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@app.command("run")
+def run_all() -> None:
+    """Start everything (what `make run` does): the model server, the ingestion worker and the API."""
+    _setup_logging(False)
+    from app.db.migrate import upgrade
+    from app.supervisor import run_stack
+
+    settings = _settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    raise typer.Exit(run_stack(settings))
+
+
 def _mount_subapps() -> None:
     """Sub-apps that live in other packages (light imports: typer only)."""
     try:

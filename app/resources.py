@@ -67,9 +67,7 @@ def build_llm(settings: Settings) -> OpenAICompatClient:
         llm.base_url,
         llm.model,
         api_key=llm.api_key.get_secret_value() if llm.api_key else None,
-        timeout=httpx.Timeout(
-            connect=llm.connect_timeout_seconds, read=llm.timeout_seconds, write=30.0, pool=30.0
-        ),
+        timeout=httpx.Timeout(connect=llm.connect_timeout_seconds, read=llm.timeout_seconds, write=30.0, pool=30.0),
     )
 
 

@@ -130,6 +130,9 @@ class LLMSettings(BaseModel):
     """Tokens of conversation history that may go into a prompt."""
     max_retries: int = 2
     """Retries of a request that failed before any byte came back (connect error, 503)."""
+    manage: bool = True
+    """``rag run``/``make run`` start the embedded vLLM CPU server when nothing answers at
+    ``base_url``. Set false when pointing at an external server."""
     venv: Path = Path(".venv-llm")
     """Virtualenv that holds vLLM (kept apart from the app's)."""
     host: str = "127.0.0.1"

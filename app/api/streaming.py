@@ -149,13 +149,13 @@ class SSEResponse(Response, Generic[T]):
             await send({"type": "http.response.body", "body": self.encode(event), "more_body": True})
         while True:
             try:
-                event = await self.pump.get(self.ping_seconds)
+                item = await self.pump.get(self.ping_seconds)
             except StopAsyncIteration:
                 break
             except Exception as exc:
                 await send({"type": "http.response.body", "body": self.on_error(exc), "more_body": True})
                 break
-            body = PING if event is None else self.encode(event)
+            body = PING if item is None else self.encode(item)
             await send({"type": "http.response.body", "body": body, "more_body": True})
         await send({"type": "http.response.body", "body": self.suffix, "more_body": False})
 

@@ -1,6 +1,6 @@
 """The OpenAI-compatible chat-completions facade on the wire.
 
-Requests tolerate unknown fields (``extra="ignore"``, logged): OpenAI clients and chat UIs
+Requests tolerate unknown fields (kept aside and logged, never used): OpenAI clients and chat UIs
 send parameters of newer API versions, and refusing them would break those clients for no
 gain (vLLM's OpenAI server does the same). Responses carry one extra field, ``citations``.
 """
@@ -56,7 +56,7 @@ class ChatCompletionRequest(BaseModel):
     ``rag:<collection>:<mode>``) or from the extra fields ``collection`` and ``mode``.
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: Annotated[str, StringConstraints(min_length=1, max_length=300)]
     messages: Annotated[list[ChatMessageIn], Field(min_length=1, max_length=200)]

@@ -182,4 +182,6 @@ async def record_turn(session: AsyncSession, plan: AskPlan, done: DoneEvent) -> 
     if plan.conversation_id is None:
         return
     citations = [wire_dict(c) for c in done.citations]
-    await conversations.append_turn(session, plan.conversation_id, question=plan.question, done=done, citations=citations)
+    await conversations.append_turn(
+        session, plan.conversation_id, question=plan.question, done=done, citations=citations
+    )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import case, func, select
+from sqlalchemy import Select, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.base import utcnow
@@ -83,7 +83,7 @@ async def create(
     return collection
 
 
-def _info_query() -> select:  # type: ignore[valid-type]
+def _info_query() -> Select[tuple[Collection, int, int, int]]:
     docs = (
         select(
             Document.collection_id.label("cid"),
@@ -112,7 +112,7 @@ async def list_visible(session: AsyncSession, principal: Principal) -> list[Coll
     stmt = _info_query().order_by(Collection.name)
     if not principal.admin:
         stmt = stmt.where(Collection.name.in_(sorted(principal.collections)))
-    return [_info(tuple(row)) for row in await session.execute(stmt)]  # type: ignore[arg-type]
+    return [_info(row.tuple()) for row in await session.execute(stmt)]
 
 
 async def get(session: AsyncSession, principal: Principal, name: str) -> CollectionInfo:
@@ -126,7 +126,7 @@ async def get(session: AsyncSession, principal: Principal, name: str) -> Collect
     row = (await session.execute(_info_query().where(Collection.name == name))).first()
     if row is None:
         raise _not_found(name)
-    return _info(tuple(row))  # type: ignore[arg-type]
+    return _info(row.tuple())
 
 
 async def visible_names(session: AsyncSession, principal: Principal) -> list[str]:

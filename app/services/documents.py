@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 import re
 import secrets
 import unicodedata
@@ -122,7 +121,7 @@ def _store(stream: BinaryIO, folder: Path, name: str, budget: int) -> tuple[int,
         if existing == sha:
             tmp.unlink()
             return size, sha, "unchanged"
-        os.replace(tmp, target)
+        tmp.replace(target)
         return size, sha, "new" if existing is None else "replaced"
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

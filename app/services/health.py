@@ -29,13 +29,13 @@ class CheckResult:
     ms: float
 
 
-async def _timed(check: Callable[[], Awaitable[str]], timeout: float) -> CheckResult:
+async def _timed(check: Callable[[], Awaitable[str]], limit: float) -> CheckResult:
     started = time.perf_counter()
     try:
-        detail = await asyncio.wait_for(check(), timeout)
+        detail = await asyncio.wait_for(check(), limit)
         ok = True
     except TimeoutError:
-        ok, detail = False, f"no answer within {timeout:g} s"
+        ok, detail = False, f"no answer within {limit:g} s"
     except Exception as e:  # reported, not raised: readiness must always answer
         ok, detail = False, f"{type(e).__name__}: {e}"
     return CheckResult(ok, detail, round((time.perf_counter() - started) * 1000.0, 2))
@@ -46,7 +46,7 @@ async def readiness(
     sessionmaker: async_sessionmaker[AsyncSession],
     store: IndexStore,
     llm_probe: Callable[[], Awaitable[None]],
-    timeout: float,
+    limit_seconds: float,
 ) -> tuple[str, dict[str, CheckResult]]:
     """Run the checks concurrently; returns (``ready`` | ``degraded`` | ``unavailable``, checks)."""
 
@@ -69,7 +69,7 @@ async def readiness(
         return "reachable"
 
     db, idx, llm = await asyncio.gather(
-        _timed(database, timeout), _timed(index, timeout), _timed(model_server, timeout)
+        _timed(database, limit_seconds), _timed(index, limit_seconds), _timed(model_server, limit_seconds)
     )
     checks = {"database": db, "index": idx, "model_server": llm}
     if not db.ok:

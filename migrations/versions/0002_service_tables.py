@@ -58,9 +58,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_conversations")),
     )
     with op.batch_alter_table("conversations", schema=None) as batch_op:
-        batch_op.create_index(
-            "ix_conversations_api_key_id_updated_at", ["api_key_id", "updated_at"], unique=False
-        )
+        batch_op.create_index("ix_conversations_api_key_id_updated_at", ["api_key_id", "updated_at"], unique=False)
         batch_op.create_index(batch_op.f("ix_conversations_collection_id"), ["collection_id"], unique=False)
 
     op.create_table(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 
 from app.api import answering
@@ -16,7 +18,7 @@ from generation.types import AnswerEvent
 
 router = APIRouter(prefix="/v1", tags=["answers"], responses=RESPONSES)
 
-_ANSWER_ERRORS = {
+_ANSWER_ERRORS: dict[int | str, dict[str, Any]] = {
     502: {"model": ErrorResponse, "description": "The model server failed."},
     503: {
         "model": ErrorResponse,

@@ -72,7 +72,10 @@ async def upload_documents(
     await session.commit()
     return UploadResponse(
         collection=result.collection,
-        files=[UploadedFile(filename=s.filename, path=s.path, size=s.size, sha256=s.sha256, status=s.status) for s in result.files],
+        files=[
+            UploadedFile(filename=s.filename, path=s.path, size=s.size, sha256=s.sha256, status=s.status)
+            for s in result.files
+        ],
         job_id=result.job_id,
     )
 

@@ -33,7 +33,7 @@ async def readyz(resources: ResourcesDep) -> JSONResponse:
         sessionmaker=resources.sessionmaker,
         store=resources.store,
         llm_probe=resources.llm_probe,
-        timeout=resources.settings.api.readiness_timeout_seconds,
+        limit_seconds=resources.settings.api.readiness_timeout_seconds,
     )
     body = Readiness(
         status=status,  # type: ignore[arg-type]

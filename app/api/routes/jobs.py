@@ -52,9 +52,7 @@ def _out(job: IngestJob, collection: str) -> JobOut:
     summary="Queue a folder for ingestion",
     responses={403: {"model": ErrorResponse, "description": "The path is not under an allowed root."}},
 )
-async def create_job(
-    body: JobCreate, session: SessionDep, principal: PrincipalDep, resources: ResourcesDep
-) -> JobOut:
+async def create_job(body: JobCreate, session: SessionDep, principal: PrincipalDep, resources: ResourcesDep) -> JobOut:
     """Queue the ingestion of a folder (or file) on the server into a collection; the worker runs it.
 
     The path must resolve, after following symlinks and `..`, to a place under one of the

@@ -1,0 +1,117 @@
+"""The FastAPI application: ``create_app(settings)`` wires routes, middleware and error mapping;
+its lifespan builds :class:`~app.resources.Resources` and closes them. Nothing happens at import.
+
+``rag serve`` runs it under uvicorn; tests call ``create_app(test_settings, embedder=..., llm=...)``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from pydantic import TypeAdapter
+
+from app.api import errors
+from app.api.middleware import BodyLimit, RequestContext
+from app.api.routes import ask, chat, collections, conversations, documents, health, jobs, openai, search
+from app.resources import LLMProbe, build_resources
+from app.schemas.events import ANSWER_EVENT_ADAPTER
+from app.schemas.openai import ChatCompletionChunk
+from app.settings import Settings
+from generation.client import LLMClient
+from retrieval.types import Embedder
+
+DESCRIPTION = """\
+Question answering over your own documents: hybrid (dense + BM25) retrieval and a local
+model that cites its sources.
+
+* **Collections** hold documents; upload files or queue a server folder, then **search** or **ask**.
+* `POST /v1/ask/stream` streams `AnswerEvent`s as Server-Sent Events; the websocket `/v1/chat`
+  sends the same events (see `docs/websocket.md`).
+* `POST /v1/chat/completions` lets OpenAI clients use the service as the model `rag:<collection>`.
+* Authenticate with `Authorization: Bearer rag_...` (keys from `rag keys create`) when auth is on.
+"""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ragsvc")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def _add_schema(schema: dict[str, Any], name: str, adapter: TypeAdapter[Any]) -> None:
+    generated = adapter.json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for def_name, definition in generated.pop("$defs", {}).items():
+        components.setdefault(def_name, definition)
+    components.setdefault(name, generated)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    embedder: Embedder | None = None,
+    llm: LLMClient | None = None,
+    llm_probe: LLMProbe | None = None,
+) -> FastAPI:
+    """Build the application.
+
+    Args:
+        settings: The configuration (default: from the environment, read now).
+        embedder: Query embedder to use instead of loading the configured model (tests).
+        llm: Model-server client to use instead of the configured one (tests).
+        llm_probe: Readiness probe of the model server (tests).
+    """
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        resources = await build_resources(settings, embedder=embedder, llm=llm, llm_probe=llm_probe)
+        app.state.resources = resources
+        app.state.metrics = resources.metrics
+        try:
+            yield
+        finally:
+            await resources.aclose()
+
+    app = FastAPI(
+        title="ragsvc",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url="/docs" if settings.api.docs else None,
+        redoc_url=None,
+    )
+    errors.install(app, retry_after_seconds=settings.api.retry_after_seconds)
+    for module in (health, collections, documents, jobs, search, ask, openai, conversations, chat):
+        app.include_router(module.router)
+
+    # Added last = outermost: the request id and the access log cover everything below.
+    if settings.api.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.api.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    # Multipart framing adds a little to the files' own bytes; the exact limit is enforced per file.
+    app.add_middleware(BodyLimit, max_upload_bytes=settings.api.max_upload_mb * 1024 * 1024 + 1024 * 1024)
+    app.add_middleware(RequestContext)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            _add_schema(schema, "AnswerEvent", ANSWER_EVENT_ADAPTER)
+            _add_schema(schema, "ChatCompletionChunk", TypeAdapter(ChatCompletionChunk))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
