@@ -608,3 +608,147 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+
+
+# --- the HTTP service and its API keys -----------------------------------------------------------
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys of the HTTP service (stored hashed).")
+app.add_typer(keys_app, name="keys")
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Interface to bind [default: RAG_SERVER__HOST or 127.0.0.1].")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port [default: RAG_SERVER__PORT or 8000].")] = None,
+) -> None:
+    """Run the HTTP API (REST, SSE, websocket, OpenAI-compatible); OpenAPI docs at /docs."""
+    from pydantic import ValidationError
+
+    overrides: dict[str, Any] = {}
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    try:
+        settings = Settings(server=overrides) if overrides else Settings()  # type: ignore[arg-type]
+    except ValidationError as e:
+        _fail("; ".join(str(err["msg"]).removeprefix("Value error, ") for err in e.errors()))
+        return
+    import uvicorn
+
+    from app.main import create_app
+    from app.observability import configure_logging
+
+    configure_logging(settings.server.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=settings.server.proxy_headers,
+        timeout_graceful_shutdown=10,
+    )
+
+
+async def _keys_session(settings: Settings, work: Any) -> Any:
+    from app.db.engine import create_engine, create_sessionmaker
+    from app.db.migrate import aupgrade
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    await aupgrade(settings.database_url)
+    engine = create_engine(settings.database_url)
+    try:
+        async with create_sessionmaker(engine)() as session:
+            result = await work(session)
+            await session.commit()
+            return result
+    finally:
+        await engine.dispose()
+
+
+def _key_json(key: Any) -> dict[str, Any]:
+    return {
+        "id": key.id,
+        "name": key.name,
+        "prefix": key.prefix,
+        "admin": key.admin,
+        "collections": list(key.collections),
+        "created_at": key.created_at.isoformat() if key.created_at else None,
+        "last_used_at": key.last_used_at.isoformat() if key.last_used_at else None,
+        "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+    }
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option("--name", "-n", help="Who or what the key is for.")],
+    collection: Annotated[
+        list[str] | None, typer.Option("--collection", "-c", help="A collection the key may use (repeatable).")
+    ] = None,
+    admin: Annotated[bool, typer.Option("--admin", help="Every collection, jobs and folders.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an API key and print its token (shown once: only its hash is stored)."""
+    from app.services import keys
+    from app.services.errors import InvalidInput
+
+    async def work(session: Any) -> Any:
+        return await keys.create_key(session, name=name, collections=collection or [], admin=admin)
+
+    try:
+        created = asyncio.run(_keys_session(_settings(), work))
+    except InvalidInput as e:
+        _fail(e.message)
+        return
+    if as_json:
+        typer.echo(json.dumps({**_key_json(created.key), "token": created.token}))
+        return
+    scope = "admin (every collection)" if admin else ", ".join(created.key.collections)
+    console.print(f"created key [bold]{created.key.id}[/] ({name}) for {scope}")
+    typer.echo(created.token)
+    err_console.print("store this token now: it cannot be shown again")
+
+
+@keys_app.command("list")
+def keys_list(as_json: JsonOpt = False) -> None:
+    """List API keys (never their tokens)."""
+    from app.services import keys
+
+    rows = [_key_json(k) for k in asyncio.run(_keys_session(_settings(), keys.list_keys))]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="API keys")
+    for col in ("id", "name", "prefix", "scope", "created", "last used", "revoked"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            str(r["id"]),
+            r["name"],
+            r["prefix"] + "…",
+            "admin" if r["admin"] else ", ".join(r["collections"]),
+            (r["created_at"] or "")[:19],
+            (r["last_used_at"] or "-")[:19],
+            (r["revoked_at"] or "")[:19],
+        )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(ident: Annotated[str, typer.Argument(help="The key's id, name or prefix.")]) -> None:
+    """Revoke an API key (requests with it get 401 from now on)."""
+    from app.services import keys
+    from app.services.errors import NotFound
+
+    async def work(session: Any) -> Any:
+        return await keys.revoke_key(session, ident)
+
+    try:
+        key = asyncio.run(_keys_session(_settings(), work))
+    except NotFound as e:
+        _fail(e.message)
+        return
+    console.print(f"revoked key [bold]{key.id}[/] ({key.name})")

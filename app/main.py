@@ -101,8 +101,7 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
-    # Multipart framing adds a little to the files' own bytes; the exact limit is enforced per file.
-    app.add_middleware(BodyLimit, max_upload_bytes=settings.api.max_upload_mb * 1024 * 1024 + 1024 * 1024)
+    app.add_middleware(BodyLimit, max_upload_mb=settings.api.max_upload_mb)
     app.add_middleware(RequestContext)
 
     def openapi() -> dict[str, Any]:

@@ -19,9 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import aupgrade
+from app.llm import build_llm_client
 from app.observability import Metrics, TimedEmbedder
 from app.settings import Settings
-from generation.backends.openai_compat import OpenAICompatClient
 from generation.client import LLMClient
 from ingest.worker import load_embedder, open_store, search_defaults
 from retrieval.hybrid import HybridRetriever
@@ -58,19 +58,6 @@ class Resources:
             await self.engine.dispose()
 
 
-def build_llm(settings: Settings) -> OpenAICompatClient:
-    """The configured OpenAI-compatible client (vLLM by default)."""
-    import httpx
-
-    llm = settings.llm
-    return OpenAICompatClient(
-        llm.base_url,
-        llm.model,
-        api_key=llm.api_key.get_secret_value() if llm.api_key else None,
-        timeout=httpx.Timeout(connect=llm.connect_timeout_seconds, read=llm.timeout_seconds, write=30.0, pool=30.0),
-    )
-
-
 async def build_resources(
     settings: Settings,
     *,
@@ -101,7 +88,7 @@ async def build_resources(
     except BaseException:
         await engine.dispose()
         raise
-    client = llm if llm is not None else build_llm(settings)
+    client = llm if llm is not None else build_llm_client(settings)
     if llm_probe is None:
         llm_probe = _probe_for(client)
     logger.info(

@@ -162,21 +162,6 @@ class ServerSettings(BaseModel):
     """Trust ``X-Forwarded-*`` headers (only behind a reverse proxy you control)."""
 
 
-class AnswerSettings(BaseModel):
-    """Defaults of the answer endpoints (each request may override them)."""
-
-    mode: Literal["single", "interval"] = "single"
-    """Answer mode: ``single`` (retrieve once) or ``interval`` (re-retrieve every ``interval_tokens``)."""
-    k: int = Field(default=5, ge=1, le=50)
-    """Chunks retrieved per round (fewer may fit the context window)."""
-    interval_tokens: int = Field(default=32, ge=1)
-    """``interval`` mode: tokens generated between retrievals."""
-    history_max_tokens: int = Field(default=256, ge=0)
-    """Cap on the tokens of earlier turns put into the prompt."""
-    history_max_messages: int = Field(default=20, ge=0)
-    """Earlier messages of a stored conversation loaded as history (newest kept)."""
-
-
 class ApiSettings(BaseModel):
     """The HTTP API: limits, browsers, streaming."""
 
@@ -196,10 +181,11 @@ class ApiSettings(BaseModel):
     """Questions one websocket may have in flight at once."""
     retry_after_seconds: int = Field(default=10, ge=1)
     """``Retry-After`` sent with 503 answers when the model server is unavailable."""
-    max_question_chars: int = Field(default=4000, ge=1)
-    """Longest accepted question."""
-    max_k: int = Field(default=100, ge=1)
-    """Largest ``k`` a search may ask for."""
+    answer_mode: Literal["single", "interval"] = "single"
+    """Answer mode of requests that name none (``single``: retrieve once; ``interval``: re-retrieve
+    every ``llm.interval_tokens`` generated tokens)."""
+    history_max_messages: int = Field(default=20, ge=0)
+    """Latest messages of a stored conversation loaded as history (then cut to ``llm.history_max_tokens``)."""
     readiness_timeout_seconds: float = Field(default=2.0, gt=0)
     """Time each ``/readyz`` check may take."""
     docs: bool = True
@@ -231,7 +217,6 @@ class Settings(BaseSettings):
     llm: LLMSettings = Field(default_factory=LLMSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
-    answer: AnswerSettings = Field(default_factory=AnswerSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
 
     @model_validator(mode="after")

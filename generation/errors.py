@@ -3,6 +3,7 @@
 Exception tree::
 
     GenerationError                 anything the generation package raises on purpose
+    ├── LogprobsUnsupported         a mode needs token log-probabilities the backend cannot give (FLARE)
     └── LLMError                    the model server failed to produce a completion
         ├── LLMUnavailable          cannot connect, connection lost, 429/502/503/504 (``retry_after``)
         ├── LLMTimeout              connect/read/write/pool timeout while talking to the server
@@ -30,6 +31,7 @@ __all__ = [
     "LLMProtocolError",
     "LLMTimeout",
     "LLMUnavailable",
+    "LogprobsUnsupported",
     "TokenizeUnsupported",
     "is_context_length_message",
     "parse_context_too_long",
@@ -41,6 +43,12 @@ class GenerationError(Exception):
 
     code: str = "generation_error"
     retryable: bool = False
+
+
+class LogprobsUnsupported(GenerationError):
+    """The answer mode needs per-token log-probabilities and the model backend does not report them."""
+
+    code = "logprobs_unsupported"
 
 
 class LLMError(GenerationError):

@@ -30,11 +30,14 @@ Citation numbers are stable across rounds: a chunk gets a number the first time 
 a prompt and keeps it in every later prompt; new chunks get the next unused numbers. So
 ``[n]`` always means the same source to the model, to the citation tracker and to the user.
 
-Extending: FLARE (active retrieval) is another runner over :class:`AnswerSession`: generate a
-look-ahead sentence with :meth:`AnswerSession.generate` (``logprobs`` set), and if a token's
-probability is below θ, :meth:`AnswerSession.ground` with the sentence as query
-(``reason="low_confidence"``, ``trigger=`` the weak tokens) and regenerate it; else
-:meth:`AnswerSession.accept` it. Register the runner in :func:`_runner`.
+``flare`` (active retrieval, Jiang et al. 2023; :mod:`generation.flare`)
+    Retrieve with the question, then sentence by sentence: generate a look-ahead sentence with
+    token log-probabilities; accept it if every token is confident (probability > θ), else
+    retrieve with it (masked or generated-question query), regenerate it over the new sources
+    and accept that. Sentences are emitted only once accepted.
+
+Extending: a mode is a runner over :class:`AnswerSession` (``ground`` / ``stream`` /
+``generate`` + ``accept``), registered in :func:`_runner`.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from generation.citations import CitationTracker, infer_citations
 from generation.client import LLMClient, aclosing_iter
 from generation.context import ContextPlan, assign_numbers, plan_context, skeleton_prompt
 from generation.errors import ContextTooLong, GenerationError
+from generation.flare import FlareParams, SentenceJudgement, default_flare_params, run_flare
 from generation.prompts import CHATML, SYSTEM_PROMPT, ChatTemplate, format_source, strip_citations
 from generation.tokenizer import CachedTokenCounter
 from generation.types import (
@@ -71,6 +75,7 @@ __all__ = [
     "ANSWER_MODES",
     "AnswerMode",
     "AnswerSession",
+    "FlareParams",
     "ModeRunner",
     "answer",
     "continuation_query",
@@ -80,8 +85,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-AnswerMode = Literal["single", "interval"]
-ANSWER_MODES: tuple[AnswerMode, ...] = ("single", "interval")
+AnswerMode = Literal["single", "interval", "flare"]
+ANSWER_MODES: tuple[AnswerMode, ...] = ("single", "interval", "flare")
 ModeRunner = Callable[["AnswerSession"], AsyncIterator[AnswerEvent]]
 
 _OPEN_MARKER_RE = re.compile(r"\s*\[[\d ,;\-–]*$")
@@ -269,15 +274,30 @@ class AnswerSession:
         round: int,
         reason: str,
         trigger: tuple[TokenLogprob, ...] | None = None,
+        hits: Sequence[ScoredChunk] | None = None,
+        elapsed_ms: float = 0.0,
     ) -> tuple[RetrievalEvent, ContextPlan]:
         """Retrieve with ``query``, fit the hits into a prompt, and record the retrieval event.
+
+        Args:
+            query: What to retrieve with (recorded in the event).
+            round: Retrieval round (0 = initial).
+            reason: Why (``"initial"``, ``"interval"``, ``"low_confidence"``).
+            trigger: The low-confidence tokens behind an active retrieval.
+            hits: Already retrieved chunks (a runner that merged several searches); then
+                ``query`` is only recorded and ``elapsed_ms`` is the time those searches took.
+            elapsed_ms: See ``hits``.
 
         Returns:
             The event to yield (numbers of the chunks that made it into the prompt filled in)
             and the plan to generate with.
         """
-        hits, elapsed = await self.retrieve(query)
-        self.hits = hits
+        if hits is None:
+            found, elapsed = await self.retrieve(query)
+        else:
+            found, elapsed = list(hits), elapsed_ms
+        hits = found
+        self.hits = found
         plan = await self.plan(hits)
         shown = {s.chunk.id: s.n for s in plan.sources}
         event = RetrievalEvent(
@@ -363,21 +383,70 @@ class AnswerSession:
         max_tokens: int,
         logprobs: int | None = None,
         stop: Sequence[str] = (),
+        until: Callable[[str], bool] | None = None,
     ) -> Completion:
         """Generate with ``plan`` without showing anything (a look-ahead); see :meth:`accept`.
 
         Usage is accounted; the answer is unchanged. ``stop`` adds stop strings (a sentence end).
+
+        Args:
+            plan: The prompt.
+            max_tokens: Tokens to ask for.
+            logprobs: Alternatives per token to ask for (``None``: no log-probabilities).
+            stop: Extra stop strings.
+            until: Asked with the text so far after every streamed delta; once it returns true the
+                request is closed (the server stops generating at once, which is what makes a
+                sentence look-ahead cheap) and the completion so far is returned with
+                ``finish_reason=None``.
+
+        Returns:
+            The completion. Its tokens are aligned to its text: when log-probabilities came back,
+            ``"".join(t.token for t in tokens) == text`` (each delta's text is attributed to its
+            tokens, so byte-level pieces and servers that spell tokens oddly cannot shift offsets).
         """
         start = self.clock()
         params = self._request_params(max_tokens, logprobs)
         if stop:
             params = replace(params, stop=tuple(dict.fromkeys((*params.stop, *stop))))
+        text: list[str] = []
+        tokens: list[TokenLogprob] = []
+        usage: Usage | None = None
+        finish_reason: str | None = None
         try:
-            completion = await self.llm.complete(plan.prompt, params)
+            async with aclosing_iter(self.llm.stream(plan.prompt, params)) as stream:
+                async for delta in stream:
+                    usage = delta.usage or usage
+                    finish_reason = delta.finish_reason or finish_reason
+                    if delta.tokens:
+                        tokens.extend(_align_tokens(delta.text, delta.tokens))
+                    if delta.text:
+                        text.append(delta.text)
+                        if until is not None and until("".join(text)):
+                            finish_reason = None
+                            break
         finally:
             self.timings["generation_ms"] += self._ms_since(start)
+        completion = Completion("".join(text), tuple(tokens), finish_reason, usage)
         counted = len(completion.tokens) or self.counter(completion.text)
         self._account(completion.usage, plan.prompt_tokens, counted)
+        return completion
+
+    async def side_request(self, prompt: str, *, max_tokens: int, stop: Sequence[str] = ()) -> Completion:
+        """A request that is not part of the answer (FLARE's question generation), greedy.
+
+        Usage and generation time are accounted like any other request of this answer.
+        """
+        start = self.clock()
+        params = replace(
+            self._request_params(max_tokens, None),
+            temperature=0.0,
+            stop=tuple(dict.fromkeys((*self.template.stop, *stop))),
+        )
+        try:
+            completion = await self.llm.complete(prompt, params)
+        finally:
+            self.timings["generation_ms"] += self._ms_since(start)
+        self._account(completion.usage, self.counter(prompt), len(completion.tokens) or self.counter(completion.text))
         return completion
 
     def accept(self, completion: Completion) -> list[AnswerEvent]:
@@ -459,11 +528,31 @@ async def run_interval(
         query = continuation_query(session.question, session.raw_answer, query_tail_words)
 
 
-def _runner(mode: str, *, interval_tokens: int, query_tail_words: int) -> ModeRunner:
+def _align_tokens(text: str, tokens: Sequence[TokenLogprob]) -> tuple[TokenLogprob, ...]:
+    """Make one delta's tokens spell exactly its text (see :meth:`AnswerSession.generate`)."""
+    if len(tokens) == 1:
+        return (tokens[0] if tokens[0].token == text else replace(tokens[0], token=text),)
+    if "".join(t.token for t in tokens) == text:
+        return tuple(tokens)
+    # Pieces that do not add up (byte fallback, a server's own spelling): the text goes to the
+    # last token so offsets stay right and no token claims text it did not produce.
+    return (*(replace(t, token="") for t in tokens[:-1]), replace(tokens[-1], token=text))
+
+
+def _runner(
+    mode: str,
+    *,
+    interval_tokens: int,
+    query_tail_words: int,
+    flare: FlareParams | None = None,
+    flare_observer: Callable[[SentenceJudgement], None] | None = None,
+) -> ModeRunner:
     if mode == "single":
         return run_single
     if mode == "interval":
         return functools.partial(run_interval, interval_tokens=interval_tokens, query_tail_words=query_tail_words)
+    if mode == "flare":
+        return functools.partial(run_flare, params=flare or FlareParams(), observer=flare_observer)
     raise ValueError(f"unknown answer mode {mode!r}; expected one of {ANSWER_MODES}")
 
 
@@ -486,6 +575,8 @@ async def answer(
     search_options: SearchOptions | None = None,
     context_margin: int = 16,
     infer_missing_citations: bool = False,
+    flare: FlareParams | None = None,
+    flare_observer: Callable[[SentenceJudgement], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> AsyncIterator[AnswerEvent]:
     """Answer ``question`` from retrieved sources as a stream of events.
@@ -494,8 +585,9 @@ async def answer(
         question: The user's question.
         retriever: Where sources come from.
         llm: The generator; the prompt is rendered with ``template`` and sent to its completions API.
-        mode: ``"single"`` or ``"interval"`` (see the module docstring).
-        k: Chunks per retrieval (fewer may fit the context window).
+        mode: ``"single"``, ``"interval"`` or ``"flare"`` (see the module docstring).
+        k: Chunks per retrieval (fewer may fit the context window); ``flare.top_k`` overrides it
+            in ``flare`` mode.
         params: Sampling parameters; ``max_tokens`` bounds the whole answer, ``logprobs`` is ignored
             (modes ask for log-probabilities when they need them).
         history: Earlier turns of the conversation, oldest first.
@@ -510,6 +602,10 @@ async def answer(
         context_margin: Tokens kept free in the context window for counting drift.
         infer_missing_citations: When the model cited nothing, attribute the answer's sentences to
             sources by word overlap (citation events with ``inferred=True``, sent before ``done``).
+        flare: ``flare`` mode's parameters; ``None``: the defaults for ``llm.model``
+            (:func:`generation.flare.default_flare_params`).
+        flare_observer: ``flare`` mode: called with every judged look-ahead sentence (calibration
+            and evaluation read token probabilities through it); it must not raise.
         clock: Monotonic clock in seconds (tests inject one).
 
     Yields:
@@ -523,7 +619,16 @@ async def answer(
     """
     if k < 1 or interval_tokens < 1:
         raise ValueError("k and interval_tokens must be at least 1")
-    runner = _runner(mode, interval_tokens=interval_tokens, query_tail_words=query_tail_words)
+    if mode == "flare":
+        flare = flare or default_flare_params(llm.model)
+        k = flare.top_k or k
+    runner = _runner(
+        mode,
+        interval_tokens=interval_tokens,
+        query_tail_words=query_tail_words,
+        flare=flare,
+        flare_observer=flare_observer,
+    )
     session = AnswerSession(
         question,
         retriever=retriever,

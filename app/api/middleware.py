@@ -101,9 +101,14 @@ class BodyLimit:
     form upload), so the limit holds without reading the body first.
     """
 
-    def __init__(self, app: ASGIApp, *, max_upload_bytes: int, max_json_bytes: int = 8 * 1024 * 1024) -> None:
+    # Multipart framing (boundaries, part headers) adds a little to the files' own bytes; the
+    # exact per-file limit is enforced by the upload service while it copies.
+    FRAMING_ALLOWANCE = 1024 * 1024
+
+    def __init__(self, app: ASGIApp, *, max_upload_mb: int, max_json_bytes: int = 8 * 1024 * 1024) -> None:
         self.app = app
-        self.max_upload_bytes = max_upload_bytes
+        self.max_upload_mb = max_upload_mb
+        self.max_upload_bytes = max_upload_mb * 1024 * 1024 + self.FRAMING_ALLOWANCE
         self.max_json_bytes = max_json_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -121,10 +126,11 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         if int(length) > limit:
-            mb = limit / (1024 * 1024)
-            what = "upload" if multipart else "request body"
-            setting = " (RAG_API__MAX_UPLOAD_MB)" if multipart else ""
-            await _reject(send, 413, "payload_too_large", f"the {what} is larger than the limit of {mb:g} MB{setting}")
+            if multipart:
+                message = f"the upload is larger than the limit of {self.max_upload_mb} MB (RAG_API__MAX_UPLOAD_MB)"
+            else:
+                message = f"the request body is larger than {self.max_json_bytes // (1024 * 1024)} MB"
+            await _reject(send, 413, "payload_too_large", message)
             return
         await self.app(scope, receive, send)
 

@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 T = TypeVar("T")
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PING = b": ping\n\n"
 
 
@@ -70,8 +70,8 @@ class EventPump(Generic[T]):
                 await aclose()
         await self._queue.put(_END)
 
-    async def get(self, timeout: float | None = None) -> T | None:
-        """The next event; ``None`` after ``timeout`` seconds without one.
+    async def get(self, wait: float | None = None) -> T | None:
+        """The next event; ``None`` after ``wait`` seconds without one.
 
         Raises:
             StopAsyncIteration: The producer finished.
@@ -79,7 +79,7 @@ class EventPump(Generic[T]):
         """
         self.start()
         try:
-            item = await asyncio.wait_for(self._queue.get(), timeout)
+            item = await asyncio.wait_for(self._queue.get(), wait)
         except TimeoutError:
             return None
         if isinstance(item, _End):
@@ -134,7 +134,10 @@ class SSEResponse(Response, Generic[T]):
         on_error: Callable[[BaseException], bytes],
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(content=None, status_code=200, headers={**SSE_HEADERS, **(headers or {})})
+        # Not Response.__init__: it would render an empty body and send ``content-length: 0``.
+        self.status_code = 200
+        self.background = None
+        self.init_headers({**SSE_HEADERS, **(headers or {})})
         self.pump = pump
         self.encode = encode
         self.ping_seconds = ping_seconds

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.llm import answer_defaults, generation_params
 from app.observability import Metrics
 from app.schemas.ask import AskRequest
 from app.schemas.events import wire_dict
@@ -76,7 +77,7 @@ async def prepare(
         if request.history:
             raise InvalidInput("send either history or conversation_id, not both", field="body.history")
         _, conv_collection, history = await conversations.history(
-            session, principal, request.conversation_id, last=settings.answer.history_max_messages
+            session, principal, request.conversation_id, last=settings.api.history_max_messages
         )
         if collection is not None and collection != conv_collection:
             raise InvalidInput(
@@ -91,20 +92,15 @@ async def prepare(
         options = search_service.search_options(
             search_defaults, mode=s.mode, fusion=s.fusion, alpha=s.alpha, rrf_k=s.rrf_k, depth=s.depth
         )
-    llm = settings.llm
-    params = GenerationParams(
-        max_tokens=request.max_tokens or llm.max_tokens,
-        temperature=llm.temperature if request.temperature is None else request.temperature,
-        seed=request.seed,
+    params = generation_params(
+        settings, max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p, seed=request.seed
     )
-    if request.top_p is not None:
-        params = replace(params, top_p=request.top_p)
     return AskPlan(
         question=request.question,
         collections=allowed,
         path_prefix=request.path_prefix,
-        mode=request.mode or settings.answer.mode,
-        k=request.k or settings.answer.k,
+        mode=request.mode or settings.api.answer_mode,
+        k=request.k or settings.llm.k,
         params=params,
         history=tuple(history),
         search_options=options,
@@ -135,14 +131,11 @@ async def run(
             retriever=retriever,
             llm=llm,
             mode=plan.mode,
-            k=plan.k,
             params=plan.params,
             history=plan.history,
-            interval_tokens=settings.answer.interval_tokens,
-            max_model_len=settings.llm.max_model_len,
-            history_max_tokens=settings.answer.history_max_tokens,
             filters=SearchFilters(collections=plan.collections, path_prefix=plan.path_prefix),
             search_options=plan.search_options,
+            **{**answer_defaults(settings).kwargs(), "k": plan.k},
         )
         async with aclosing_iter(events) as stream:
             async for event in stream:

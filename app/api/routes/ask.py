@@ -52,6 +52,8 @@ def _error_frame(exc: BaseException) -> bytes:
     "/ask/stream",
     summary="Answer a question as Server-Sent Events",
     response_class=SSEResponse,
+    response_model=None,
+    status_code=200,
     responses={
         200: {
             "description": "`retrieval`, `citation`, `token` events, then `done` or `error` (see `AnswerEvent`). "

