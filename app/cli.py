@@ -464,10 +464,15 @@ def ask(
     collection: Annotated[
         list[str] | None, typer.Option("--collection", "-c", help="Answer from these collections (repeatable).")
     ] = None,
-    mode: Annotated[str, typer.Option(help="single | interval")] = "single",
+    mode: Annotated[str, typer.Option(help="single | interval | flare")] = "single",
     k: Annotated[int | None, typer.Option("--k", "-k", help="Chunks per retrieval.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Answer length cap in tokens.")] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
+    theta: Annotated[float | None, typer.Option(help="flare: retrieve when a token's probability is <= θ.")] = None,
+    beta: Annotated[float | None, typer.Option(help="flare: masked queries drop tokens with probability <= β.")] = None,
+    lookahead: Annotated[int | None, typer.Option(help="flare: look-ahead tokens per sentence.")] = None,
+    max_rounds: Annotated[int | None, typer.Option(help="flare: most re-retrievals per answer.")] = None,
+    query_mode: Annotated[str | None, typer.Option(help="flare: masked | question.")] = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -478,7 +483,18 @@ def ask(
     if mode not in ANSWER_MODES:
         _fail(f"--mode must be one of {', '.join(ANSWER_MODES)}, not {mode!r}")
     settings = _settings()
-    done = asyncio.run(_ask(settings, question, collection, mode, k, max_tokens, temperature, quiet=as_json))
+    from app.llm import flare_defaults
+
+    try:
+        flare = flare_defaults(settings).with_overrides(
+            theta=theta, beta=beta, lookahead_tokens=lookahead, max_rounds=max_rounds, query_mode=query_mode
+        )
+    except ValueError as e:
+        _fail(str(e))
+        return
+    done = asyncio.run(
+        _ask(settings, question, collection, mode, k, max_tokens, temperature, quiet=as_json, flare=flare)
+    )
     if done is None:
         raise typer.Exit(1)
     if as_json:
@@ -495,6 +511,7 @@ async def _ask(
     temperature: float | None,
     *,
     quiet: bool,
+    flare: Any = None,
 ) -> dict[str, Any] | None:
     from app.llm import answer_defaults, build_llm_client, generation_params
     from generation.rag import AnswerMode, answer
@@ -510,6 +527,8 @@ async def _ask(
     kwargs = answer_defaults(settings).kwargs()
     if k is not None:
         kwargs["k"] = k
+    if flare is not None:
+        kwargs["flare"] = flare
     params = generation_params(settings, max_tokens=max_tokens, temperature=temperature)
     filters = SearchFilters(collections=tuple(collections) if collections else None)
     try:
@@ -591,6 +610,11 @@ def run_all() -> None:
 
 def _mount_subapps() -> None:
     """Sub-apps that live in other packages (light imports: typer only)."""
+    from app.flare_cli import app as flare_app
+    from app.flare_cli import eval_answers
+
+    app.add_typer(flare_app, name="flare")
+    eval_app.command("answers")(eval_answers)
     try:
         from generation.serving.cli import app as llm_app
     except ImportError:  # the model-server commands are being built; the rest of the CLI works

@@ -5,14 +5,21 @@ Shared by the API's composition root and the CLI, so both answer the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from app.settings import Settings
 from generation.backends.openai_compat import OpenAICompatClient
+from generation.flare import FlareParams, default_flare_params
 from generation.types import GenerationParams
+
+logger = logging.getLogger(__name__)
 
 
 def build_llm_client(settings: Settings) -> OpenAICompatClient:
@@ -52,6 +59,8 @@ class AnswerDefaults:
     max_model_len: int
     history_max_tokens: int
     infer_missing_citations: bool
+    flare: FlareParams = field(default_factory=FlareParams)
+    """``flare`` mode defaults of the served model (:func:`flare_defaults`)."""
 
     def kwargs(self) -> dict[str, Any]:
         """As keyword arguments."""
@@ -61,6 +70,7 @@ class AnswerDefaults:
             "max_model_len": self.max_model_len,
             "history_max_tokens": self.history_max_tokens,
             "infer_missing_citations": self.infer_missing_citations,
+            "flare": self.flare,
         }
 
 
@@ -73,4 +83,40 @@ def answer_defaults(settings: Settings) -> AnswerDefaults:
         max_model_len=llm.max_model_len,
         history_max_tokens=llm.history_max_tokens,
         infer_missing_citations=llm.infer_citations,
+        flare=flare_defaults(settings),
     )
+
+
+def flare_defaults_path(settings: Settings) -> Path:
+    """Where ``rag flare calibrate`` stores the served model's FLARE defaults: ``<data_dir>/flare/<model>.json``."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", settings.llm.model).strip("._") or "model"
+    return settings.data_dir / "flare" / f"{safe}.json"
+
+
+def flare_defaults(settings: Settings) -> FlareParams:
+    """The served model's FLARE defaults: the calibrated file if there is one, else the built-in table.
+
+    A file that cannot be read or holds invalid values is logged and ignored (answers keep working
+    with the built-in defaults).
+    """
+    builtin = default_flare_params(settings.llm.model)
+    path = flare_defaults_path(settings)
+    if not path.is_file():
+        return builtin
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        return FlareParams.from_dict(stored.get("params", {}), base=builtin)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        logger.warning("ignoring unreadable FLARE defaults", extra={"path": str(path), "error": str(e)})
+        return builtin
+
+
+def save_flare_defaults(settings: Settings, params: FlareParams, calibration: dict[str, Any]) -> Path:
+    """Store ``params`` as the served model's FLARE defaults (with the calibration that chose them)."""
+    path = flare_defaults_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"model": settings.llm.model, "params": params.to_dict(), "calibration": calibration}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(body, indent=2), encoding="utf-8")
+    tmp.replace(path)
+    return path

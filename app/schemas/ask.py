@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, StringConstraints
 from app.schemas.common import CollectionName, Question, Request, Text
 from app.schemas.events import CitationEvent, RetrievalEvent, Usage
 from app.schemas.search import SearchParams
+from generation.rag import AnswerMode
 
 
 class HistoryMessage(Request):
@@ -34,7 +35,7 @@ class AskRequest(GenerationOptions):
     collection: CollectionName | None = Field(
         default=None, description="Collection to answer from; omitted: every collection the key may read."
     )
-    mode: Literal["single", "interval"] | None = Field(default=None, description="Answer mode.")
+    mode: AnswerMode | None = Field(default=None, description="Answer mode: `single`, `interval` or `flare`.")
     k: int | None = Field(default=None, ge=1, le=50, description="Chunks retrieved per round.")
     path_prefix: Annotated[Text, StringConstraints(min_length=1, max_length=4096)] | None = None
     history: Annotated[list[HistoryMessage], Field(max_length=100)] | None = Field(

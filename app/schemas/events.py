@@ -59,6 +59,7 @@ class RetrievalEvent(BaseModel):
     reason: str = Field(description="`initial`, `interval` or `low_confidence`.")
     elapsed_ms: float
     trigger: list[TokenLogprobOut] | None = Field(description="Low-confidence tokens that caused the round.")
+    chunk_ids: list[int] = Field(description="Ids of `chunks`, in order.")
     chunks: list[RetrievedChunk]
 
 
@@ -82,6 +83,10 @@ class CitationEvent(BaseModel):
     start: int = Field(description="Offset of `snippet` in the document's extracted text.")
     end: int
     snippet: str = Field(description="The passage of the chunk that best supports the citing sentence.")
+    inferred: bool = Field(
+        default=False,
+        description="The model wrote no marker; the source was attributed to the answer by word overlap.",
+    )
 
 
 class Usage(BaseModel):

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from app.schemas.common import CollectionName, Text
 from app.schemas.events import CitationEvent
+from generation.rag import AnswerMode
 
 
 class ContentPart(BaseModel):
@@ -70,7 +71,7 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1, description="Only one choice is supported.")
     user: str | None = None
     collection: CollectionName | None = Field(default=None, description="Extension: the collection to answer from.")
-    mode: Literal["single", "interval"] | None = Field(default=None, description="Extension: the answer mode.")
+    mode: AnswerMode | None = Field(default=None, description="Extension: the answer mode.")
     k: int | None = Field(default=None, ge=1, le=50, description="Extension: chunks retrieved per round.")
 
 

@@ -54,10 +54,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("generation.serving.prepare")
 
 QuantFormat = Literal["gptq", "awq"]
+Algorithm = Literal["gptq", "rtn"]
 
 #: Bump when the quantizer changes in a way that changes the output: a prepared dir with another
 #: version is rebuilt.
-QUANTIZER_VERSION = "rtn-mse-ls/1"
+QUANTIZER_VERSION = "2"
 
 #: The decoder projections that are quantized; everything else (embeddings, norms, head) stays bf16.
 QUANTIZED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -82,6 +83,29 @@ EVAL_TEXTS = (
 )
 
 
+#: Questions whose answers, sampled from the model itself, are the calibration data of the GPTQ step
+#: ("data-free": nothing to download or license, and it follows the model's own distribution). Disjoint
+#: from EVAL_TEXTS, so the quality numbers are measured on held-out text.
+CALIBRATION_PROMPTS = (
+    "How do I reverse a list in Python?",
+    "What is a Debian package and how do I install one?",
+    "Explain photosynthesis in simple terms.",
+    "Write a short poem about the sea.",
+    "What causes rain?",
+    "How does git rebase differ from git merge?",
+    "Give three tips for writing clear documentation.",
+    "What is the difference between TCP and UDP?",
+    "Summarize the plot of Romeo and Juliet.",
+    "How do I read a file line by line in Node.js?",
+    "How do I fit a linear regression in R?",
+    "Why is the sky blue?",
+    "How do vaccines work?",
+    "What is a virtual environment in Python?",
+    "Translate 'good morning' into French and Spanish.",
+    "List the planets of the solar system with one fact about each.",
+)
+
+
 class PrepareError(Exception):
     """The model could not be prepared (bad input, unsupported shape, failed check)."""
 
@@ -93,6 +117,13 @@ class QuantSpec:
     format: QuantFormat = "gptq"
     bits: int = 4
     group_size: int = 64
+    #: ``gptq``: choose the codes column by column compensating the error through the inputs' Hessian
+    #: (calibrated on the model's own answers); ``rtn``: round each weight to the nearest code.
+    algorithm: Algorithm = "gptq"
+    #: GPTQ's dampening, as a fraction of the Hessian's mean diagonal
+    damp: float = 0.01
+    #: new tokens sampled per calibration prompt
+    calibration_tokens: int = 160
     #: clip ratios tried per group: scale = ratio * (range of the group) / levels
     clip_grid: int = 24
     #: least-squares refinement steps after the grid search
@@ -109,6 +140,7 @@ class QuantSpec:
             "bits": self.bits,
             "group_size": self.group_size,
             "sym": self.sym,
+            "algorithm": self.algorithm,
             "quantizer": QUANTIZER_VERSION,
         }
 
@@ -344,9 +376,9 @@ def quantization_config(spec: QuantSpec) -> dict[str, Any]:
             "static_groups": False,
             "true_sequential": True,
             "lm_head": False,
-            "damp_percent": 0.0,
+            "damp_percent": spec.damp if spec.algorithm == "gptq" else 0.0,
             "checkpoint_format": "gptq",
-            "quantizer": [QUANTIZER_VERSION],
+            "quantizer": [f"ragsvc-{spec.algorithm}/{QUANTIZER_VERSION}"],
         }
     return {
         "quant_method": "awq",
@@ -356,6 +388,61 @@ def quantization_config(spec: QuantSpec) -> dict[str, Any]:
         "version": "gemm",
         "modules_to_not_convert": None,
     }
+
+
+def gptq_quantize(
+    w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, block: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al., 2022): pick the codes column by column and push each column's rounding error
+    onto the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs, so the
+    layer's *output* on the calibration data moves as little as possible.
+
+    The per-group scales and zero points are fixed beforehand from the unmodified weights by
+    :func:`quantize_groups` ("static groups"), which keeps the checkpoint a plain ``desc_act=False`` one.
+
+    Args:
+        w: ``[out, in]`` weights.
+        hessian: ``[in, in]`` ``sum(x x^T)`` over the calibration inputs of this layer.
+        spec: Grid and group size; ``spec.damp`` is added to the diagonal (relative to its mean).
+        block: Columns updated lazily together (speed only).
+
+    Returns:
+        ``(q, scales, zeros)`` as :func:`quantize_groups`.
+    """
+    import torch
+
+    W = w.detach().to(torch.float32).clone()
+    n_out, n_in = W.shape
+    _, scales, zeros = quantize_groups(W, spec)
+    s_col = scales.repeat_interleave(spec.group_size, dim=1)
+    z_col = zeros.to(torch.float32).repeat_interleave(spec.group_size, dim=1)
+    maxq = float((1 << spec.bits) - 1)
+
+    H = hessian.to(torch.float32).clone()
+    dead = torch.diag(H) == 0  # inputs that were always zero: their weights do not matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H.diagonal().add_(spec.damp * float(torch.diag(H).mean()))
+    try:
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except RuntimeError as e:  # not positive definite even after dampening
+        raise PrepareError(f"GPTQ: Hessian not positive definite ({e}); try --algorithm rtn") from e
+
+    Q = torch.empty_like(W)
+    for i1 in range(0, n_in, block):
+        i2 = min(i1 + block, n_in)
+        W1 = W[:, i1:i2].clone()
+        E = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col, s, z = W1[:, i], s_col[:, i1 + i], z_col[:, i1 + i]
+            q = torch.clamp(torch.round(col / s) + z, 0.0, maxq)
+            Q[:, i1 + i] = q
+            e = (col - (q - z) * s) / U1[i, i]
+            W1[:, i + 1 :].addr_(e, U1[i, i + 1 :], alpha=-1.0)
+            E[:, i] = e
+        W[:, i2:].addmm_(E, U[i1:i2, i2:], alpha=-1.0)
+    return Q.to(torch.int32), scales, zeros
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,8 +473,83 @@ def load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def write_quantized(model: Any, out: Path, spec: QuantSpec) -> dict[str, torch.Tensor]:
+def calibration_sequences(model: Any, tokenizer: Any, spec: QuantSpec, seed: int = 0) -> list[torch.Tensor]:
+    """Token ids of the model's own sampled answers to :data:`CALIBRATION_PROMPTS` (chat template applied)."""
+    import torch
+
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in CALIBRATION_PROMPTS
+    ]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        with torch.inference_mode():
+            out = model.generate(
+                **enc,
+                max_new_tokens=spec.calibration_tokens,
+                do_sample=True,
+                temperature=0.8,
+                top_p=0.95,
+                pad_token_id=pad,
+            )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    width = enc.input_ids.shape[1]
+    sequences = []
+    for row, mask in zip(out, enc.attention_mask, strict=True):
+        ids = row[width - int(mask.sum()) :]
+        answer = ids[int(mask.sum()) :]
+        stops = (answer == tokenizer.eos_token_id).nonzero()
+        if len(stops):
+            ids = ids[: int(mask.sum()) + int(stops[0]) + 1]
+        sequences.append(ids)
+    return sequences
+
+
+def collect_hessians(model: Any, sequences: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sum(x x^T)`` of the inputs of every quantized projection over the calibration sequences."""
+    import torch
+
+    sums: dict[str, torch.Tensor] = {}
+    cache: dict[int, torch.Tensor] = {}  # q/k/v (and gate/up) see the same input: compute x^T x once
+
+    def hook(name: str) -> Any:
+        def pre_forward(module: Any, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            key = id(x)
+            if key not in cache:
+                x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+                cache.clear()
+                cache[key] = x2.t() @ x2
+            if name in sums:
+                sums[name] += cache[key]
+            else:
+                sums[name] = cache[key].clone()
+
+        return pre_forward
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in _quantized_modules(model)]
+    try:
+        with torch.inference_mode():
+            for ids in sequences:
+                model(input_ids=ids[None])
+                cache.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return sums
+
+
+def write_quantized(
+    model: Any, out: Path, spec: QuantSpec, hessians: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Quantize ``model``'s decoder projections and write the checkpoint's weights and config into ``out``.
+
+    ``hessians`` (from :func:`collect_hessians`) are required for ``spec.algorithm == "gptq"``.
 
     Returns the dequantized weights read back from the packed tensors (name -> ``[out, in]`` float32),
     which the quality check loads into a bf16 model.
@@ -411,7 +573,12 @@ def write_quantized(model: Any, out: Path, spec: QuantSpec) -> dict[str, torch.T
         if out_f % 32 or in_f % spec.group_size:
             # vLLM's CPU kernel wants multiples of 32 on both sides and whole groups.
             raise PrepareError(f"{name}: shape {tuple(w.shape)} does not fit group size {spec.group_size}")
-        q, scales, zeros = quantize_groups(w, spec)
+        if spec.algorithm == "gptq":
+            if hessians is None or name not in hessians:
+                raise PrepareError(f"{name}: no calibration Hessian for GPTQ")
+            q, scales, zeros = gptq_quantize(w, hessians[name], spec)
+        else:
+            q, scales, zeros = quantize_groups(w, spec)
         packed = pack(q, scales, zeros, spec)
         back = unpack_layer(packed, spec)
         if not torch.equal(back, dequantize(q, scales, zeros, spec.group_size)):
@@ -521,7 +688,14 @@ def prepare(
             model.generation_config.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
             logger.info("quantizing to %d-bit %s, group size %d", spec.bits, spec.format, spec.group_size)
-            roundtrip = write_quantized(model, tmp, spec)
+            hessians = None
+            if spec.algorithm == "gptq":
+                sequences = calibration_sequences(model, tokenizer, spec)
+                n_tokens = sum(len(x) for x in sequences)
+                logger.info("calibration: %d sampled sequences, %d tokens", len(sequences), n_tokens)
+                hessians = collect_hessians(model, sequences)
+            roundtrip = write_quantized(model, tmp, spec, hessians)
+            del hessians
             t_quant = time.monotonic() - started - t_load
             quality: dict[str, float] | None = None
             model = model.to(torch.bfloat16)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
@@ -125,5 +124,3 @@ def test_out_of_range_ids_are_422_not_500(api: Api) -> None:
     api.seed("docs", CORPUS)
     assert api.client.get("/v1/collections/docs/documents/99999999999999999999").status_code == 422
     assert api.client.get("/v1/jobs/0").status_code == 422
-
-

@@ -1,0 +1,425 @@
+"""``rag eval answers``: answer quality of one answer mode over a QA dataset in BEIR layout.
+
+Dataset layout (any folder in it works; see ``docs/flare.md``)::
+
+    corpus.jsonl     {"_id", "title", "text"}  passages (ingested into a scratch collection)
+    queries.jsonl    {"_id", "text"}           questions
+    qrels/test.tsv   query-id, corpus-id, score (header line optional)
+
+The gold answer of a question is the text of its relevant passages (score > 0): each metric
+takes the best match over them. The same passages are the gold citations.
+
+Per question: exact match and token F1 (SQuAD normalisation: lower case, no punctuation,
+articles or citation markers), ROUGE-L F-measure (Google's ``rouge-score``, Porter stemming),
+citation precision (share of cited chunks that belong to a gold passage: the scratch
+collection maps every chunk's file name back to its passage id; answers citing nothing are
+left out of the mean and counted in ``cited_rate``), retrieval rounds, whether a gold passage
+was in any prompt (``gold_in_context``), latency and time to first token. Questions are taken
+in ``_id`` order, so ``questions=N`` is the same subset for every mode and run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import statistics
+import string
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.evaluation.beir import Dataset
+from app.evaluation.retrieval import materialize_dataset, scratch_collection
+from app.llm import answer_defaults, build_llm_client, generation_params
+from app.settings import Settings
+from generation.flare import FlareParams, SentenceJudgement
+from generation.prompts import NO_ANSWER, strip_citations
+from generation.rag import AnswerMode, answer
+from generation.types import DoneEvent, ErrorEvent
+from ingest.worker import IngestContext, build_ingest_context, enqueue_path, run_job, search_defaults
+from retrieval.hybrid import HybridRetriever
+from retrieval.types import SearchFilters
+
+__all__ = [
+    "AnswerEvalReport",
+    "QAItem",
+    "QuestionResult",
+    "ScratchCollection",
+    "citation_precision",
+    "evaluate_answers",
+    "exact_match",
+    "load_items",
+    "normalize_answer",
+    "open_scratch_collection",
+    "rouge_l",
+    "summarize_flare",
+    "token_f1",
+]
+
+_ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+# --- dataset -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class QAItem:
+    """A question with its gold passages."""
+
+    qid: str
+    question: str
+    gold_ids: tuple[str, ...]
+    gold_texts: tuple[str, ...]
+
+
+def load_items(dataset: Dataset, questions: int | None = None) -> list[QAItem]:
+    """The first ``questions`` judged questions by ``_id`` (all when ``None``), with gold passage texts.
+
+    Questions whose relevant passages are all missing from the corpus are skipped.
+    """
+    qids = sorted(dataset.queries)
+    wanted: dict[str, tuple[str, ...]] = {}
+    for qid in qids:
+        gold = tuple(pid for pid, rel in dataset.qrels.get(qid, {}).items() if rel > 0)
+        if gold:
+            wanted[qid] = gold
+    needed = {pid for gold in wanted.values() for pid in gold}
+    texts = {p.id: p.text for p in dataset.passages() if p.id in needed}
+    items: list[QAItem] = []
+    for qid, gold in wanted.items():
+        present = tuple(pid for pid in gold if pid in texts)
+        if present:
+            items.append(QAItem(qid, dataset.queries[qid], present, tuple(texts[pid] for pid in present)))
+        if questions is not None and len(items) >= questions:
+            break
+    return items
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation, plus citation markers removed."""
+    text = strip_citations(text).lower().translate(_PUNCTUATION)
+    return " ".join(_ARTICLES_RE.sub(" ", text).split())
+
+
+def exact_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 when the normalised prediction equals a normalised gold answer."""
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(g) for g in golds))
+
+
+def token_f1(prediction: str, golds: Sequence[str]) -> float:
+    """Best SQuAD token F1 against the gold answers."""
+    pred = normalize_answer(prediction).split()
+    best = 0.0
+    for gold in golds:
+        ref = normalize_answer(gold).split()
+        common = sum((Counter(pred) & Counter(ref)).values())
+        if not pred or not ref or not common:
+            continue
+        precision, recall = common / len(pred), common / len(ref)
+        best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def rouge_l(prediction: str, golds: Sequence[str], scorer: Any | None = None) -> float:
+    """Best ROUGE-L F-measure against the gold answers (``rouge-score``, stemmed)."""
+    if scorer is None:
+        from rouge_score import rouge_scorer  # type: ignore[import-untyped]
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    pred = strip_citations(prediction)
+    return max((float(scorer.score(g, pred)["rougeL"].fmeasure) for g in golds), default=0.0)
+
+
+def citation_precision(cited: Sequence[str | None], gold_ids: Sequence[str]) -> float | None:
+    """Share of cited chunks whose passage is a gold passage; ``None`` when nothing was cited."""
+    if not cited:
+        return None
+    gold = set(gold_ids)
+    return sum(1 for pid in cited if pid in gold) / len(cited)
+
+
+# --- the scratch collection ---------------------------------------------------------------------
+
+
+@dataclass
+class ScratchCollection:
+    """A dataset ingested into its scratch collection, ready to answer from."""
+
+    context: IngestContext
+    collection: str
+    mapping: dict[str, str]
+    """Chunk file name → passage id."""
+    retriever: HybridRetriever
+
+    def passage_of(self, path: str) -> str | None:
+        """The passage id of a chunk's document path."""
+        return self.mapping.get(Path(path).name)
+
+    async def aclose(self) -> None:
+        """Close the ingestion context (database engine, index store)."""
+        await self.context.aclose()
+
+
+async def open_scratch_collection(
+    settings: Settings, dataset: Dataset, *, log: Callable[[str], None] | None = None
+) -> ScratchCollection:
+    """Ingest ``dataset``'s corpus into its scratch collection (incremental, as ``rag eval retrieval`` does).
+
+    The caller must ``aclose()`` the result.
+    """
+    collection = scratch_collection(dataset)
+    folder, mapping = await asyncio.to_thread(materialize_dataset, dataset, settings.data_dir, collection)
+    ctx = await build_ingest_context(settings)
+    try:
+        job_id, _ = await enqueue_path(ctx.sessionmaker, folder, collection=collection)
+        if log:
+            log(f"ingesting {len(mapping)} passages into collection {collection} (incremental)…")
+        summary = await run_job(ctx, job_id)
+        if summary is not None and log:
+            log(f"ingested: {summary.files} in {summary.seconds:.1f}s")
+    except BaseException:
+        await ctx.aclose()
+        raise
+    retriever = HybridRetriever(ctx.store, ctx.embedder, defaults=search_defaults(settings))
+    return ScratchCollection(ctx, collection, mapping, retriever)
+
+
+# --- the evaluation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class QuestionResult:
+    """One answered question."""
+
+    qid: str
+    question: str
+    answer: str
+    exact_match: float
+    f1: float
+    rouge_l: float
+    cited: list[str | None]
+    citation_precision: float | None
+    explicit_citations: int
+    retrievals: int
+    gold_in_context: bool
+    latency_ms: float
+    ttft_ms: float
+    completion_tokens: int
+    no_answer: bool
+    sentences: int = 0
+    error: str | None = None
+
+
+@dataclass
+class AnswerEvalReport:
+    """Means over the questions, plus every question's result."""
+
+    dataset: str
+    collection: str
+    mode: str
+    params: dict[str, Any]
+    results: list[QuestionResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def metrics(self) -> dict[str, float | int | None]:
+        """Aggregates: means of the per-question metrics, latency percentiles, rates."""
+        ok = [r for r in self.results if r.error is None]
+        precisions = [r.citation_precision for r in ok if r.citation_precision is not None]
+        latencies = sorted(r.latency_ms for r in ok)
+
+        def mean(values: Sequence[float]) -> float | None:
+            return round(statistics.fmean(values), 4) if values else None
+
+        def pct(q: float) -> float | None:
+            if not latencies:
+                return None
+            return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1)
+
+        return {
+            "questions": len(self.results),
+            "errors": len(self.results) - len(ok),
+            "exact_match": mean([r.exact_match for r in ok]),
+            "f1": mean([r.f1 for r in ok]),
+            "rouge_l": mean([r.rouge_l for r in ok]),
+            "citation_precision": mean(precisions),
+            "cited_rate": mean([float(bool(r.cited)) for r in ok]),
+            "explicit_citation_rate": mean([float(r.explicit_citations > 0) for r in ok]),
+            "gold_in_context": mean([float(r.gold_in_context) for r in ok]),
+            "retrievals_per_question": mean([float(r.retrievals) for r in ok]),
+            "reretrievals_per_question": mean([float(r.retrievals - 1) for r in ok]),
+            "no_answer_rate": mean([float(r.no_answer) for r in ok]),
+            "completion_tokens": mean([float(r.completion_tokens) for r in ok]),
+            "latency_ms_mean": mean(latencies),
+            "latency_ms_p50": pct(0.5),
+            "latency_ms_p95": pct(0.95),
+            "ttft_ms_mean": mean([r.ttft_ms for r in ok]),
+        }
+
+    def as_json(self) -> dict[str, Any]:
+        """``{"dataset", "collection", "mode", "params", "metrics", "seconds", "questions": [...]}``."""
+        return {
+            "dataset": self.dataset,
+            "collection": self.collection,
+            "mode": self.mode,
+            "params": self.params,
+            "metrics": self.metrics(),
+            "seconds": round(self.seconds, 1),
+            "questions": [asdict(r) for r in self.results],
+        }
+
+
+async def evaluate_answers(
+    settings: Settings,
+    dataset: Dataset,
+    scratch: ScratchCollection,
+    *,
+    mode: AnswerMode,
+    questions: int | None = None,
+    max_tokens: int | None = None,
+    k: int | None = None,
+    flare: FlareParams | None = None,
+    observer: Callable[[SentenceJudgement], None] | None = None,
+    progress: Callable[[int, int, QuestionResult], None] | None = None,
+) -> AnswerEvalReport:
+    """Answer the first ``questions`` questions of ``dataset`` with ``mode`` and score every answer.
+
+    Args:
+        settings: Model server, sampling and answer defaults.
+        dataset: A BEIR-layout QA dataset.
+        scratch: Its ingested scratch collection (:func:`open_scratch_collection`).
+        mode: The answer mode.
+        questions: How many questions (first by ``_id``); ``None``: all.
+        max_tokens: Answer length cap (default: ``llm.max_tokens``).
+        k: Chunks per retrieval (default: ``llm.k``).
+        flare: ``flare`` mode parameters (default: the served model's, :func:`app.llm.flare_defaults`).
+        observer: ``flare`` mode: sees every judged look-ahead sentence.
+        progress: Called after each question with (done, total, result).
+
+    Returns:
+        The report; a question whose answer ended in an error event is kept with ``error`` set
+        and left out of the means.
+    """
+    from rouge_score import rouge_scorer  # type: ignore[import-untyped]
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    items = await asyncio.to_thread(load_items, dataset, questions)
+    defaults = answer_defaults(settings)
+    kwargs = defaults.kwargs()
+    if k is not None:
+        kwargs["k"] = k
+    if flare is not None:
+        kwargs["flare"] = flare
+    params = generation_params(settings, max_tokens=max_tokens)
+    filters = SearchFilters(collections=(scratch.collection,))
+    report = AnswerEvalReport(
+        dataset=str(dataset.root),
+        collection=scratch.collection,
+        mode=mode,
+        params={
+            "k": kwargs["k"],
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "interval_tokens": kwargs["interval_tokens"],
+            "flare": kwargs["flare"].to_dict() if mode == "flare" else None,
+            "model": settings.llm.model,
+        },
+    )
+    llm = build_llm_client(settings)
+    started = time.perf_counter()
+    sentences = 0
+
+    def count(judgement: SentenceJudgement) -> None:
+        nonlocal sentences
+        sentences += 1
+        if observer is not None:
+            observer(judgement)
+
+    try:
+        for index, item in enumerate(items, start=1):
+            sentences = 0
+            t0 = time.perf_counter()
+            done: DoneEvent | None = None
+            error: str | None = None
+            async for event in answer(
+                item.question,
+                retriever=scratch.retriever,
+                llm=llm,
+                mode=mode,
+                params=params,
+                filters=filters,
+                flare_observer=count,
+                **kwargs,
+            ):
+                if isinstance(event, DoneEvent):
+                    done = event
+                elif isinstance(event, ErrorEvent):
+                    error = f"{event.code}: {event.message}"
+            latency = (time.perf_counter() - t0) * 1000.0
+            result = _score(item, done, error, latency, scratch, scorer, sentences)
+            report.results.append(result)
+            if progress is not None:
+                progress(index, len(items), result)
+    finally:
+        await llm.aclose()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _score(
+    item: QAItem,
+    done: DoneEvent | None,
+    error: str | None,
+    latency_ms: float,
+    scratch: ScratchCollection,
+    scorer: Any,
+    sentences: int,
+) -> QuestionResult:
+    if done is None:
+        return QuestionResult(
+            item.qid, item.question, "", 0.0, 0.0, 0.0, [], None, 0, 0, False, latency_ms, latency_ms, 0, False,
+            error=error or "no done event",
+        )  # fmt: skip
+    cited = [scratch.passage_of(c.path) for c in done.citations]
+    in_context = {
+        scratch.passage_of(sc.chunk.path)
+        for r in done.retrievals
+        for sc, n in zip(r.chunks, r.numbers, strict=False)
+        if n is not None
+    }
+    return QuestionResult(
+        qid=item.qid,
+        question=item.question,
+        answer=done.answer,
+        exact_match=exact_match(done.answer, item.gold_texts),
+        f1=round(token_f1(done.answer, item.gold_texts), 4),
+        rouge_l=round(rouge_l(done.answer, item.gold_texts, scorer), 4),
+        cited=cited,
+        citation_precision=citation_precision(cited, item.gold_ids),
+        explicit_citations=sum(1 for c in done.citations if not c.inferred),
+        retrievals=len(done.retrievals),
+        gold_in_context=bool(in_context & set(item.gold_ids)),
+        latency_ms=round(latency_ms, 1),
+        ttft_ms=round(done.timings.get("ttft_ms", latency_ms), 1),
+        completion_tokens=done.usage.completion_tokens,
+        no_answer=NO_ANSWER.lower().rstrip(".") in done.answer.lower(),
+        sentences=sentences,
+    )
+
+
+def summarize_flare(judgements: Sequence[SentenceJudgement]) -> Mapping[str, float]:
+    """Counts over FLARE's judged sentences (look-aheads, triggers, regenerations)."""
+    looks = [j for j in judgements if j.kind == "lookahead"]
+    return {
+        "lookaheads": len(looks),
+        "triggered": sum(1 for j in looks if j.triggered),
+        "over_limit": sum(1 for j in looks if j.over_limit),
+        "regenerated": sum(1 for j in judgements if j.kind == "regenerated"),
+    }

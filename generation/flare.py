@@ -1,0 +1,547 @@
+"""FLARE: forward-looking active retrieval, the ``flare`` answer mode.
+
+Jiang et al., "Active Retrieval Augmented Generation" (EMNLP 2023, arXiv 2305.06983), in the
+FLARE-direct form the reference code (jzbjyb/FLARE, ``configs/2wikihop_flare_config.json``) runs:
+
+1. Retrieve with the question (``look_ahead_pre_retrieval="first"``).
+2. Generate a look-ahead of up to ``lookahead_tokens`` tokens with per-token log-probabilities
+   and cut it to its first sentence (:func:`sentence_end`). The request is streamed and closed as
+   soon as the first sentence is known to be complete, so the server does not spend time on the
+   rest of the look-ahead.
+3. If every judged token of the sentence has probability > θ, accept it. Otherwise retrieve
+   with a query formed from the sentence and **replace** the sources with the new hits:
+
+   - ``masked`` (the reference's ``look_ahead_mask_method="simple"``): the sentence without the
+     tokens of probability ≤ β (the reference queries with the look-ahead only,
+     ``only_use_look_ahead``; an empty masked sentence falls back to the question);
+   - ``question`` (the paper's generated-question variant): for each low-confidence span (runs
+     of tokens ≤ β, or ≤ θ when none is that low) ask the model for a question whose answer is
+     that span, retrieve for each question, interleave the result lists and deduplicate.
+
+4. Regenerate the sentence over the new sources (the first sentence of a fresh look-ahead) and
+   accept it without a second check; continue from step 2 with the new sources.
+5. Stop when the model ends its answer, when ``params.max_tokens`` answer tokens are used, or
+   continue without retrieval once ``max_rounds`` re-retrievals happened (sentences are then
+   accepted as they come).
+
+Judged tokens are the sentence's content tokens: whitespace-only tokens and the tokens of
+``[n]`` citation markers are left out, because which source number to cite says nothing about
+whether the model knows the fact (and small models are always unsure of it).
+
+Streaming: a sentence is emitted (token and citation events) only after it is accepted, so no
+text that is later discarded ever reaches the client. Each re-retrieval is a
+:class:`~generation.types.RetrievalEvent` with ``reason="low_confidence"``, its round, the query,
+the chunks and ``trigger`` (the tokens at or below θ with their log-probabilities).
+
+Prefix caching: every look-ahead of a round sends the same system prompt, sources and question
+followed by the answer so far, so vLLM's automatic prefix caching serves all but the newest
+sentence from cache; only a re-retrieval changes the prefix (after the system prompt).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from generation.errors import LogprobsUnsupported
+from generation.prompts import strip_citations
+from generation.types import AnswerEvent, ChatMessage, Completion, RetrievalEvent, TokenLogprob
+from retrieval.types import ScoredChunk
+
+if TYPE_CHECKING:
+    from generation.context import ContextPlan
+    from generation.rag import AnswerSession
+
+__all__ = [
+    "MODEL_DEFAULTS",
+    "QUERY_MODES",
+    "FlareParams",
+    "LookAhead",
+    "QueryMode",
+    "SentenceJudgement",
+    "cut_first_sentence",
+    "default_flare_params",
+    "interleave",
+    "judged_tokens",
+    "look_ahead",
+    "low_confidence_spans",
+    "masked_query",
+    "question_prompt",
+    "run_flare",
+    "sentence_end",
+]
+
+QueryMode = Literal["masked", "question"]
+QUERY_MODES: tuple[QueryMode, ...] = ("masked", "question")
+
+# Alternatives asked per token: the sampled token's own log-probability is what FLARE needs.
+_LOGPROBS = 1
+_MAX_QUERY_WORDS = 64  # the reference's max_query_length
+_MAX_SPANS = 3  # generated questions per re-retrieval (each costs a model request)
+_QUESTION_TOKENS = 40
+
+
+@dataclass(frozen=True, slots=True)
+class FlareParams:
+    """Per-request parameters of the ``flare`` mode.
+
+    Attributes:
+        theta: A look-ahead sentence is accepted when every judged token has probability > θ;
+            otherwise it triggers a re-retrieval. 0 never retrieves again, 1 always does.
+        beta: ``masked`` queries drop tokens of probability ≤ β; ``question`` queries ask about
+            spans of such tokens.
+        lookahead_tokens: Most tokens generated for one look-ahead sentence.
+        top_k: Chunks per retrieval; ``None`` uses the answer's ``k``.
+        max_rounds: Most re-retrievals per answer; afterwards sentences are accepted unchecked.
+        query_mode: ``masked`` or ``question`` (see the module docstring).
+
+    Raises:
+        ValueError: A value out of range.
+    """
+
+    theta: float = 0.8
+    beta: float = 0.4
+    lookahead_tokens: int = 64
+    top_k: int | None = None
+    max_rounds: int = 3
+    query_mode: QueryMode = "masked"
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.theta <= 1.0 and 0.0 <= self.beta <= 1.0):
+            raise ValueError("theta and beta must be probabilities in [0, 1]")
+        if self.lookahead_tokens < 1:
+            raise ValueError("lookahead_tokens must be at least 1")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError("top_k must be at least 1 (or None)")
+        if self.max_rounds < 0:
+            raise ValueError("max_rounds must be >= 0")
+        if self.query_mode not in QUERY_MODES:
+            raise ValueError(f"query_mode must be one of {QUERY_MODES}, not {self.query_mode!r}")
+
+    def with_overrides(self, **overrides: Any) -> FlareParams:
+        """A copy with the given fields changed; ``None`` values keep the current value.
+
+        Raises:
+            ValueError: Unknown field or invalid value.
+        """
+        unknown = set(overrides) - set(self.to_dict())
+        if unknown:
+            raise ValueError(f"unknown FLARE parameters: {sorted(unknown)}")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, base: FlareParams | None = None) -> FlareParams:
+        """Parameters from a mapping (a stored default); missing fields come from ``base``.
+
+        Unknown keys are ignored (stored defaults carry calibration notes next to the values).
+
+        Raises:
+            ValueError: A value out of range.
+        """
+        start = base or cls()
+        known = {k: data[k] for k in start.to_dict() if k in data}
+        return replace(start, **known)
+
+
+MODEL_DEFAULTS: dict[str, FlareParams] = {
+    # Set by `rag flare calibrate` on ../shared/eval/faq-dev-small (docs/flare.md): the 4-bit
+    # SmolLM2-135M-Instruct is far less sure of itself than the reference's GPT-3.5, so the
+    # reference's θ=0.8 would re-retrieve on nearly every sentence.
+    "smollm2-135m-instruct": FlareParams(theta=0.8, beta=0.4, lookahead_tokens=64, max_rounds=3),
+}
+"""Defaults per served model name; a calibrated file in the data dir takes precedence (``app/llm.py``)."""
+
+
+def default_flare_params(model: str) -> FlareParams:
+    """The built-in defaults for a served model name (generic reference values for unknown models)."""
+    return MODEL_DEFAULTS.get(model, FlareParams())
+
+
+# --- sentences ---------------------------------------------------------------------------------
+
+_MARKER_RE = re.compile(r"\s*\[\d{1,3}(?:\s*[,;\-–]\s*\d{1,3})*\]")
+# Something at the end of the text that may still become a citation marker.
+_PARTIAL_MARKER_RE = re.compile(r"\s*(?:\[[\d ,;\-–]*)?$")
+_CLOSERS = "\"')»”’"
+_ABBREVIATIONS = frozenset(
+    {
+        *("e.g", "i.e", "etc", "vs", "cf", "al", "mr", "mrs", "ms", "dr", "prof", "st", "no", "nos"),
+        *("fig", "figs", "approx", "ca", "incl", "resp", "sec", "ch", "vol", "p", "pp"),
+    }
+)
+_ENUMERATOR_RE = re.compile(r"(?:\d{1,3}|[a-zA-Z]|[ivxIVX]{1,4})")
+
+
+def _is_abbreviation(text: str, start: int, dot: int) -> bool:
+    """Whether the ``.`` at ``dot`` ends an abbreviation, an initial or a list enumerator."""
+    word_start = dot
+    while word_start > start and not text[word_start - 1].isspace():
+        word_start -= 1
+    word = text[word_start:dot].lstrip("(\"'")
+    if word.lower() in _ABBREVIATIONS or (len(word) == 1 and word.isalpha() and word.isupper()):
+        return True
+    # "1. Install ..." / "a. ..." at the start of a sentence or line: an enumerator, not a sentence.
+    line_start = max(text.rfind("\n", 0, dot) + 1, start)
+    return not text[line_start:word_start].strip() and bool(_ENUMERATOR_RE.fullmatch(word))
+
+
+def sentence_end(text: str, *, final: bool) -> int | None:
+    """Where the first sentence of ``text`` ends (an index into ``text``), or ``None`` if not yet known.
+
+    A sentence ends at a newline, or after ``.``/``!``/``?`` (repeats and closing quotes included)
+    followed by whitespace; citation markers right after the punctuation (``… France. [1]``)
+    belong to the sentence. Not ends: a ``.`` inside a number or name (``3.5``, ``os.path``),
+    abbreviations (``e.g.``, ``etc.``), single capital initials, list enumerators at the start of
+    a line (``1.``). Leading whitespace never makes a sentence.
+
+    Args:
+        text: Generated text so far.
+        final: The text is complete (the model stopped): its end is a sentence end, and a
+            punctuation mark at the very end needs no following whitespace.
+
+    Returns:
+        The index just past the sentence (trailing whitespace excluded); ``None`` when ``text``
+        holds no complete sentence yet (or only whitespace when ``final``). When ``final`` and no
+        boundary was found, the end of the non-whitespace text.
+    """
+    start = len(text) - len(text.lstrip())
+    i = start
+    while i < len(text):
+        c = text[i]
+        if c == "\n":
+            return len(text[:i].rstrip())
+        if c in ".!?":
+            end = i + 1
+            while end < len(text) and (text[end] in ".!?" or text[end] in _CLOSERS):
+                end += 1
+            while (marker := _MARKER_RE.match(text, end)) is not None:
+                end = marker.end()
+            rest = text[end:]
+            if not final and "\n" not in rest and _PARTIAL_MARKER_RE.fullmatch(rest):
+                # "3." may become "3.5", "France. " may be followed by "[1]": wait for more text.
+                return None
+            if end == len(text):
+                return end
+            if text[end].isspace() and not (c == "." and _is_abbreviation(text, start, i)):
+                return end
+            i = end if end > i + 1 else i + 1
+            continue
+        i += 1
+    if final and text.strip():
+        return len(text.rstrip())
+    return None
+
+
+# --- confidence ---------------------------------------------------------------------------------
+
+
+def _offsets(tokens: Sequence[TokenLogprob]) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for t in tokens:
+        spans.append((pos, pos + len(t.token)))
+        pos += len(t.token)
+    return spans
+
+
+def judged_tokens(tokens: Sequence[TokenLogprob]) -> list[int]:
+    """Indexes of the tokens whose confidence counts: not whitespace, not in a ``[n]`` marker, logprob known."""
+    text = "".join(t.token for t in tokens)
+    markers = [(m.start(), m.end()) for m in _MARKER_RE.finditer(text)]
+    judged: list[int] = []
+    for index, (token, (lo, hi)) in enumerate(zip(tokens, _offsets(tokens), strict=True)):
+        stripped = token.token.strip()
+        if not stripped or math.isnan(token.logprob):
+            continue
+        content_lo = lo + (len(token.token) - len(token.token.lstrip()))
+        content_hi = hi - (len(token.token) - len(token.token.rstrip()))
+        if any(m_lo <= content_lo and content_hi <= m_hi for m_lo, m_hi in markers):
+            continue
+        judged.append(index)
+    return judged
+
+
+@dataclass(frozen=True, slots=True)
+class LookAhead:
+    """A look-ahead cut to its first sentence.
+
+    Attributes:
+        tokens: The sentence's tokens (their texts concatenate to :attr:`text`).
+        ends_answer: The model ended its answer within this sentence.
+        finish_reason: The request's finish reason (``None`` when it was closed at the sentence end).
+    """
+
+    tokens: tuple[TokenLogprob, ...]
+    ends_answer: bool
+    finish_reason: str | None
+
+    @property
+    def text(self) -> str:
+        """The sentence as generated (leading whitespace included)."""
+        return "".join(t.token for t in self.tokens)
+
+    @property
+    def judged(self) -> tuple[TokenLogprob, ...]:
+        """The tokens whose confidence counts (:func:`judged_tokens`)."""
+        return tuple(self.tokens[i] for i in judged_tokens(self.tokens))
+
+    @property
+    def min_prob(self) -> float:
+        """Lowest probability among judged tokens (1.0 when none is judged)."""
+        return min((t.prob for t in self.judged), default=1.0)
+
+    def weak(self, theta: float) -> tuple[TokenLogprob, ...]:
+        """Judged tokens with probability ≤ ``theta`` (what triggers a re-retrieval)."""
+        return tuple(t for t in self.judged if t.prob <= theta)
+
+    def completion(self) -> Completion:
+        """As a completion for :meth:`AnswerSession.accept` (its tokens count against the budget)."""
+        return Completion(self.text, self.tokens, self.finish_reason if self.ends_answer else None)
+
+
+def cut_first_sentence(completion: Completion) -> LookAhead | None:
+    """The first sentence of a look-ahead completion (``None`` when it produced nothing).
+
+    The cut is at token granularity: every token that starts before the sentence end belongs
+    to the sentence, so the accepted text is exactly what the model generated and the next
+    look-ahead continues from a token boundary.
+    """
+    tokens = completion.tokens
+    if not tokens or not completion.text:
+        return None
+    text = "".join(t.token for t in tokens)
+    stopped = completion.finish_reason is not None and completion.finish_reason != "length"
+    end = sentence_end(text, final=stopped)
+    if end is None:
+        # Ran out of look-ahead tokens (or was cut without a complete sentence): take it all.
+        end = len(text)
+    count = sum(1 for lo, _hi in _offsets(tokens) if lo < end) or len(tokens)
+    rest = "".join(t.token for t in tokens[count:])
+    ends_answer = stopped and not rest.strip()
+    return LookAhead(tokens[:count], ends_answer, completion.finish_reason)
+
+
+# --- queries --------------------------------------------------------------------------------------
+
+
+def _clean_query(text: str) -> str:
+    words = strip_citations(text).split()
+    return " ".join(words[:_MAX_QUERY_WORDS])
+
+
+def masked_query(tokens: Sequence[TokenLogprob], beta: float) -> str:
+    """The sentence without its tokens of probability ≤ β (citation markers and extra spaces removed).
+
+    Tokens without a reported log-probability are kept.
+    """
+    kept = "".join(t.token for t in tokens if math.isnan(t.logprob) or t.prob > beta)
+    return _clean_query(kept)
+
+
+def low_confidence_spans(look: LookAhead, beta: float, theta: float, limit: int = _MAX_SPANS) -> list[str]:
+    """Spans of the sentence the model is unsure of, widened to whole words, in order.
+
+    A span is a run of judged tokens with probability ≤ β; when no token is that low, the runs at
+    or below θ are used instead (the sentence was triggered by θ).
+    """
+    judged = judged_tokens(look.tokens)
+    threshold = beta if any(look.tokens[i].prob <= beta for i in judged) else theta
+    low = {i for i in judged if look.tokens[i].prob <= threshold}
+    text = look.text
+    offsets = _offsets(look.tokens)
+    spans: list[str] = []
+    index = 0
+    while index < len(look.tokens):
+        if index not in low:
+            index += 1
+            continue
+        last = index
+        while last + 1 in low or (last + 1 < len(look.tokens) and _continues_word(look.tokens[last + 1].token)):
+            last += 1
+        lo, hi = offsets[index][0], offsets[last][1]
+        while lo > 0 and not text[lo - 1].isspace():
+            lo -= 1
+        span = _clean_query(text[lo:hi]).strip(".,;:!?\"'()")
+        if span and any(c.isalnum() for c in span) and span not in spans:
+            spans.append(span)
+        index = last + 1
+    return spans[:limit]
+
+
+def _continues_word(token: str) -> bool:
+    return bool(token) and not token[0].isspace() and token[0].isalnum()
+
+
+def question_prompt(question: str, answer_so_far: str, span: str) -> list[ChatMessage]:
+    """The conversation that asks the model for a question whose answer is ``span``."""
+    context = _clean_query(answer_so_far) if answer_so_far.strip() else ""
+    body = f"User question: {question.strip()}\nAnswer: {context}\n\n" if context else f"User question: {question}\n\n"
+    return [
+        ChatMessage("system", "You write short search questions."),
+        ChatMessage(
+            "user",
+            f'{body}Write one question, using the text above, whose answer is "{span}". Reply with the question only.',
+        ),
+    ]
+
+
+def interleave(results: Sequence[Sequence[ScoredChunk]], k: int) -> list[ScoredChunk]:
+    """Round-robin merge of several ranked lists, duplicates dropped, at most ``k``, re-ranked from 1."""
+    merged: list[ScoredChunk] = []
+    seen: set[int] = set()
+    depth = max((len(r) for r in results), default=0)
+    for rank in range(depth):
+        for result in results:
+            if rank < len(result) and result[rank].chunk.id not in seen:
+                seen.add(result[rank].chunk.id)
+                merged.append(replace(result[rank], rank=len(merged) + 1))
+    return merged[:k]
+
+
+# --- the runner -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SentenceJudgement:
+    """One look-ahead sentence as FLARE judged it (given to ``flare_observer``).
+
+    Attributes:
+        text: The sentence.
+        probs: Probabilities of its judged tokens, in order.
+        min_prob: Lowest of ``probs`` (1.0 when there are none).
+        kind: ``"lookahead"`` (judged against θ) or ``"regenerated"`` (after a re-retrieval; accepted).
+        triggered: This look-ahead caused a re-retrieval.
+        round: Re-retrievals done before this sentence was generated.
+        over_limit: Below θ but not re-retrieved because ``max_rounds`` was reached.
+    """
+
+    text: str
+    probs: tuple[float, ...]
+    min_prob: float
+    kind: Literal["lookahead", "regenerated"]
+    triggered: bool
+    round: int
+    over_limit: bool = False
+    tokens: tuple[TokenLogprob, ...] = field(default=(), repr=False)
+
+
+def _judgement(
+    look: LookAhead, kind: Literal["lookahead", "regenerated"], *, triggered: bool, round: int, over_limit: bool
+) -> SentenceJudgement:
+    judged = look.judged
+    return SentenceJudgement(
+        text=look.text,
+        probs=tuple(t.prob for t in judged),
+        min_prob=look.min_prob,
+        kind=kind,
+        triggered=triggered,
+        round=round,
+        over_limit=over_limit,
+        tokens=look.tokens,
+    )
+
+
+def _sentence_complete(text: str) -> bool:
+    # Stop reading once the first sentence is known to be over (its end and one more character).
+    end = sentence_end(text, final=False)
+    return end is not None and end < len(text)
+
+
+async def look_ahead(session: AnswerSession, plan: ContextPlan, params: FlareParams) -> LookAhead | None:
+    """Generate (hidden) and cut the next sentence; ``None`` when the budget is spent or nothing came."""
+    step = min(params.lookahead_tokens, session.remaining_tokens)
+    if step <= 0:
+        return None
+    completion = await session.generate(plan, max_tokens=step, logprobs=_LOGPROBS, until=_sentence_complete)
+    if completion.text and not completion.tokens:
+        raise LogprobsUnsupported("the model server returned no log-probabilities; FLARE needs them")
+    return cut_first_sentence(completion)
+
+
+async def _question_retrieval(
+    session: AnswerSession, look: LookAhead, params: FlareParams
+) -> tuple[str, list[ScoredChunk], float]:
+    spans = low_confidence_spans(look, params.beta, params.theta)
+    prefix = session.raw_answer + look.text
+    questions: list[str] = []
+    for span in spans:
+        prompt = session.template.render(question_prompt(session.question, prefix, span))
+        generated = await session.side_request(prompt, max_tokens=_QUESTION_TOKENS, stop=("\n",))
+        asked = _clean_query(generated.text)
+        if asked and asked not in questions:
+            questions.append(asked)
+    if not questions:
+        questions = [masked_query(look.tokens, params.beta) or session.question]
+    results: list[list[ScoredChunk]] = []
+    elapsed = 0.0
+    for asked in questions:
+        hits, ms = await session.retrieve(asked)
+        results.append(hits)
+        elapsed += ms
+    return "\n".join(questions), interleave(results, session.k), elapsed
+
+
+async def _reretrieve(
+    session: AnswerSession, look: LookAhead, params: FlareParams, round: int
+) -> tuple[RetrievalEvent, ContextPlan]:
+    trigger = look.weak(params.theta)
+    if params.query_mode == "question":
+        query, hits, elapsed = await _question_retrieval(session, look, params)
+        return await session.ground(
+            query, round=round, reason="low_confidence", trigger=trigger, hits=hits, elapsed_ms=elapsed
+        )
+    query = masked_query(look.tokens, params.beta) or session.question
+    return await session.ground(query, round=round, reason="low_confidence", trigger=trigger)
+
+
+async def run_flare(
+    session: AnswerSession,
+    *,
+    params: FlareParams,
+    observer: Callable[[SentenceJudgement], None] | None = None,
+) -> AsyncIterator[AnswerEvent]:
+    """``flare`` mode: the loop described in the module docstring.
+
+    Raises:
+        LogprobsUnsupported: The backend cannot report token log-probabilities.
+    """
+    if not session.llm.supports_logprobs:
+        raise LogprobsUnsupported(f"the {session.llm.model!r} backend does not report log-probabilities")
+
+    def observe(judgement: SentenceJudgement) -> None:
+        if observer is not None:
+            observer(judgement)
+
+    event, plan = await session.ground(session.question, round=0, reason="initial")
+    yield event
+    rounds = 0
+    while True:
+        look = await look_ahead(session, plan, params)
+        if look is None:
+            break
+        weak = look.weak(params.theta)
+        triggered = bool(weak) and rounds < params.max_rounds
+        over_limit = bool(weak) and not triggered
+        observe(_judgement(look, "lookahead", triggered=triggered, round=rounds, over_limit=over_limit))
+        if triggered:
+            rounds += 1
+            event, plan = await _reretrieve(session, look, params, rounds)
+            yield event
+            look = await look_ahead(session, plan, params)
+            if look is None:
+                break
+            observe(_judgement(look, "regenerated", triggered=False, round=rounds, over_limit=False))
+        for answer_event in session.accept(look.completion()):
+            yield answer_event
+        if look.ends_answer or not look.text.strip() or session.remaining_tokens <= 0:
+            break
+        plan = await session.plan()
+    if session.finish_reason is None:
+        session.finish_reason = "length" if session.remaining_tokens <= 0 else "stop"

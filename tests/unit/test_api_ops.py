@@ -1,0 +1,136 @@
+"""Operations: health, readiness, metrics, request ids, JSON logs, OpenAPI, the event schema mirror."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+import pytest
+
+from app.db.engine import create_engine, create_sessionmaker
+from app.observability import JsonFormatter, request_id_var
+from app.schemas.events import ANSWER_EVENT_ADAPTER
+from generation.types import (
+    CitationEvent,
+    DoneEvent,
+    ErrorEvent,
+    RetrievalEvent,
+    TokenEvent,
+    TokenLogprob,
+    Usage,
+    event_to_dict,
+)
+from retrieval.types import LegScore, ScoredChunk
+from tests.unit.api_support import CORPUS, Api, make_api  # noqa: F401
+from tests.unit.fakes_retrieval import make_chunk
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def api(make_api: Callable[..., Api]) -> Api:  # noqa: F811
+    api = make_api()
+    api.seed("docs", CORPUS)
+    return api
+
+
+def test_health_and_readiness(api: Api) -> None:
+    assert api.client.get("/healthz").json() == {"status": "ok"}
+    ready = api.client.get("/readyz").json()
+    assert ready["status"] == "ready"
+    assert ready["checks"]["index"]["detail"] == "1 collection(s) readable"
+
+
+def test_readiness_is_503_when_the_database_is_down(api: Api) -> None:
+    broken = create_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none")
+    resources = api.resources
+    working = resources.sessionmaker
+    resources.sessionmaker = create_sessionmaker(broken)
+    try:
+        r = api.client.get("/readyz")
+    finally:
+        resources.sessionmaker = working
+        api.run(broken.dispose)
+    assert r.status_code == 503
+    assert r.json()["status"] == "unavailable" and r.json()["checks"]["database"]["ok"] is False
+
+
+def test_request_ids_are_echoed_or_generated(api: Api) -> None:
+    mine = api.client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert mine.headers["x-request-id"] == "abc-123"
+    generated = api.client.get("/healthz", headers={"X-Request-ID": "bad id with spaces\n"})
+    assert generated.headers["x-request-id"] != "bad id with spaces\n" and len(generated.headers["x-request-id"]) == 32
+
+
+def test_metrics(api: Api) -> None:
+    c = api.client
+    c.post("/v1/search", json={"query": "join paths"})
+    c.post("/v1/search", json={"query": "apt", "mode": "sparse"})
+    c.post("/v1/ask", json={"question": "join paths?"})
+    c.get("/v1/collections/docs")
+    c.get("/v1/nothing-here")
+    text = c.get("/metrics").text
+    assert 'rag_http_requests_total{method="GET",route="/v1/collections/{name}",status="200"} 1.0' in text
+    assert 'route="unmatched",status="404"' in text
+    assert 'rag_retrieval_duration_seconds_count{leg="hybrid"} 1.0' in text
+    assert 'rag_retrieval_duration_seconds_count{leg="sparse"} 1.0' in text
+    assert 'rag_retrieval_duration_seconds_count{leg="embed"}' in text
+    assert 'rag_answer_ttft_seconds_count{mode="single",transport="rest"} 1.0' in text
+    assert 'rag_tokens_generated_total{mode="single"}' in text
+    assert 'rag_answers_total{mode="single",outcome="done"} 1.0' in text
+    assert 'rag_ingest_jobs{status="queued"} 0.0' in text
+
+
+def test_json_logs_carry_the_request_id() -> None:
+    record = logging.LogRecord("app.x", logging.INFO, __file__, 1, "hello %s", ("world",), None)
+    record.collection = "docs"
+    token = request_id_var.set("rid-1")
+    try:
+        line = json.loads(JsonFormatter().format(record))
+    finally:
+        request_id_var.reset(token)
+    assert line["message"] == "hello world" and line["request_id"] == "rid-1" and line["collection"] == "docs"
+    assert line["level"] == "info" and line["logger"] == "app.x"
+
+
+def test_openapi_documents_the_event_union(api: Api) -> None:
+    schema = api.client.get("/openapi.json").json()
+    event = schema["components"]["schemas"]["AnswerEvent"]
+    assert event["discriminator"]["propertyName"] == "type"
+    assert set(event["discriminator"]["mapping"]) == {"retrieval", "token", "citation", "done", "error"}
+    stream = schema["paths"]["/v1/ask/stream"]["post"]["responses"]
+    assert stream["200"]["content"]["text/event-stream"]["schema"] == {"$ref": "#/components/schemas/AnswerEvent"}
+    assert "503" in stream
+    assert schema["components"]["securitySchemes"]["ApiKey"]["scheme"] == "bearer"
+    assert api.client.get("/docs").status_code == 200
+
+
+def test_the_wire_schema_mirrors_generation_events() -> None:
+    chunk = make_chunk(7, "Use os.path.join.", path="/p.md")
+    scored = ScoredChunk(chunk=chunk, score=0.5, rank=1, dense=LegScore(1, 0.9), sparse=None)
+    retrieval = RetrievalEvent(
+        round=1,
+        query="q",
+        chunks=(scored,),
+        numbers=(1,),
+        trigger=(TokenLogprob("x", float("nan"), (("y", -1.0),)),),
+        reason="low_confidence",
+        elapsed_ms=1.5,
+    )
+    citation = CitationEvent(
+        n=1, chunk_id=7, document_id=7, path="/p.md", title=None, page=2, start=0, end=3, snippet="Use", chunk=chunk
+    )
+    done = DoneEvent(
+        answer="Use [1]",
+        citations=(citation,),
+        retrievals=(retrieval,),
+        usage=Usage(3, 4),
+        timings={"ttft_ms": 1.0},
+        mode="flare",
+        finish_reason="stop",
+    )
+    for event in (retrieval, TokenEvent("Use"), citation, done, ErrorEvent("llm_timeout", "slow", True)):
+        wire = event_to_dict(event)
+        model = ANSWER_EVENT_ADAPTER.validate_python(wire)
+        assert model.model_dump(mode="json") == json.loads(json.dumps(wire)), event.type

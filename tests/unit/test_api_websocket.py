@@ -1,0 +1,171 @@
+"""The websocket chat protocol with a scripted LLM: concurrency, cancel, malformed messages, auth."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from starlette.testclient import WebSocketTestSession
+from starlette.websockets import WebSocketDisconnect
+
+from app.schemas.events import ANSWER_EVENT_ADAPTER
+from tests.unit.api_support import CORPUS, Api, make_api  # noqa: F401
+from tests.unit.fakes_llm import FakeLLM
+
+pytestmark = pytest.mark.unit
+
+
+def until_terminal(ws: WebSocketTestSession, ids: set[str]) -> dict[str, list[dict[str, Any]]]:
+    """Read messages until every id in ``ids`` got its ``done`` or ``error``."""
+    got: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
+    open_ids = set(ids)
+    while open_ids:
+        message = ws.receive_json()
+        if message["type"] == "ping":
+            continue
+        got[message["id"]].append(message)
+        if message["type"] in ("done", "error"):
+            open_ids.discard(message["id"])
+    return got
+
+
+@pytest.fixture
+def api(make_api: Callable[..., Api]) -> Api:  # noqa: F811
+    llm = FakeLLM(responder=lambda c: [f" word{i}" for i in range(20)], token_delay=0.01)
+    api = make_api(llm=llm)
+    api.seed("docs", CORPUS)
+    return api
+
+
+def test_ask_streams_events_tagged_with_the_id(api: Api) -> None:
+    with api.client.websocket_connect("/v1/chat") as ws:
+        assert ws.receive_json() == {"type": "ready", "principal": "anonymous"}
+        ws.send_json({"type": "ask", "id": "q1", "question": "join paths?", "collection": "docs", "k": 2})
+        events = until_terminal(ws, {"q1"})["q1"]
+    assert events[0]["type"] == "retrieval" and events[-1]["type"] == "done"
+    for e in events:
+        assert e["id"] == "q1"
+        ANSWER_EVENT_ADAPTER.validate_python({k: v for k, v in e.items() if k != "id"})
+
+
+def test_two_questions_in_flight_on_one_socket_both_complete(api: Api) -> None:
+    with api.client.websocket_connect("/v1/chat") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "ask", "id": "a", "question": "join paths?"})
+        ws.send_json({"type": "ask", "id": "b", "question": "install packages?"})
+        got = until_terminal(ws, {"a", "b"})
+    assert got["a"][-1]["type"] == "done" and got["b"][-1]["type"] == "done"
+    assert got["a"][-1]["answer"] == got["b"][-1]["answer"]
+    assert api.llm.open_streams == 0
+
+
+def test_cancel_stops_the_generation(make_api: Callable[..., Api]) -> None:  # noqa: F811
+    llm = FakeLLM(responder=lambda c: [f" w{i}" for i in range(1000)], token_delay=0.01)
+    api = make_api(llm=llm)
+    with api.client.websocket_connect("/v1/chat") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "ask", "id": "long", "question": "tell me everything"})
+        tokens = 0
+        while tokens < 3:
+            if ws.receive_json()["type"] == "token":
+                tokens += 1
+        ws.send_json({"type": "cancel", "id": "long"})
+        last = until_terminal(ws, {"long"})["long"][-1]
+        assert last["type"] == "error" and last["code"] == "cancelled"
+        ws.send_json({"type": "ping"})
+        assert ws.receive_json() == {"type": "pong"}  # the socket is still usable
+    assert llm.open_streams == 0 and llm.closed_streams == 1
+
+
+def test_disconnect_cancels_answers_in_flight(make_api: Callable[..., Api]) -> None:  # noqa: F811
+    llm = FakeLLM(responder=lambda c: [f" w{i}" for i in range(1000)], token_delay=0.01)
+    api = make_api(llm=llm)
+    with api.client.websocket_connect("/v1/chat") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "ask", "id": "x", "question": "long"})
+        while ws.receive_json()["type"] != "token":
+            pass
+    # Leaving the block closed the socket; the server's cleanup awaits the cancelled answer.
+    for _ in range(100):
+        if llm.closed_streams == 1:
+            break
+        api.run(_tick)
+    assert llm.open_streams == 0 and llm.closed_streams == 1
+
+
+async def _tick() -> None:
+    import asyncio
+
+    await asyncio.sleep(0.02)
+
+
+def test_malformed_messages_get_error_events_and_the_socket_stays_open(api: Api) -> None:
+    with api.client.websocket_connect("/v1/chat") as ws:
+        ws.receive_json()
+        ws.send_text("not json")
+        assert ws.receive_json()["code"] == "invalid_message"
+        ws.send_json({"type": "ask", "id": "q", "question": ""})
+        bad = ws.receive_json()
+        assert bad["type"] == "error" and bad["id"] == "q" and "question" in bad["message"]
+        ws.send_json({"type": "shout"})
+        assert ws.receive_json()["code"] == "invalid_message"
+        ws.send_json({"type": "cancel", "id": "nothing"})
+        assert ws.receive_json()["code"] == "not_found"
+        ws.send_json({"type": "ask", "id": "m", "question": "x", "collection": "nope"})
+        missing = until_terminal(ws, {"m"})["m"][-1]
+        assert missing["type"] == "error" and missing["code"] == "not_found"
+        ws.send_json({"type": "ask", "id": "ok", "question": "join paths?"})
+        assert until_terminal(ws, {"ok"})["ok"][-1]["type"] == "done"
+
+
+def test_duplicate_ids_and_the_in_flight_limit(make_api: Callable[..., Api]) -> None:  # noqa: F811
+    llm = FakeLLM(responder=lambda c: [f" w{i}" for i in range(200)], token_delay=0.01)
+    api = make_api(llm=llm, api={"ws_max_in_flight": 1})
+    with api.client.websocket_connect("/v1/chat") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "ask", "id": "a", "question": "x"})
+        ws.send_json({"type": "ask", "id": "a", "question": "x"})
+        ws.send_json({"type": "ask", "id": "b", "question": "x"})
+        codes = set()
+        while len(codes) < 2:
+            m = ws.receive_json()
+            if m["type"] == "error":
+                codes.add((m["id"], m["code"]))
+        assert codes == {("a", "conflict"), ("b", "too_many_requests")}
+        ws.send_json({"type": "cancel", "id": "a"})
+        assert until_terminal(ws, {"a"})["a"][-1]["code"] == "cancelled"
+
+
+def test_idle_sockets_get_pings(make_api: Callable[..., Api]) -> None:  # noqa: F811
+    api = make_api(api={"ws_ping_seconds": 0.05})
+    with api.client.websocket_connect("/v1/chat") as ws:
+        ws.receive_json()
+        assert ws.receive_json() == {"type": "ping"}
+
+
+def test_auth_by_header_query_or_first_message(make_api: Callable[..., Api]) -> None:  # noqa: F811
+    api = make_api(auth={"enabled": True})
+    api.seed("docs", CORPUS)
+    header = api.key("alice", ["docs"])
+    token = header["Authorization"].removeprefix("Bearer ")
+    with api.client.websocket_connect("/v1/chat", headers=header) as ws:
+        assert ws.receive_json() == {"type": "ready", "principal": "alice"}
+    with api.client.websocket_connect(f"/v1/chat?api_key={token}") as ws:
+        assert ws.receive_json()["type"] == "ready"
+    with api.client.websocket_connect("/v1/chat") as ws:
+        ws.send_json({"type": "auth", "api_key": token})
+        assert ws.receive_json()["type"] == "ready"
+        ws.send_json({"type": "ask", "id": "q", "question": "join paths?"})
+        assert until_terminal(ws, {"q"})["q"][-1]["type"] == "done"
+    with api.client.websocket_connect("/v1/chat") as ws:
+        ws.send_json({"type": "ask", "id": "q", "question": "x"})
+        refused = ws.receive_json()
+        assert refused["type"] == "error" and refused["code"] == "unauthorized"
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 1008
+    with api.client.websocket_connect("/v1/chat?api_key=rag_wrong") as ws:
+        assert ws.receive_json()["code"] == "unauthorized"
+        with pytest.raises(WebSocketDisconnect):
+            ws.receive_json()
