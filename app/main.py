@@ -102,7 +102,9 @@ def create_app(
     for module in (health, collections, documents, jobs, search, ask, openai, conversations, chat):
         app.include_router(module.router)
 
-    # Added last = outermost: the request id and the access log cover everything below.
+    # Added last = outermost: the request id and the access log cover everything below; CORS
+    # wraps the body limit so a browser can read a 413.
+    app.add_middleware(BodyLimit, max_upload_mb=settings.api.max_upload_mb)
     if settings.api.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -111,7 +113,6 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
-    app.add_middleware(BodyLimit, max_upload_mb=settings.api.max_upload_mb)
     app.add_middleware(RequestContext)
 
     def openapi() -> dict[str, Any]:

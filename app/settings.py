@@ -76,7 +76,9 @@ class RetrievalSettings(BaseModel):
     """Default search behaviour (each request may override it)."""
 
     mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
+    """``hybrid`` (dense + BM25, fused), ``dense`` (embeddings only) or ``sparse`` (BM25 only)."""
     fusion: Literal["rrf", "weighted"] = "weighted"
+    """How hybrid mode fuses the legs: reciprocal rank fusion or weighted normalized scores."""
     depth: int = 100
     """Candidates per leg before fusion."""
     rrf_k: int = 60
@@ -85,9 +87,10 @@ class RetrievalSettings(BaseModel):
     """Weight of the dense leg in RRF."""
     sparse_weight: float = 1.0
     """Weight of the BM25 leg in RRF."""
-    alpha: float = 0.7
+    alpha: float = 0.65
     """Weight of the dense leg in weighted fusion (1 - alpha for BM25)."""
     normalization: Literal["minmax", "zscore"] = "zscore"
+    """Score normalization of each leg before weighted fusion."""
     stopwords: bool = True
     """Drop English stopwords in BM25 (+0.07 nDCG@10 for BM25 on the FAQ dev set)."""
     stem: bool = True
@@ -106,7 +109,9 @@ class LLMSettings(BaseModel):
     api_key: SecretStr | None = None
     """Bearer token for the model server, if it needs one."""
     timeout_seconds: float = 120.0
+    """Longest silence while reading from the model server (not the whole answer)."""
     connect_timeout_seconds: float = 5.0
+    """Time to establish a connection to the model server."""
     max_model_len: int = 2048
     """Context window of the served model, in tokens."""
     max_tokens: int = 256
@@ -136,7 +141,9 @@ class LLMSettings(BaseModel):
     venv: Path = Path(".venv-llm")
     """Virtualenv that holds vLLM (kept apart from the app's)."""
     host: str = "127.0.0.1"
+    """Interface the embedded model server binds (``rag llm serve``, ``rag run``)."""
     port: int = 8001
+    """Port of the embedded model server."""
 
 
 class AuthSettings(BaseModel):

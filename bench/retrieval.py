@@ -107,11 +107,13 @@ WORDS_MEAN, WORDS_SD, WORDS_MIN, WORDS_MAX = 180, 40, 20, 400
 CHUNKS_PER_DOC = 10
 REAL_WORDS_MAX = 30_000
 CONCURRENCY = 8
-MIN_QUERIES = 16
-WARMUP = 2
-SAMPLE_CHUNKS = 5_000
+MIN_QUERIES = 8  # one concurrent wave
+WARMUP = 1  # untimed queries before each single-query cell
+MIN_CELL_S = 2.0
+SAMPLE_CHUNKS = 2_000
 FAQ = ROOT.parent / "shared" / "eval" / "faq-dev"
 MODE_NAMES = ("dense", "sparse", "hybrid-rrf", "hybrid-weighted")
+CELLS = 2 * len(MODE_NAMES) + 1  # single and concurrent per mode, and the embedding alone
 # Two-letter syllables: their concatenations are unambiguous, so pseudo-words are unique.
 SYLLABLES = ("ba", "de", "fi", "go", "ku", "la", "me", "ni", "po", "ru", "sa", "te", "vi", "wo", "zu", "ha")
 FALLBACK_WORDS = (
@@ -307,15 +309,18 @@ def make_chunks(corpus: Corpus) -> list[Chunk]:
     block = 20_000
     for lo in range(0, len(corpus), block):
         hi = min(lo + block, len(corpus))
+        path = ""
         for i, text in enumerate(corpus.texts(lo, hi), start=lo):
-            doc = i // CHUNKS_PER_DOC
+            doc, ordinal = divmod(i, CHUNKS_PER_DOC)
+            if ordinal == 0 or not path:
+                path = f"docs/{doc // 1000:04d}/doc{doc:07d}.md"  # one string per document
             chunks.append(
                 Chunk(
                     id=i + 1,
                     document_id=doc + 1,
                     collection=COLLECTION,
-                    path=f"docs/{doc // 1000:04d}/doc{doc:07d}.md",
-                    ordinal=i % CHUNKS_PER_DOC,
+                    path=path,
+                    ordinal=ordinal,
                     text=text,
                     start=0,
                     end=len(text),
@@ -433,6 +438,22 @@ def check_bm25_parity(real: SparseIndex, fast: SparseIndex, texts: Sequence[str]
 # ---------------------------------------------------------------------- searching
 
 
+@dataclass(slots=True)
+class Budget:
+    """A worker's time: its deadline (epoch seconds) and the cap of a search cell."""
+
+    deadline: float
+    cell_seconds: float
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline."""
+        return self.deadline - time.time()
+
+    def cell_cap(self, cells_left: int) -> float:
+        """Seconds for the next cell: ``cell_seconds``, or a fair share of what is left."""
+        return max(0.5, min(self.cell_seconds, self.remaining() / max(1, cells_left)))
+
+
 async def _timed(retriever: HybridRetriever, query: str, options: SearchOptions) -> float:
     t0 = time.perf_counter()
     await retriever.search(query, k=K, options=options)
@@ -457,8 +478,10 @@ async def time_single(
 async def time_concurrent(
     retriever: HybridRetriever, queries: Sequence[str], options: SearchOptions, cap_s: float
 ) -> dict[str, float]:
-    """Waves of ``CONCURRENCY`` searches gathered together: per-query latency and throughput."""
-    await asyncio.gather(*(retriever.search(q, k=K, options=options) for q in queries[:CONCURRENCY]))
+    """Waves of ``CONCURRENCY`` searches gathered together: per-query latency and throughput.
+
+    Runs after the single-query cells, which warmed every mode up.
+    """
     samples: list[float] = []
     start = time.perf_counter()
     for lo in range(0, len(queries), CONCURRENCY):
@@ -496,18 +519,30 @@ def search_modes() -> dict[str, SearchOptions]:
 
 
 async def measure_searches(
-    emit: Emitter, retriever: HybridRetriever, embed: Callable[[str], Any], queries: Sequence[str], cap_s: float
+    emit: Emitter,
+    retriever: HybridRetriever,
+    embed: Callable[[str], Any],
+    queries: Sequence[str],
+    budget: Budget,
 ) -> None:
     """Every mode single and concurrent, and the embedding alone; emitted cell by cell."""
     modes = search_modes()
+    cells_left = CELLS
     for name, options in modes.items():
         emit.phase(f"search:single:{name}")
-        emit.result(["single", name], await time_single(retriever, queries, options, cap_s))
+        cap = budget.cell_cap(cells_left)
+        emit.result(["single", name], {**await time_single(retriever, queries, options, cap), "cap_s": round(cap, 1)})
+        cells_left -= 1
     emit.phase("embed")
-    emit.result(["embedding"], time_embedding(embed, queries, cap_s))
+    cap = budget.cell_cap(cells_left)
+    emit.result(["embedding"], {**time_embedding(embed, queries, cap), "cap_s": round(cap, 1)})
+    cells_left -= 1
     for name, options in modes.items():
         emit.phase(f"search:concurrent:{name}")
-        emit.result(["concurrent", name], await time_concurrent(retriever, queries, options, cap_s))
+        cap = budget.cell_cap(cells_left)
+        result = await time_concurrent(retriever, queries, options, cap)
+        emit.result(["concurrent", name], {**result, "cap_s": round(cap, 1)})
+        cells_left -= 1
 
 
 # ---------------------------------------------------------------------- the worker (one size)
@@ -551,9 +586,13 @@ def build_dense(chunk_ids: IntArray, vectors: FloatMatrix) -> tuple[DenseIndex, 
 
 
 def build_published(
-    emit: Emitter, workdir: Path, chunks: list[Chunk], vectors: FloatMatrix
+    emit: Emitter, workdir: Path, chunks: list[Chunk], vectors: FloatMatrix, budget: Budget
 ) -> tuple[IndexStore, Snapshot]:
-    """Publish through ``IndexStore`` and load the result cold once; returns the store and snapshot."""
+    """Publish through ``IndexStore`` and, if the budget allows, load it cold once.
+
+    Returns:
+        The publishing store (its cache holds the new snapshot) and the snapshot.
+    """
     ids = np.arange(1, len(chunks) + 1, dtype=np.int64)
     emit.phase("build:dense-only")
     dense, dense_report = build_dense(ids, vectors)
@@ -569,6 +608,11 @@ def build_published(
     sparse_mb = publish["rss_delta_mb"] - dense_report["rss_delta_mb"]
     emit.result(["build", "sparse_and_chunk_map_by_difference"], {"rss_delta_mb": round(sparse_mb, 1)})
     emit.result(["disk_bytes"], dir_sizes(version_dir(root, snapshot)))
+    # A cold load re-reads the files and rebuilds BM25: measured at 0.5-0.6x the publish time.
+    expected = 0.7 * publish["seconds"]
+    if budget.remaining() - expected < CELLS * MIN_CELL_S:
+        emit.result(["load", "cold"], {"skipped": f"~{expected:.0f} s expected, {budget.remaining():.0f} s left"})
+        return store, snapshot
     emit.phase("load:cold")
     with RssMeter() as meter:
         loaded = IndexStore(root, model_id=MODEL, dimension=DIM).load(COLLECTION)
@@ -637,31 +681,44 @@ def build_direct(
     return PinnedStore(workdir / "pinned", snapshot), snapshot
 
 
-def attempt_rank_bm25(emit: Emitter, texts: Sequence[str]) -> None:
-    """The real sparse build (tokenize + ``SparseIndex``), reporting progress until done or killed."""
+def attempt_rank_bm25(emit: Emitter, corpus: Corpus) -> None:
+    """The real sparse build at this size, reporting each step, until it finishes or is stopped.
+
+    Tokenizing is timed on a sample and projected (the tokenizer returns a synthetic text's
+    words unchanged, see :func:`check_bm25_parity`); the token lists are then taken from the
+    word ids, sharing one string per term as the tokenizer's interning does, and handed to
+    ``SparseIndex`` (rank-bm25 statistics + postings), the memory- and time-hungry part.
+    """
+    n = len(corpus)
+    sample = min(n, 5 * SAMPLE_CHUNKS)
+    emit.phase("rank-bm25-attempt:tokenize-sample")
+    texts = corpus.texts(0, sample)
     tokenizer = Tokenizer()
-    emit.phase("rank-bm25-attempt:tokenize")
-    start_rss = rss()
     t0 = time.perf_counter()
-    tokens: list[list[str]] = []
-    step = max(1, len(texts) // 20)
-    for i, text in enumerate(texts, start=1):
-        tokens.append(tokenizer(text))
-        if i % step == 0 or i == len(texts):
-            emit.result(
-                ["rank_bm25_attempt", "tokenize"],
-                {
-                    "chunks_done": i,
-                    "of": len(texts),
-                    "seconds": round(time.perf_counter() - t0, 2),
-                    "rss_delta_mb": round((rss() - start_rss) / 1e6, 1),
-                },
-            )
+    for text in texts:
+        tokenizer(text)
+    seconds = time.perf_counter() - t0
+    emit.result(
+        ["rank_bm25_attempt", "tokenize"],
+        {"sample_chunks": sample, "seconds": round(seconds, 2), "projected_seconds": round(seconds * n / sample, 1)},
+    )
+    del texts
+    emit.phase("rank-bm25-attempt:token-lists")
+    table = np.asarray(corpus.vocab, dtype=object)
+    with RssMeter() as meter:
+        tokens: list[list[str]] = []
+        for lo in range(0, n, 50_000):
+            hi = min(lo + 50_000, n)
+            words: list[str] = table[corpus.words[corpus.offsets[lo] : corpus.offsets[hi]]].tolist()
+            bounds = (corpus.offsets[lo : hi + 1] - corpus.offsets[lo]).tolist()
+            tokens.extend(words[a:b] for a, b in itertools.pairwise(bounds))
+    emit.result(["rank_bm25_attempt", "token_lists"], meter.report())
     emit.phase("rank-bm25-attempt:SparseIndex")
     with RssMeter() as meter:
-        SparseIndex(list(range(1, len(tokens) + 1)), tokens)
+        index = SparseIndex(list(range(1, n + 1)), tokens)
     emit.result(["rank_bm25_attempt", "sparse_index"], meter.report())
     emit.result(["rank_bm25_attempt", "status"], "finished")
+    del index
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -678,43 +735,48 @@ def worker(args: argparse.Namespace) -> None:
 
     emit.phase("generate")
     rng = np.random.default_rng(1234 + n)
+    steps: dict[str, float] = {}
     t0 = time.perf_counter()
     vocab = build_vocabulary(VOCAB_SIZE, real_words(FAQ / "corpus.jsonl", REAL_WORDS_MAX))
-    corpus = sample_corpus(n, vocab, rng)
-    chunks = make_chunks(corpus)
-    vectors = make_vectors(n, rng)
     queries, source = load_queries(args.queries, rng, vocab)
+    steps["vocabulary_s"] = time.perf_counter() - t0
+    corpus = sample_corpus(n, vocab, rng)
+    steps["word_ids_s"] = time.perf_counter() - t0 - sum(steps.values())
+    chunks = make_chunks(corpus)
+    steps["chunk_texts_s"] = time.perf_counter() - t0 - sum(steps.values())
+    vectors = make_vectors(n, rng)
+    steps["vectors_s"] = time.perf_counter() - t0 - sum(steps.values())
     emit.result(
         ["corpus"],
         {
             "chunks": n,
             "words": int(corpus.offsets[-1]),
             "words_per_chunk_mean": round(float(corpus.lengths().mean()), 1),
-            "distinct_words": int(np.unique(corpus.words).size),
-            "generate_seconds": round(time.perf_counter() - t0, 2),
+            "distinct_words": int(np.count_nonzero(np.bincount(corpus.words, minlength=len(vocab)))),
             "query_source": source,
+            "generate_seconds": {k: round(v, 2) for k, v in steps.items()},
         },
     )
 
+    attempt = n > args.publish_max and args.bm25_attempt
+    budget = Budget(args.worker_deadline, args.cell_seconds)
     publish = n <= args.publish_max
     if publish:
-        store, snapshot = build_published(emit, workdir, chunks, vectors)
+        store, snapshot = build_published(emit, workdir, chunks, vectors, budget)
     else:
         store, snapshot = build_direct(emit, workdir, corpus, chunks, vectors, queries)
     emit.result(["build", "path"], "IndexStore.publish" if publish else "direct (DenseIndex + numpy BM25 + Snapshot)")
-    del vectors
-    texts = [c.text for c in chunks] if not publish and args.bm25_attempt else []
-    del chunks
+    del vectors, chunks
 
     with ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="search") as pool:
         retriever = HybridRetriever(store, embedder, executor=pool)
-        asyncio.run(measure_searches(emit, retriever, embedder.embed_query, queries, args.cell_seconds))
+        asyncio.run(measure_searches(emit, retriever, embedder.embed_query, queries, budget))
     emit.result(["load_average_end"], list(os.getloadavg()))
 
-    if texts:
-        del retriever, store, snapshot, corpus
+    if attempt:
+        del retriever, store, snapshot
         gc.collect()
-        attempt_rank_bm25(emit, texts)
+        attempt_rank_bm25(emit, corpus)
 
 
 # ---------------------------------------------------------------------- the parent
@@ -727,14 +789,26 @@ def set_path(record: dict[str, Any], path: Sequence[str], value: Any) -> None:
     record[path[-1]] = value
 
 
+def time_weight(n: int) -> float:
+    """Relative share of the time budget for a size: 1 at 10k, 3 at 100k, 5 at 1M."""
+    return 1.0 + 2.0 * max(0.0, float(np.log10(n / 10_000)))
+
+
 def run_size(n: int, args: argparse.Namespace, deadline: float, console: Any) -> dict[str, Any]:
-    """Run one worker under the RSS limit and the deadline; its merged reports."""
-    record: dict[str, Any] = {"chunks": n}
+    """Run one worker until ``deadline`` (epoch seconds) under the memory limits; its merged reports."""
+    record: dict[str, Any] = {"chunks": n, "time_share_seconds": round(deadline - time.time(), 1)}
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-retrieval-{n}-"))
     out = workdir / "events.jsonl"
     out.touch()
     cmd = [sys.executable, __file__, "--worker-size", str(n), "--worker-out", str(out), "--worker-dir", str(workdir)]
-    cmd += ["--queries", str(args.queries), "--cell-seconds", str(args.cell_seconds)]
+    cmd += [
+        "--queries",
+        str(args.queries),
+        "--cell-seconds",
+        str(args.cell_seconds),
+        "--worker-deadline",
+        str(deadline),
+    ]
     cmd += ["--publish-max", str(args.publish_max)] + ([] if args.bm25_attempt else ["--no-bm25-attempt"])
     stderr_path = workdir / "stderr.txt"
     limit = int(args.rss_limit_gb * 1e9)
@@ -765,7 +839,7 @@ def run_size(n: int, args: argparse.Namespace, deadline: float, console: Any) ->
             elif available < args.min_available_gb * 1e9:
                 killed = f"machine down to {available / 1e9:.1f} GB available (RSS {peak / 1e9:.1f} GB)"
             elif time.time() > deadline:
-                killed = f"time budget of {args.time_budget:.0f} s used up"
+                killed = f"this size's share of the time budget ({record['time_share_seconds']:.0f} s) used up"
             if killed:
                 proc.kill()
                 proc.wait()
@@ -863,6 +937,30 @@ def add_ratios(sizes: dict[str, dict[str, Any]]) -> None:
             if embed and mode.startswith("hybrid"):
                 ratios[f"{mode}_p50_vs_embedding_p50"] = round(stats["p50_ms"] / embed, 2)
         record["ratios"] = ratios
+
+
+def project_rank_bm25(sizes: dict[str, dict[str, Any]], publish_max: int) -> None:
+    """For sizes built without publish: publish and cold-load cost scaled linearly from the largest published size."""
+    published = [int(k) for k, r in sizes.items() if "publish" in r.get("build", {})]
+    if not published:
+        return
+    base_n = max(published)
+    base = sizes[str(base_n)]
+    for key, record in sizes.items():
+        if int(key) <= publish_max:
+            continue
+        factor = int(key) / base_n
+        publish = base["build"]["publish"]
+        projection = {
+            "from_size": base_n,
+            "publish_seconds": round(publish["seconds"] * factor),
+            "publish_rss_delta_mb": round(publish["rss_delta_mb"] * factor),
+            "publish_rss_peak_delta_mb": round(publish["rss_peak_delta_mb"] * factor),
+        }
+        cold = base.get("load", {}).get("cold", {})
+        if "seconds" in cold:
+            projection["cold_load_seconds"] = round(cold["seconds"] * factor)
+        set_path(record, ["rank_bm25_attempt", "linear_projection"], projection)
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -964,7 +1062,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("10000,100000,1000000"))
     parser.add_argument("--queries", type=int, default=200, help="Queries per cell (at most).")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "retrieval.json")
-    parser.add_argument("--cell-seconds", type=float, default=6.0, help="Stop a cell after this (>= 16 queries).")
+    parser.add_argument("--cell-seconds", type=float, default=3.0, help="Stop a cell after this (>= 8 queries).")
     parser.add_argument("--publish-max", type=int, default=100_000, help="Largest size built with publish.")
     parser.add_argument("--time-budget", type=float, default=470.0, help="Seconds for the whole run.")
     parser.add_argument("--rss-limit-gb", type=float, default=12.0, help="Kill a worker above this RSS.")
@@ -977,6 +1075,7 @@ def main() -> None:
     parser.add_argument("--worker-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-deadline", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -991,9 +1090,12 @@ def main() -> None:
     deadline = started + args.time_budget
     load_before = list(os.getloadavg())
     sizes: dict[str, dict[str, Any]] = {}
-    for n in args.sizes:
-        sizes[str(n)] = run_size(n, args, deadline, console)
+    for i, n in enumerate(args.sizes):
+        # Each size gets a share of what is left; time a size does not use goes to the next.
+        share = time_weight(n) / sum(time_weight(m) for m in args.sizes[i:])
+        sizes[str(n)] = run_size(n, args, time.time() + (deadline - time.time()) * share, console)
     add_ratios(sizes)
+    project_rank_bm25(sizes, args.publish_max)
     result: dict[str, Any] = {
         "benchmark": "retrieval",
         "started_at": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),

@@ -106,7 +106,7 @@ class SearchOptions:
     rrf_k: int = 60
     dense_weight: float = 1.0
     sparse_weight: float = 1.0
-    alpha: float = 0.7
+    alpha: float = 0.65
     normalization: Normalization = "zscore"
 
 

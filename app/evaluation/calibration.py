@@ -7,7 +7,7 @@ every sentence is a first look-ahead over the initial sources), records each sen
 probability, and reports the trigger rate each candidate θ would have.
 
 Recommendation rule: θ is the ``target`` quantile of the per-sentence minimum probabilities
-(default 0.4, the middle of the 30–50 % band), rounded down to 0.01, so about that share of
+(default 0.4, the middle of the 30–50 % band), rounded down to 0.001, so about that share of
 first look-aheads triggers a retrieval — neither FlashRAG's "retrieval never fires" nor
 "retrieval on every sentence". β (the masking threshold) keeps the reference's ratio β/θ = 0.5
 and never exceeds the reference's 0.4. The rate measured here is the rate on first
@@ -125,8 +125,8 @@ def calibrate(
     def question_rate(theta: float) -> float:
         return sum(1 for q in with_sentences if min(q) <= theta) / len(with_sentences)
 
-    theta = math.floor(quantile(flat, target) * 100) / 100
-    theta = min(max(theta, 0.01), 0.99)
+    theta = math.floor(quantile(flat, target) * 1000) / 1000
+    theta = min(max(theta, 0.001), 0.999)
     notes: list[str] = []
     achieved = rate(theta)
     if not band[0] <= achieved <= band[1]:

@@ -10,7 +10,6 @@ hidden temporary name first (the worker skips hidden names) and renamed into pla
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import re
 import secrets
@@ -101,10 +100,13 @@ def _sha256_file(path: Path) -> str | None:
         return None
 
 
-def _store(stream: BinaryIO, folder: Path, name: str, budget: int) -> tuple[int, str, UploadStatus]:
-    """Copy ``stream`` to ``folder/name`` unless identical; returns (size, sha256, status). Blocking."""
+def _stage(stream: BinaryIO, folder: Path, budget: int) -> tuple[Path, int, str]:
+    """Copy ``stream`` to a hidden temporary file in ``folder``; returns (path, size, sha256). Blocking.
+
+    Raises:
+        PayloadTooLarge: More than ``budget`` bytes (the temporary file is removed).
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / name
     tmp = folder / f".upload-{secrets.token_hex(8)}.tmp"
     digest = hashlib.sha256()
     size = 0
@@ -116,17 +118,25 @@ def _store(stream: BinaryIO, folder: Path, name: str, budget: int) -> tuple[int,
                     raise PayloadTooLarge("upload too large")
                 digest.update(block)
                 out.write(block)
-        sha = digest.hexdigest()
-        existing = _sha256_file(target)
-        if existing == sha:
-            tmp.unlink()
-            return size, sha, "unchanged"
-        tmp.replace(target)
-        return size, sha, "new" if existing is None else "replaced"
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
         raise
+    return tmp, size, digest.hexdigest()
+
+
+def _place(tmp: Path, target: Path, sha: str) -> UploadStatus:
+    """Move a staged file into place unless the target already has these bytes. Blocking."""
+    existing = _sha256_file(target)
+    if existing == sha:
+        tmp.unlink()
+        return "unchanged"
+    tmp.replace(target)  # atomic: the worker never sees a half-written file
+    return "new" if existing is None else "replaced"
+
+
+def _discard(paths: Sequence[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 async def upload(
@@ -140,7 +150,8 @@ async def upload(
 ) -> UploadResult:
     """Store ``files`` in the collection's uploads folder and queue one ingestion job for them.
 
-    Flushes, never commits. Files identical to the stored ones are ``unchanged`` and need no job.
+    All or nothing: every file is staged first; if they exceed ``max_bytes`` together, none is
+    kept. Files identical to the stored ones are ``unchanged`` and need no job. Flushes, never commits.
 
     Raises:
         NotFound: The collection is missing or outside the principal's scope.
@@ -153,25 +164,32 @@ async def upload(
     names = [safe_filename(f.filename, i) for i, f in enumerate(files)]
     if len(set(names)) != len(names):
         raise InvalidInput("the same file name appears twice in one upload", field="body.files")
-    folder = uploads_dir / coll.name
-    stored: list[StoredUpload] = []
+    folder = (uploads_dir / coll.name).resolve()
+    staged: list[tuple[Path, int, str]] = []
     budget = max_bytes
-    for f, name in zip(files, names, strict=True):
-        try:
-            size, sha, status = await asyncio.to_thread(_store, f.stream, folder, name, budget)
-        except PayloadTooLarge as e:
-            raise PayloadTooLarge(
-                f"the upload is larger than the limit of {max_bytes // (1024 * 1024)} MB "
-                "(RAG_API__MAX_UPLOAD_MB); files stored before the limit was reached are kept"
-            ) from e
-        budget -= size
-        stored.append(StoredUpload(name, str(folder.resolve() / name), size, sha, status))
+    try:
+        for f in files:
+            tmp, size, sha = await asyncio.to_thread(_stage, f.stream, folder, budget)
+            staged.append((tmp, size, sha))
+            budget -= size
+    except PayloadTooLarge as e:
+        await asyncio.to_thread(_discard, [tmp for tmp, _, _ in staged])
+        raise PayloadTooLarge(
+            f"the upload is larger than the limit of {max_bytes // (1024 * 1024)} MB (RAG_API__MAX_UPLOAD_MB)"
+        ) from e
+    except BaseException:
+        await asyncio.to_thread(_discard, [tmp for tmp, _, _ in staged])
+        raise
+    stored: list[StoredUpload] = []
+    for name, (tmp, size, sha) in zip(names, staged, strict=True):
+        status = await asyncio.to_thread(_place, tmp, folder / name, sha)
+        stored.append(StoredUpload(name, str(folder / name), size, sha, status))
     job_id: int | None = None
     changed = [s for s in stored if s.status != "unchanged"]
     if changed:
         # One file: a job for that file; several: one job for the folder (unchanged files are
         # recognised by hash and skipped). Never prune: other uploads live in the same folder.
-        root = changed[0].path if len(changed) == 1 else str(folder.resolve())
+        root = changed[0].path if len(changed) == 1 else str(folder)
         job = await queue.enqueue(session, collection=coll, root_path=root, prune=False)
         job_id = job.id
     return UploadResult(coll.name, stored, job_id)

@@ -411,38 +411,38 @@ def gptq_quantize(
     """
     import torch
 
-    W = w.detach().to(torch.float32).clone()
-    n_out, n_in = W.shape
-    _, scales, zeros = quantize_groups(W, spec)
+    wf = w.detach().to(torch.float32).clone()
+    n_in = wf.shape[1]
+    _, scales, zeros = quantize_groups(wf, spec)
     s_col = scales.repeat_interleave(spec.group_size, dim=1)
     z_col = zeros.to(torch.float32).repeat_interleave(spec.group_size, dim=1)
     maxq = float((1 << spec.bits) - 1)
 
-    H = hessian.to(torch.float32).clone()
-    dead = torch.diag(H) == 0  # inputs that were always zero: their weights do not matter
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H.diagonal().add_(spec.damp * float(torch.diag(H).mean()))
+    h = hessian.to(torch.float32).clone()
+    dead = torch.diag(h) == 0  # inputs that were always zero: their weights do not matter
+    h[dead, dead] = 1.0
+    wf[:, dead] = 0.0
+    h.diagonal().add_(spec.damp * float(torch.diag(h).mean()))
     try:
-        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except RuntimeError as e:  # not positive definite even after dampening
         raise PrepareError(f"GPTQ: Hessian not positive definite ({e}); try --algorithm rtn") from e
 
-    Q = torch.empty_like(W)
+    qf = torch.empty_like(wf)
     for i1 in range(0, n_in, block):
         i2 = min(i1 + block, n_in)
-        W1 = W[:, i1:i2].clone()
-        E = torch.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
+        w1 = wf[:, i1:i2].clone()
+        err = torch.empty_like(w1)
+        u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col, s, z = W1[:, i], s_col[:, i1 + i], z_col[:, i1 + i]
+            col, s, z = w1[:, i], s_col[:, i1 + i], z_col[:, i1 + i]
             q = torch.clamp(torch.round(col / s) + z, 0.0, maxq)
-            Q[:, i1 + i] = q
-            e = (col - (q - z) * s) / U1[i, i]
-            W1[:, i + 1 :].addr_(e, U1[i, i + 1 :], alpha=-1.0)
-            E[:, i] = e
-        W[:, i2:].addmm_(E, U[i1:i2, i2:], alpha=-1.0)
-    return Q.to(torch.int32), scales, zeros
+            qf[:, i1 + i] = q
+            step = (col - (q - z) * s) / u1[i, i]
+            w1[:, i + 1 :].addr_(step, u1[i, i + 1 :], alpha=-1.0)
+            err[:, i] = step
+        wf[:, i2:].addmm_(err, u[i1:i2, i2:], alpha=-1.0)
+    return qf.to(torch.int32), scales, zeros
 
 
 # --------------------------------------------------------------------------------------------------
@@ -515,20 +515,20 @@ def collect_hessians(model: Any, sequences: Sequence[torch.Tensor]) -> dict[str,
     import torch
 
     sums: dict[str, torch.Tensor] = {}
-    cache: dict[int, torch.Tensor] = {}  # q/k/v (and gate/up) see the same input: compute x^T x once
+    # q/k/v (and gate/up) receive the very same input tensor: compute x^T x once. The cache holds a
+    # reference to that tensor, so the identity check cannot be fooled by a reused address.
+    last: list[torch.Tensor] = []
 
     def hook(name: str) -> Any:
         def pre_forward(module: Any, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0]
-            key = id(x)
-            if key not in cache:
+            if not last or last[0] is not x:
                 x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-                cache.clear()
-                cache[key] = x2.t() @ x2
+                last[:] = [x, x2.t() @ x2]
             if name in sums:
-                sums[name] += cache[key]
+                sums[name] += last[1]
             else:
-                sums[name] = cache[key].clone()
+                sums[name] = last[1].clone()
 
         return pre_forward
 
@@ -537,7 +537,7 @@ def collect_hessians(model: Any, sequences: Sequence[torch.Tensor]) -> dict[str,
         with torch.inference_mode():
             for ids in sequences:
                 model(input_ids=ids[None])
-                cache.clear()
+                last.clear()
     finally:
         for h in handles:
             h.remove()
@@ -655,6 +655,7 @@ def prepare(
     evaluate: bool = True,
     force: bool = False,
     bf16_out: Path | None = None,
+    threads: int = 1,
 ) -> Path:
     """Produce ``out`` from ``gguf`` unless it already holds the same result. Returns ``out``.
 
@@ -674,6 +675,10 @@ def prepare(
             logger.info("already prepared: %s", out)
             return out
         import torch  # only now: the no-op check above must stay quick
+
+        # One thread by default: the work is many small ops, and two OpenMP threads on a 2-core machine
+        # that something else also uses spend their time waiting for each other.
+        torch.set_num_threads(threads)
 
         started = time.monotonic()
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -756,7 +761,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--gguf", type=Path, required=True, help="the .gguf file")
     parser.add_argument("--out", type=Path, required=True, help="the checkpoint directory to produce")
-    parser.add_argument("--format", choices=("gptq", "awq"), default="gptq")
+    parser.add_argument("--format", choices=("gptq", "awq"), default="gptq", help="checkpoint layout")
+    parser.add_argument(
+        "--algorithm", choices=("gptq", "rtn"), default="gptq", help="GPTQ error compensation or plain rounding"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--bits", type=int, choices=(4,), default=4, help="vLLM's CPU kernels do 4-bit")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--no-eval", action="store_true", help="skip the log-prob comparison")
@@ -771,9 +780,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.group_size <= 0 or args.group_size % 32:
         print("--group-size must be a positive multiple of 32", file=sys.stderr)
         return 2
-    spec = QuantSpec(format=args.format, bits=args.bits, group_size=args.group_size)
+    spec = QuantSpec(format=args.format, bits=args.bits, group_size=args.group_size, algorithm=args.algorithm)
     try:
-        out = prepare(args.gguf, args.out, spec, evaluate=not args.no_eval, force=args.force, bf16_out=args.bf16_out)
+        out = prepare(
+            args.gguf,
+            args.out,
+            spec,
+            evaluate=not args.no_eval,
+            force=args.force,
+            bf16_out=args.bf16_out,
+            threads=args.threads,
+        )
     except PrepareError as e:
         logger.error("%s", e)
         return 1

@@ -107,14 +107,28 @@ def auth(token: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def service(stack: dict[str, Any], embedder: Any) -> Iterator[LiveServer]:
+def query_threads() -> Iterator[None]:
+    """One torch thread while serving, as ``rag serve`` configures it (the shared test embedder
+    was loaded with torch's default; two threads collapse when the other core is busy)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def service(stack: dict[str, Any], embedder: Any, query_threads: None) -> Iterator[LiveServer]:
     """The API without a model server (search, isolation, operations)."""
     with LiveServer(create_app(stack["settings"], embedder=embedder)) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def llm_service(stack: dict[str, Any], embedder: Any, llm_server: LLMServerInfo) -> Iterator[LiveServer]:
+def llm_service(
+    stack: dict[str, Any], embedder: Any, llm_server: LLMServerInfo, query_threads: None
+) -> Iterator[LiveServer]:
     """The API answering with the real model server."""
     settings = stack["settings"].model_copy(
         update={
@@ -305,14 +319,16 @@ async def test_disconnect_mid_answer_frees_the_upstream_request(
 ) -> None:
     await wait_idle(llm_server.base_url, 120)
     headers = auth(stack["tokens"]["a"])
-    async with httpx.AsyncClient(base_url=llm_service.url, headers=headers, timeout=300) as client:
-        async with client.stream("POST", "/v1/ask/stream", json=LONG) as r:
-            seen = 0
-            async for _, data in sse(r):
-                assert data["type"] not in ("done", "error"), data
-                seen += data["type"] == "token"
-                if seen == 3:
-                    break  # leaving the block closes the connection mid-answer
+    async with (
+        httpx.AsyncClient(base_url=llm_service.url, headers=headers, timeout=300) as client,
+        client.stream("POST", "/v1/ask/stream", json=LONG) as r,
+    ):
+        seen = 0
+        async for _, data in sse(r):
+            assert data["type"] not in ("done", "error"), data
+            seen += data["type"] == "token"
+            if seen == 3:
+                break  # leaving the block closes the connection mid-answer
     assert await vllm_running(llm_server.base_url) <= 1
     freed = await wait_idle(llm_server.base_url, 10)
     record("sse_disconnect_to_upstream_idle_s", {"seconds": round(freed, 2)})

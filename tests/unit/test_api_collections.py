@@ -96,6 +96,12 @@ def test_upload_over_the_limit_is_413_with_a_clear_message(make_api: Callable[..
     r = api.client.post("/v1/collections/up/documents", files=[("files", ("edge.txt", edge, "text/plain"))])
     assert r.status_code == 413
     assert not (api.settings.uploads_dir / "up" / "edge.txt").exists()
+    # Together over the limit: all or nothing, no file is kept and no job queued.
+    halves = [("files", (f"half{i}.txt", b"y" * (600 * 1024), "text/plain")) for i in range(2)]
+    r = api.client.post("/v1/collections/up/documents", files=halves)
+    assert r.status_code == 413
+    assert list((api.settings.uploads_dir / "up").iterdir()) == []
+    assert api.client.get("/v1/jobs").json()["jobs"] == []
 
 
 def test_documents_list_get_delete_reconciles_the_index(api: Api) -> None:

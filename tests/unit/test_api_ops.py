@@ -134,3 +134,23 @@ def test_the_wire_schema_mirrors_generation_events() -> None:
         wire = event_to_dict(event)
         model = ANSWER_EVENT_ADAPTER.validate_python(wire)
         assert model.model_dump(mode="json") == json.loads(json.dumps(wire)), event.type
+
+
+def test_cors_when_configured(make_api: Callable[..., Api]) -> None:  # noqa: F811
+    api = make_api(api={"cors_origins": ["https://chat.example"], "max_upload_mb": 1})
+    origin = {"Origin": "https://chat.example"}
+    preflight = api.client.options(
+        "/v1/ask",
+        headers={**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"},
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://chat.example"
+    api.client.post("/v1/collections", json={"name": "up"})
+    big = api.client.post(
+        "/v1/collections/up/documents", headers=origin, files=[("files", ("b.txt", b"x" * (3 << 20), "text/plain"))]
+    )
+    assert big.status_code == 413 and big.headers["access-control-allow-origin"] == "https://chat.example"
+    assert (
+        "access-control-allow-origin"
+        not in api.client.get("/healthz", headers={"Origin": "https://evil.example"}).headers
+    )

@@ -1,0 +1,152 @@
+"""FLARE with and without vLLM's automatic prefix caching: time per question on the same answers.
+
+Start two servers on the same checkpoint, one with prefix caching (vLLM's default) and one
+without, e.g.::
+
+    .venv/bin/rag llm serve --port 8011 --no-prepare &
+    .venv/bin/rag llm serve --port 8012 --no-prepare -- --no-enable-prefix-caching &
+
+then::
+
+    RAG_DATA_DIR=/tmp/x/data .venv/bin/python bench/flare_prefix_cache.py \\
+        --dataset ../shared/eval/faq-dev-small --cached http://127.0.0.1:8011 \\
+        --uncached http://127.0.0.1:8012 --questions 10
+
+Each question is answered in ``flare`` mode (greedy) once per server, alternating which server
+goes first, so both see the same machine load; the answers must be identical (caching changes
+speed, not output). Prints a table and writes ``bench/results/flare_prefix_cache.json``: per
+server the mean and median seconds per question, prompt tokens sent, and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from app.evaluation.answers import load_items, open_scratch_collection
+    from app.evaluation.beir import load_dataset
+    from app.llm import answer_defaults, build_llm_client, flare_defaults, generation_params
+    from app.settings import Settings
+    from generation.rag import answer
+    from generation.types import DoneEvent, ErrorEvent
+    from retrieval.types import SearchFilters
+
+    base = Settings()
+    dataset = load_dataset(Path(args.dataset))
+    items = load_items(dataset, args.questions)
+    scratch = await open_scratch_collection(base, dataset, log=print)
+    servers = {"cached": args.cached, "uncached": args.uncached}
+    clients = {
+        name: build_llm_client(base.model_copy(update={"llm": base.llm.model_copy(update={"base_url": url})}))
+        for name, url in servers.items()
+    }
+    flare = flare_defaults(base)
+    if args.theta is not None:
+        flare = replace(flare, theta=args.theta)
+    kwargs = answer_defaults(base).kwargs() | {"flare": flare}
+    params = generation_params(base, max_tokens=args.max_tokens)
+    filters = SearchFilters(collections=(scratch.collection,))
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+    try:
+        for index, item in enumerate(items):
+            order = list(servers) if index % 2 == 0 else list(reversed(servers))
+            for name in order:
+                started = time.perf_counter()
+                done: Any = None
+                async for event in answer(
+                    item.question,
+                    retriever=scratch.retriever,
+                    llm=clients[name],
+                    mode="flare",
+                    params=params,
+                    filters=filters,
+                    **kwargs,
+                ):
+                    if isinstance(event, DoneEvent):
+                        done = event
+                    elif isinstance(event, ErrorEvent):
+                        raise RuntimeError(f"{name}: {event.code}: {event.message}")
+                seconds = time.perf_counter() - started
+                rows[name].append(
+                    {
+                        "qid": item.qid,
+                        "seconds": round(seconds, 3),
+                        "answer": done.answer,
+                        "retrievals": len(done.retrievals),
+                        "prompt_tokens": done.usage.prompt_tokens,
+                        "completion_tokens": done.usage.completion_tokens,
+                    }
+                )
+                print(f"{item.qid} {name:9s} {seconds:6.1f}s retrievals={len(done.retrievals)}", flush=True)
+    finally:
+        for client in clients.values():
+            await client.aclose()
+        await scratch.aclose()
+
+    def summary(name: str) -> dict[str, float]:
+        secs = [r["seconds"] for r in rows[name]]
+        return {
+            "mean_s": round(statistics.fmean(secs), 2),
+            "median_s": round(statistics.median(secs), 2),
+            "total_s": round(sum(secs), 1),
+            "prompt_tokens_mean": round(statistics.fmean(r["prompt_tokens"] for r in rows[name]), 1),
+            "retrievals_mean": round(statistics.fmean(r["retrievals"] for r in rows[name]), 2),
+        }
+
+    same = sum(1 for a, b in zip(rows["cached"], rows["uncached"], strict=True) if a["answer"] == b["answer"])
+    result = {
+        "questions": len(items),
+        "flare": flare.to_dict(),
+        "max_tokens": params.max_tokens,
+        "load_average": os.getloadavg(),
+        "cached": summary("cached"),
+        "uncached": summary("uncached"),
+        "identical_answers": same,
+        "speedup_mean": round(summary("uncached")["mean_s"] / summary("cached")["mean_s"], 3),
+        "speedup_median": round(summary("uncached")["median_s"] / summary("cached")["median_s"], 3),
+        "rows": rows,
+    }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default=str(ROOT.parent / "shared" / "eval" / "faq-dev-small"))
+    parser.add_argument("--cached", default="http://127.0.0.1:8011")
+    parser.add_argument("--uncached", default="http://127.0.0.1:8012")
+    parser.add_argument("--questions", type=int, default=10)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--theta", type=float, default=None)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "flare_prefix_cache.json"))
+    args = parser.parse_args()
+    result = asyncio.run(run(args))
+    print()
+    print(f"{'server':10s} {'mean s':>8s} {'median s':>9s} {'prompt tok':>11s} {'retrievals':>11s}")
+    for name in ("cached", "uncached"):
+        s = result[name]
+        tokens, rounds = s["prompt_tokens_mean"], s["retrievals_mean"]
+        print(f"{name:10s} {s['mean_s']:8.2f} {s['median_s']:9.2f} {tokens:11.0f} {rounds:11.2f}")
+    print(
+        f"speed-up from prefix caching: {result['speedup_mean']:.2f}x mean, {result['speedup_median']:.2f}x median; "
+        f"identical answers {result['identical_answers']}/{result['questions']}"
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

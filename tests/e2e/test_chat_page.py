@@ -1,0 +1,338 @@
+"""The chat page in a real browser against the real service.
+
+Debian's Chromium (``/usr/bin/chromium``, never a browser downloaded by ``playwright install``) driven by
+Playwright loads the page from a real uvicorn server (the packaged embedding model, a really ingested
+corpus, SQLite, auth on) answering with the real model server (fixture ``llm_server``). It enters the
+API key once, asks, watches the tokens stream in, opens a citation's passage, stops a second answer,
+survives a server restart, restores the conversation on reload, and fits a phone-width screen.
+Screenshots go to ``tests/artifacts/chat-page*.png``.
+
+Skips with the reason when Playwright or Chromium is missing, unless ``CI`` is set (then it fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from app.main import create_app
+from app.services import keys
+from app.settings import Settings
+from generation.serving.launcher import find_free_port
+from ingest.worker import build_ingest_context, enqueue_path, run_job
+from tests.corpus_factory import Corpus, write_corpus
+from tests.llm_server import LLMServerInfo
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+CHROMIUM = Path(os.environ.get("RAG_TEST_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ANSWER_TIMEOUT_MS = 300_000  # two loaded cores can make the 135M model slow
+
+
+def _missing(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so the browser test must run)", pytrace=False)
+    pytest.skip(reason)
+
+
+class LiveServer:
+    """uvicorn serving ``app`` in a thread of this process on a loopback port (a given one to restart)."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or find_free_port("127.0.0.1")
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def build_app(settings: Settings, embedder: Any) -> Any:
+    """The real application; the chat page is mounted here if ``create_app`` does not serve it yet."""
+    app = create_app(settings, embedder=embedder)
+    if not any(getattr(route, "path", None) == "/" for route in app.routes):
+        from app.web import mount_chat_page
+
+        mount_chat_page(app)
+    return app
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("playwright is not installed (pip install playwright; the test uses Debian's chromium)")
+        raise
+    if not CHROMIUM.exists():
+        _missing(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    return write_corpus(tmp_path_factory.mktemp("chat-page") / "corpus")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, corpus: Corpus, embedder: Any) -> dict[str, Any]:
+    """Ingest the corpus into ``manuals``; a key scoped to it. Auth is on, as anywhere but localhost."""
+    data = tmp_path_factory.mktemp("chat-page-data")
+    settings = Settings(
+        data_dir=data,
+        database={"url": f"sqlite+aiosqlite:///{data / 'rag.db'}"},
+        auth={"enabled": True},
+        llm={"base_url": f"http://127.0.0.1:{find_free_port('127.0.0.1')}"},  # nothing listens there
+    )
+
+    async def prepare() -> str:
+        ctx = await build_ingest_context(settings, embedder=embedder)
+        try:
+            job_id, _ = await enqueue_path(ctx.sessionmaker, corpus.root, collection="manuals")
+            summary = await run_job(ctx, job_id)
+            assert summary is not None and summary.status == "succeeded"
+            async with ctx.sessionmaker() as session:
+                token = (await keys.create_key(session, name="browser", collections=["manuals"])).token
+                await session.commit()
+            return token
+        finally:
+            await ctx.aclose()
+
+    # In a thread of its own: Playwright's sync API keeps an event loop running in this one.
+    result: list[str] = []
+    worker = threading.Thread(target=lambda: result.append(asyncio.run(prepare())))
+    worker.start()
+    worker.join()
+    assert result, "preparing the corpus failed (see the log above)"
+    return {"settings": settings, "token": result[0]}
+
+
+def with_llm(settings: Settings, llm_server: LLMServerInfo) -> Settings:
+    llm = settings.llm.model_copy(update={"base_url": llm_server.base_url, "model": llm_server.model})
+    return settings.model_copy(update={"llm": llm})
+
+
+# ------------------------------------------------------------------------------------------------ page helpers
+
+
+def enter_key(page: Any, token: str) -> None:
+    """Fill the API key dialog (which must be open, or open within 15 s) and save."""
+    from playwright.sync_api import expect
+
+    dialog = page.get_by_role("dialog", name="API key")
+    expect(dialog).to_be_visible(timeout=15_000)
+    dialog.get_by_role("textbox", name="API key").fill(token)
+    dialog.get_by_role("button", name="Save").click()
+
+
+def ask(page: Any, question: str, mode: str = "single") -> Any:
+    """Type and send a question; returns the locator of its answer."""
+    page.get_by_label("Answer mode", exact=True).select_option(mode)
+    page.get_by_label("Question", exact=True).fill(question)
+    before = page.locator("li.message.assistant").count()
+    page.get_by_role("button", name="Ask").click()
+    answer = page.locator("li.message.assistant").nth(before)
+    answer.wait_for()
+    return answer
+
+
+def unnamed_controls(page: Any) -> list[str]:
+    """Visible form controls without an accessible name (label, aria-label(ledby) or text)."""
+    result: list[str] = page.evaluate(
+        """() => [...document.querySelectorAll('button, select, textarea, input')]
+            .filter((e) => e.offsetParent !== null || e.closest('dialog[open]'))
+            .filter((e) => !((e.labels && e.labels.length) || e.getAttribute('aria-label')
+                              || e.getAttribute('aria-labelledby') || e.textContent.trim()))
+            .map((e) => e.outerHTML.slice(0, 80))"""
+    )
+    return result
+
+
+WATCH_STREAM = """() => {
+  // Record the length of the newest answer's text at every DOM change while it streams.
+  window.__lengths = [];
+  new MutationObserver(() => {
+    const answers = document.querySelectorAll('li.message.assistant');
+    const last = answers[answers.length - 1];
+    if (last && last.dataset.state === 'streaming') {
+      window.__lengths.push(last.querySelector('.answer-text').textContent.length);
+    }
+  }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+}"""
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+def test_chat_page_with_the_real_model(
+    chromium: Any, stack: dict[str, Any], embedder: Any, llm_server: LLMServerInfo, corpus: Corpus
+) -> None:
+    from playwright.sync_api import expect
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    settings = with_llm(stack["settings"], llm_server)
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page_errors: list[str] = []
+    page.on("pageerror", lambda e: page_errors.append(str(e)))
+    server = LiveServer(build_app(settings, embedder)).__enter__()
+    try:
+        page.goto(server.url)
+        # The key is asked for once (the server refused the first request without one).
+        enter_key(page, stack["token"])
+        expect(page.get_by_role("dialog", name="API key")).to_be_hidden()
+        expect(page.locator("#connection")).to_have_text("Connected", timeout=30_000)
+        expect(page.get_by_label("Collection", exact=True)).to_have_value("manuals")
+        assert not unnamed_controls(page)
+
+        # 1. A question: tokens stream in, then a cited answer.
+        page.evaluate(WATCH_STREAM)
+        question = "At what pressure does the ZX-9 emergency valve open?"
+        answer = ask(page, question)
+        answer.locator(".answer-text:not(:empty)").wait_for(timeout=ANSWER_TIMEOUT_MS)
+        expect(answer).to_have_attribute("data-state", "done", timeout=ANSWER_TIMEOUT_MS)
+        lengths: list[int] = page.evaluate("window.__lengths")
+        final_text = answer.locator(".answer-text").inner_text()
+        assert final_text.strip()
+        partial = sorted({n for n in lengths if 0 < n < len(final_text)})
+        assert len(partial) >= 3, f"the answer did not stream in pieces (lengths seen: {lengths[:20]})"
+        cites = answer.locator("button.cite")
+        expect(cites.first).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "chat-page.png"))
+
+        # 2. A citation opens its passage: path, page, the snippet highlighted.
+        citations: list[dict[str, Any]] = page.evaluate(
+            "(id) => [...window.ragChat.answers.get(id).citations.values()]", answer.get_attribute("data-id")
+        )
+        first = cites.first
+        n = int(first.get_attribute("data-n") or "0")
+        cited = next(c for c in citations if c["n"] == n)
+        first.click()
+        dialog = page.get_by_role("dialog", name=f"[{n}] {Path(cited['path']).name}")
+        expect(dialog).to_be_visible()
+        expect(dialog.locator("#passage-meta")).to_contain_text(cited["path"])
+        if cited["page"]:
+            expect(dialog.locator("#passage-meta")).to_contain_text(f"page {cited['page']}")
+        mark = dialog.locator("mark")
+        expect(mark).to_have_count(1)
+        assert mark.inner_text().split() == cited["snippet"].split()
+        assert Path(cited["path"]).name in {p.name for p in corpus.loadable}
+        page.screenshot(path=str(ARTIFACTS / "chat-page-passage.png"))
+        dialog.get_by_role("button", name="Close").click()
+        expect(dialog).to_be_hidden()
+
+        # The retrieval trace is there, collapsed until opened.
+        trace = answer.locator("details.trace")
+        trace.locator("summary").click()
+        expect(trace.locator("li.round").first).to_contain_text("Round 0")
+
+        # 3. Stop a second answer as soon as it starts writing.
+        second = ask(
+            page,
+            "Write a long and detailed report on everything the documents say about the quokka daemon, "
+            "the ZX-9 machine and the trains of Veldoria.",
+        )
+        second.locator(".answer-text:not(:empty)").wait_for(timeout=ANSWER_TIMEOUT_MS)
+        page.get_by_role("button", name="Stop").click()
+        expect(second).to_have_attribute("data-state", "stopped", timeout=60_000)
+        expect(second.locator(".answer-status")).to_have_text("Stopped.")
+        expect(page.get_by_role("button", name="Ask")).to_be_visible()
+
+        # 4. The server goes away and comes back: the page says so and reconnects by itself.
+        port = server.port
+        server.__exit__()
+        expect(page.locator("#banner")).to_contain_text("Reconnecting", timeout=30_000)
+        server = LiveServer(build_app(settings, embedder), port=port).__enter__()
+        expect(page.locator("#connection")).to_have_text("Connected", timeout=60_000)
+        expect(page.locator("#banner")).to_contain_text("Reconnected")
+
+        # 5. A reload restores the conversation from the server (the stopped turn was never stored).
+        page.reload()
+        expect(page.locator("#connection")).to_have_text("Connected", timeout=30_000)
+        expect(page.locator("li.message.user")).to_have_count(1)
+        expect(page.locator("li.message.user")).to_contain_text(question)
+        restored = page.locator("li.message.assistant")
+        expect(restored).to_have_count(1)
+        assert restored.locator(".answer-text").inner_text().split() == final_text.split()
+        restored.locator("button.cite").first.click()
+        expect(page.locator("#passage mark")).to_have_count(1)
+        page.keyboard.press("Escape")
+
+        # 6. Phone width: nothing wider than the screen, the controls still there.
+        page.set_viewport_size({"width": 390, "height": 844})
+        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"{overflow}px wider than a phone screen"
+        for name in ("Collection", "Answer mode", "Question"):
+            expect(page.get_by_label(name, exact=True)).to_be_visible()
+        expect(page.get_by_role("button", name="Ask")).to_be_in_viewport()
+        page.screenshot(path=str(ARTIFACTS / "chat-page-phone.png"))
+        assert not page_errors, page_errors
+    finally:
+        context.close()
+        server.__exit__()
+
+
+def test_chat_page_shows_refused_keys_and_a_missing_model_server(
+    chromium: Any, stack: dict[str, Any], embedder: Any
+) -> None:
+    from playwright.sync_api import expect
+
+    context = chromium.new_context(viewport={"width": 1024, "height": 768})
+    page = context.new_page()
+    with LiveServer(build_app(stack["settings"], embedder)) as server:  # no model server listens
+        try:
+            page.goto(server.url)
+            enter_key(page, "rag_not_a_real_key")
+            # Refused: the dialog comes back and says why.
+            dialog = page.get_by_role("dialog", name="API key")
+            expect(dialog.get_by_role("alert")).to_contain_text("refused", timeout=15_000)
+            expect(page.locator("#banner")).to_contain_text("API key")
+            enter_key(page, stack["token"])
+            expect(dialog).to_be_hidden()
+            expect(page.locator("#connection")).to_have_text("Connected", timeout=30_000)
+
+            answer = ask(page, "How fast does the ZX-9 coolant pump turn?")
+            expect(answer).to_have_attribute("data-state", "error", timeout=60_000)
+            expect(answer).to_have_attribute("data-error", "llm_unavailable")
+            expect(answer.get_by_role("alert")).to_contain_text("model server is not reachable")
+            expect(page.get_by_role("button", name="Ask")).to_be_enabled()
+            page.screenshot(path=str(ARTIFACTS / "chat-page-error.png"))
+        finally:
+            context.close()
