@@ -142,9 +142,7 @@ class DenseIndex:
         id_arr = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
         vecs = np.ascontiguousarray(vectors, dtype=np.float32)
         if vecs.ndim != 2 or vecs.shape != (id_arr.size, self._dimension):
-            raise ValueError(
-                f"expected vectors of shape ({id_arr.size}, {self._dimension}), got {vecs.shape}"
-            )
+            raise ValueError(f"expected vectors of shape ({id_arr.size}, {self._dimension}), got {vecs.shape}")
         if id_arr.size == 0:
             return
         if np.unique(id_arr).size != id_arr.size:
@@ -206,9 +204,7 @@ class DenseIndex:
                     return self._cpu
             return self._gpu
 
-    def search(
-        self, vector: FloatArray, k: int, allowed_ids: IntArray | None = None
-    ) -> tuple[IntArray, FloatArray]:
+    def search(self, vector: FloatArray, k: int, allowed_ids: IntArray | None = None) -> tuple[IntArray, FloatArray]:
         """The ``k`` nearest chunks by inner product.
 
         Args:

@@ -153,8 +153,6 @@ def weighted(legs: Legs, *, alpha: float, normalization: Normalization = "minmax
     sparse_norm, sparse_floor = _normalize(sparse, normalization)
     rows: list[Fused] = []
     for chunk_id in dense.keys() | sparse.keys():
-        score = alpha * dense_norm.get(chunk_id, dense_floor) + (1.0 - alpha) * sparse_norm.get(
-            chunk_id, sparse_floor
-        )
+        score = alpha * dense_norm.get(chunk_id, dense_floor) + (1.0 - alpha) * sparse_norm.get(chunk_id, sparse_floor)
         rows.append(Fused(chunk_id, score, dense.get(chunk_id), sparse.get(chunk_id)))
     return _sorted(rows)

@@ -67,9 +67,7 @@ class _Leg:
         self.scores.append(scores.astype(np.float64))
         self.sources.append(np.full(ids.size, source, dtype=np.int32))
 
-    def ranked(
-        self, depth: int, snapshots: Sequence[Snapshot], owner: dict[int, Chunk]
-    ) -> list[tuple[int, float]]:
+    def ranked(self, depth: int, snapshots: Sequence[Snapshot], owner: dict[int, Chunk]) -> list[tuple[int, float]]:
         """Best-first ``(id, score)`` over all collections, cut at ``depth``; fills ``owner``."""
         if not self.ids:
             return []
@@ -246,9 +244,7 @@ class HybridRetriever:
         ]
 
 
-def _single(
-    results: list[tuple[int, float]], k: int, owner: dict[int, Chunk], *, leg: str
-) -> list[ScoredChunk]:
+def _single(results: list[tuple[int, float]], k: int, owner: dict[int, Chunk], *, leg: str) -> list[ScoredChunk]:
     """Results of one leg as ScoredChunks: score and rank are the leg's own."""
     out = []
     for rank, (chunk_id, score) in enumerate(results[:k], start=1):

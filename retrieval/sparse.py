@@ -140,9 +140,7 @@ class SparseIndex:
         order = np.argsort(term_arr, kind="stable")  # stable: doc order within a term
         self._doc_idx = np.asarray(docs, dtype=np.int32)[order]
         self._tf = np.asarray(tfs, dtype=np.float64)[order]
-        self._indptr = np.concatenate(([0], np.cumsum(np.bincount(term_arr, minlength=len(vocab))))).astype(
-            np.int64
-        )
+        self._indptr = np.concatenate(([0], np.cumsum(np.bincount(term_arr, minlength=len(vocab))))).astype(np.int64)
         idf = np.zeros(len(vocab), dtype=np.float64)
         for word, term in vocab.items():
             # rank-bm25 uses ``idf.get(q) or 0``; every corpus word has an idf.
@@ -283,9 +281,7 @@ class SparseIndex:
             docs.pop(int(chunk_id), None)
         for chunk_id, toks in add:
             docs[int(chunk_id)] = toks
-        return SparseIndex(
-            list(docs), list(docs.values()), tokenizer=tokenizer or self._tokenizer, params=self._params
-        )
+        return SparseIndex(list(docs), list(docs.values()), tokenizer=tokenizer or self._tokenizer, params=self._params)
 
     # ------------------------------------------------------------------ persistence
 

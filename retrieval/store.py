@@ -252,13 +252,10 @@ class Snapshot:
         """
         where = f"collection {self.collection!r} version {self.version}"
         if self.manifest.chunk_count != len(self):
-            raise IndexCorruptError(
-                f"{where}: manifest says {self.manifest.chunk_count} chunks, found {len(self)}"
-            )
+            raise IndexCorruptError(f"{where}: manifest says {self.manifest.chunk_count} chunks, found {len(self)}")
         if self.dense.dimension != self.manifest.dimension:
             raise IndexCorruptError(
-                f"{where}: dense index has dimension {self.dense.dimension}, "
-                f"manifest says {self.manifest.dimension}"
+                f"{where}: dense index has dimension {self.dense.dimension}, manifest says {self.manifest.dimension}"
             )
         if not np.array_equal(self.dense.ids(), self.ids):
             raise IndexCorruptError(f"{where}: dense index ids differ from the chunk ids")
@@ -330,9 +327,7 @@ class IndexStore:
         if dimension <= 0:
             raise ValueError(f"dimension must be positive, got {dimension}")
         if keep_versions < 2:
-            raise ValueError(
-                "keep_versions must be at least 2 (readers of other processes need the previous)"
-            )
+            raise ValueError("keep_versions must be at least 2 (readers of other processes need the previous)")
         self._root = Path(root)
         self._model_id = model_id
         self._dimension = dimension
@@ -376,9 +371,7 @@ class IndexStore:
         except FileNotFoundError:
             return None
         if _version_seq(version) < 0:
-            raise IndexCorruptError(
-                f"collection {collection!r}: CURRENT names an invalid version {version!r}"
-            )
+            raise IndexCorruptError(f"collection {collection!r}: CURRENT names an invalid version {version!r}")
         return version
 
     @contextlib.contextmanager
@@ -402,9 +395,7 @@ class IndexStore:
         """Names of the collections that have a published version, sorted."""
         if not self._root.is_dir():
             return []
-        return sorted(
-            d.name for d in self._root.iterdir() if _NAME.fullmatch(d.name) and (d / "CURRENT").is_file()
-        )
+        return sorted(d.name for d in self._root.iterdir() if _NAME.fullmatch(d.name) and (d / "CURRENT").is_file())
 
     def _check_compatible(self, manifest: Manifest) -> None:
         if manifest.model_id != self._model_id or manifest.dimension != self._dimension:
@@ -428,15 +419,12 @@ class IndexStore:
         manifest = self._read_manifest(vdir)
         if manifest.version != version or manifest.collection != collection:
             raise IndexCorruptError(
-                f"{vdir}: manifest names {manifest.collection!r}/{manifest.version}, "
-                f"not {collection!r}/{version}"
+                f"{vdir}: manifest names {manifest.collection!r}/{manifest.version}, not {collection!r}/{version}"
             )
         # Before reading the heavy files: a wrong model is the user's problem to fix, not corruption.
         self._check_compatible(manifest)
         try:
-            dense = DenseIndex.load(
-                vdir / "dense.faiss", factory=manifest.dense_factory, use_gpu=self._use_gpu
-            )
+            dense = DenseIndex.load(vdir / "dense.faiss", factory=manifest.dense_factory, use_gpu=self._use_gpu)
         except (RuntimeError, ValueError) as e:
             if not (vdir / "dense.faiss").exists():
                 raise FileNotFoundError(vdir / "dense.faiss") from e
@@ -469,13 +457,10 @@ class IndexStore:
                 # more publishes happened meanwhile. Follow CURRENT again.
                 newer = self._read_current(collection)
                 if newer is None:
-                    raise UnknownCollectionError(
-                        f"collection {collection!r} was dropped while loading"
-                    ) from e
+                    raise UnknownCollectionError(f"collection {collection!r} was dropped while loading") from e
                 if newer == version:
                     raise IndexCorruptError(
-                        f"collection {collection!r}: CURRENT names version {version}, "
-                        f"whose files are missing: {e}"
+                        f"collection {collection!r}: CURRENT names version {version}, whose files are missing: {e}"
                     ) from e
                 version = newer
                 continue
@@ -676,9 +661,7 @@ class IndexStore:
         try:
             snapshot.dense.save(tmp / "dense.faiss")
             snapshot.sparse.save(tmp / "sparse.jsonl")
-            _write_jsonl(
-                tmp / "chunks.jsonl", (_chunk_to_json(snapshot.chunks[i]) for i in snapshot.ids.tolist())
-            )
+            _write_jsonl(tmp / "chunks.jsonl", (_chunk_to_json(snapshot.chunks[i]) for i in snapshot.ids.tolist()))
             # The manifest goes last: a directory with a manifest is complete.
             _write_text(tmp / "manifest.json", json.dumps(snapshot.manifest.to_json(), indent=2) + "\n")
             _fsync_path(tmp)

@@ -145,7 +145,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, corpus: Corpus, embedder: An
 
 
 def with_llm(settings: Settings, llm_server: LLMServerInfo) -> Settings:
-    llm = settings.llm.model_copy(update={"base_url": llm_server.base_url, "model": llm_server.model})
+    # Short answers: the 135M model rambles (and drifts from its sources) when let run for 256 tokens.
+    llm = settings.llm.model_copy(
+        update={"base_url": llm_server.base_url, "model": llm_server.model, "max_tokens": 64}
+    )
     return settings.model_copy(update={"llm": llm})
 
 
@@ -224,7 +227,7 @@ def test_chat_page_with_the_real_model(
 
         # 1. A question: tokens stream in, then a cited answer.
         page.evaluate(WATCH_STREAM)
-        question = "At what pressure does the ZX-9 emergency valve open?"
+        question = "At what temperature does the zorblax reactor run?"
         answer = ask(page, question)
         answer.locator(".answer-text:not(:empty)").wait_for(timeout=ANSWER_TIMEOUT_MS)
         expect(answer).to_have_attribute("data-state", "done", timeout=ANSWER_TIMEOUT_MS)

@@ -107,8 +107,6 @@ async def test_single_answer_streams_and_cites_corpus_chunks(stack: Any) -> None
         assert 0 <= c.start < c.end
     numbers = [c.n for c in done.citations]
     assert len(numbers) == len(set(numbers))  # each source listed once, in order of first use
-        {c.n for c in done.citations}, key=[c.n for c in done.citations].index
-    )
 
 
 async def test_interval_mode_retrieves_more_than_once(stack: Any) -> None:

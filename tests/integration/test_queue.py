@@ -49,9 +49,7 @@ async def test_concurrent_claims_are_exclusive(database_url: str) -> None:
             await session.commit()
             again = await queue.claim(session, worker_id="w9", stale_after=60, max_attempts=2)
             assert again is not None and again.attempts == 2
-            await session.execute(
-                update(IngestJob).values(heartbeat_at=utcnow() - timedelta(seconds=600), attempts=2)
-            )
+            await session.execute(update(IngestJob).values(heartbeat_at=utcnow() - timedelta(seconds=600), attempts=2))
             await session.commit()
             assert await queue.claim(session, worker_id="w9", stale_after=60, max_attempts=2) is None
             failed = await session.get(IngestJob, again.id, populate_existing=True)

@@ -64,6 +64,88 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
+class UpstreamProxy:
+    """A TCP proxy between the service and the model server that watches streamed completions.
+
+    vLLM's Prometheus gauges are off in the launcher's configuration (``--disable-log-stats``), so
+    whether the service let go of an upstream request is observed on the wire: a connection that
+    started an event stream and closed before ``data: [DONE]`` is an aborted generation (vLLM
+    aborts a request whose client disconnects). Runs its own event loop in a thread.
+    """
+
+    def __init__(self, target: str) -> None:
+        url = httpx.URL(target)
+        self.host, self.port = url.host, url.port or 80
+        self.streaming = 0
+        self.completed = 0
+        self.aborted = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="upstream-proxy", daemon=True)
+        self.listen_port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}"
+
+    async def _pipe_up(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection(self.host, self.port)
+        upstream = asyncio.ensure_future(self._pipe_up(client_r, up_w))
+        streaming, tail = False, b""
+        try:
+            while data := await up_r.read(65536):
+                window = tail + data
+                if not streaming and b"text/event-stream" in window:
+                    streaming = True
+                    self.streaming += 1
+                if streaming and b"data: [DONE]" in window:
+                    streaming = False
+                    self.streaming -= 1
+                    self.completed += 1
+                tail = window[-64:]
+                client_w.write(data)
+                await client_w.drain()
+                if upstream.done():  # the service closed its side mid-response
+                    break
+        except ConnectionError:
+            pass
+        finally:
+            if streaming:
+                self.streaming -= 1
+                self.aborted += 1
+            upstream.cancel()
+            up_w.close()
+            client_w.close()
+
+    def __enter__(self) -> UpstreamProxy:
+        self.thread.start()
+
+        async def start() -> int:
+            server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            return int(server.sockets[0].getsockname()[1])
+
+        self.listen_port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+    async def wait_released(self, aborted_before: int, within: float) -> float:
+        """Seconds until no streamed completion is open and one more was aborted (fails after ``within``)."""
+        started = time.perf_counter()
+        while self.streaming > 0 or self.aborted <= aborted_before:
+            assert time.perf_counter() - started < within, "the upstream request is still open"
+            await asyncio.sleep(0.02)
+        return time.perf_counter() - started
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     return write_corpus(tmp_path_factory.mktemp("service") / "corpus")
@@ -126,14 +208,19 @@ def service(stack: dict[str, Any], embedder: Any, query_threads: None) -> Iterat
 
 
 @pytest.fixture(scope="module")
+def upstream(llm_server: LLMServerInfo) -> Iterator[UpstreamProxy]:
+    with UpstreamProxy(llm_server.base_url) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
 def llm_service(
-    stack: dict[str, Any], embedder: Any, llm_server: LLMServerInfo, query_threads: None
+    stack: dict[str, Any], embedder: Any, llm_server: LLMServerInfo, upstream: UpstreamProxy, query_threads: None
 ) -> Iterator[LiveServer]:
-    """The API answering with the real model server."""
-    settings = stack["settings"].model_copy(
-        update={
-            "llm": stack["settings"].llm.model_copy(update={"base_url": llm_server.base_url, "model": llm_server.model})
-        }
+    """The API answering with the real model server (through the watching proxy)."""
+    base = stack["settings"]
+    settings = base.model_copy(
+        update={"llm": base.llm.model_copy(update={"base_url": upstream.url, "model": llm_server.model})}
     )
     with LiveServer(create_app(settings, embedder=embedder)) as server:
         yield server
@@ -231,27 +318,6 @@ async def test_key_a_cannot_reach_collection_b(service: LiveServer, stack: dict[
 # --- with the real model server ----------------------------------------------------------------
 
 
-async def vllm_running(base_url: str) -> float:
-    """Requests the model server is generating for right now (its Prometheus gauge)."""
-    async with httpx.AsyncClient(timeout=10) as client:
-        text = (await client.get(f"{base_url}/metrics")).text
-    values = [
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("vllm:num_requests_running") and not line.startswith("#")
-    ]
-    return sum(values)
-
-
-async def wait_idle(base_url: str, within: float) -> float:
-    """Seconds until the model server has no running request (fails after ``within``)."""
-    started = time.perf_counter()
-    while await vllm_running(base_url) > 0:
-        assert time.perf_counter() - started < within, "the model server is still generating"
-        await asyncio.sleep(0.1)
-    return time.perf_counter() - started
-
-
 LONG = {
     "question": "Describe in great detail everything about the quokka daemon, its port, its logs and its lock file.",
     "collection": "manuals",
@@ -315,10 +381,10 @@ async def raw_ttft(llm_server: LLMServerInfo) -> float:
 
 @pytest.mark.llm
 async def test_disconnect_mid_answer_frees_the_upstream_request(
-    llm_service: LiveServer, stack: dict[str, Any], llm_server: LLMServerInfo
+    llm_service: LiveServer, stack: dict[str, Any], upstream: UpstreamProxy
 ) -> None:
-    await wait_idle(llm_server.base_url, 120)
     headers = auth(stack["tokens"]["a"])
+    aborted = upstream.aborted
     async with (
         httpx.AsyncClient(base_url=llm_service.url, headers=headers, timeout=300) as client,
         client.stream("POST", "/v1/ask/stream", json=LONG) as r,
@@ -328,18 +394,19 @@ async def test_disconnect_mid_answer_frees_the_upstream_request(
             assert data["type"] not in ("done", "error"), data
             seen += data["type"] == "token"
             if seen == 3:
+                assert upstream.streaming == 1  # the model is generating for us right now
                 break  # leaving the block closes the connection mid-answer
-    assert await vllm_running(llm_server.base_url) <= 1
-    freed = await wait_idle(llm_server.base_url, 10)
-    record("sse_disconnect_to_upstream_idle_s", {"seconds": round(freed, 2)})
+    started = time.perf_counter()
+    await upstream.wait_released(aborted, within=5)
+    record("sse_disconnect_to_upstream_closed_ms", {"ms": round((time.perf_counter() - started) * 1000, 1)})
 
 
 @pytest.mark.llm
 async def test_websocket_cancel_stops_generation(
-    llm_service: LiveServer, stack: dict[str, Any], llm_server: LLMServerInfo
+    llm_service: LiveServer, stack: dict[str, Any], upstream: UpstreamProxy
 ) -> None:
-    await wait_idle(llm_server.base_url, 120)
     url = llm_service.url.replace("http", "ws") + f"/v1/chat?api_key={stack['tokens']['a']}"
+    aborted = upstream.aborted
     async with websockets.connect(url) as ws:
         assert json.loads(await ws.recv())["type"] == "ready"
         await ws.send(json.dumps({"type": "ask", "id": "long", **LONG}))
@@ -348,14 +415,22 @@ async def test_websocket_cancel_stops_generation(
             message = json.loads(await ws.recv())
             assert message["type"] not in ("done", "error"), message
             tokens += message["type"] == "token"
+        assert upstream.streaming == 1
+        cancelled = time.perf_counter()
         await ws.send(json.dumps({"type": "cancel", "id": "long"}))
         while (message := json.loads(await ws.recv()))["type"] == "token":
             pass
         assert message == {**message, "id": "long", "type": "error", "code": "cancelled"}
-        freed = await wait_idle(llm_server.base_url, 10)
+        released = await upstream.wait_released(aborted, within=5)
         await ws.send(json.dumps({"type": "ping"}))
         assert json.loads(await ws.recv()) == {"type": "pong"}
-    record("ws_cancel_to_upstream_idle_s", {"seconds": round(freed, 2)})
+    record(
+        "ws_cancel_to_upstream_closed_ms",
+        {
+            "ms": round((time.perf_counter() - cancelled - 0) * 1000, 1),
+            "after_error_event_ms": round(released * 1000, 1),
+        },
+    )
 
 
 @pytest.mark.llm

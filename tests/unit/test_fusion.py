@@ -80,9 +80,7 @@ def test_weighted_zscore_hand_computed() -> None:
     fused = weighted(legs, alpha=0.5, normalization="zscore")
     z = 2 / math.sqrt(8 / 3)
     assert [r.id for r in fused] == [2, 1, 3, 4]
-    assert [r.score for r in fused] == pytest.approx(
-        [0.5 * (-1 + z), 0.5 * (1 - z), -0.5, 0.5 * (-1 - z)], abs=1e-12
-    )
+    assert [r.score for r in fused] == pytest.approx([0.5 * (-1 + z), 0.5 * (1 - z), -0.5, 0.5 * (-1 - z)], abs=1e-12)
 
 
 def test_weighted_zscore_missing_is_not_zero() -> None:

@@ -38,25 +38,20 @@ def store(tmp_path: Path, emb: HashEmbedder) -> IndexStore:
     store = IndexStore(tmp_path, model_id=emb.model_id, dimension=emb.dimension)
     for name, ids in SPLIT.items():
         chunks = [
-            make_chunk(i, CORPUS[i], collection=name, path=f"docs/{name}/{'a' if i % 2 else 'b'}/{i}.md")
-            for i in ids
+            make_chunk(i, CORPUS[i], collection=name, path=f"docs/{name}/{'a' if i % 2 else 'b'}/{i}.md") for i in ids
         ]
         store.publish(name, add=chunks, vectors=emb.embed_documents([c.text for c in chunks]))
     return store
 
 
-def _expected_leg(
-    store: IndexStore, emb: HashEmbedder, query: str, leg: str, depth: int
-) -> list[tuple[int, float]]:
+def _expected_leg(store: IndexStore, emb: HashEmbedder, query: str, leg: str, depth: int) -> list[tuple[int, float]]:
     """The leg over the union of collections, computed independently of the retriever."""
     rows: list[tuple[int, float]] = []
     for name in store.collections():
         snap = store.load(name)
         assert snap is not None
         ids, scores = (
-            snap.dense.search(emb._vector(query), depth)
-            if leg == "dense"
-            else snap.sparse.search(query, depth)
+            snap.dense.search(emb._vector(query), depth) if leg == "dense" else snap.sparse.search(query, depth)
         )
         rows += [(int(i), float(s)) for i, s in zip(ids.tolist(), scores.tolist(), strict=True)]
     rows.sort(key=lambda r: (-r[1], r[0]))

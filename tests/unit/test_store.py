@@ -72,9 +72,7 @@ def test_delta_replaces_and_removes(tmp_path: Path) -> None:
     store = _store(tmp_path)
     first = _publish(store, _corpus_chunks())
     new_text = "Completely different text about SQLite transactions."
-    second = _publish(
-        store, [make_chunk(2, new_text), make_chunk(100, "A brand new chunk")], remove=[5, 4242]
-    )
+    second = _publish(store, [make_chunk(2, new_text), make_chunk(100, "A brand new chunk")], remove=[5, 4242])
     assert second.ids.tolist() == [1, 2, 3, 4, 6, 7, 8, 100]
     assert second.chunks[2].text == new_text
     # The replaced chunk's vector and tokens were replaced too.
@@ -215,9 +213,7 @@ def test_tokenizer_change_retokenizes_on_next_publish(tmp_path: Path) -> None:
 
 
 def test_path_prefix_ids(tmp_path: Path) -> None:
-    chunks = [
-        make_chunk(i, f"text {i}", path=p) for i, p in enumerate(["a/x.md", "a/y.md", "ab.md", "b/z.md"], 1)
-    ]
+    chunks = [make_chunk(i, f"text {i}", path=p) for i, p in enumerate(["a/x.md", "a/y.md", "ab.md", "b/z.md"], 1)]
     snap = _publish(_store(tmp_path), chunks)
     assert snap.ids_with_path_prefix("a/").tolist() == [1, 2]
     assert snap.ids_with_path_prefix("a").tolist() == [1, 2, 3]
