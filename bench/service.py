@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-CORPUS = ROOT.parent / "shared" / "corpus"
+CORPUS = ROOT.parent / "shared" / "corpus" / "md"
 QUESTIONS = [
     "How do I read a file line by line?",
     "How can I create an HTTP server?",
@@ -154,6 +154,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(data_dir=data, llm=llm)
     started = time.perf_counter()
     summary = await ingest(settings)
+    assert summary["chunks"]["total"] > 0, summary
     result: dict[str, Any] = {
         "corpus": f"{len(list(CORPUS.glob('*.md')))} markdown files, {summary['chunks']['total']} chunks",
         "ingest_seconds": round(time.perf_counter() - started, 1),
@@ -167,6 +168,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 t = time.perf_counter()
                 r = await client.post("/v1/search", json={"query": QUESTIONS[i % len(QUESTIONS)], "k": 10})
                 latencies.append(time.perf_counter() - t)
+                assert r.status_code == 200 and r.json()["hits"], r.text
                 took.append(r.json()["took_ms"])
             result["search"] = {
                 "requests": args.requests,

@@ -61,14 +61,15 @@ async def open_stream(
 ) -> tuple[EventPump[AnswerEvent], list[AnswerEvent]]:
     """Start an answer and wait (up to one ping interval) for its first event.
 
-    A model server that is down is then reported as a proper ``503`` with ``Retry-After``
-    instead of a ``200`` stream holding a single error event.
+    An answer that fails before anything was generated (the model server is down, the question
+    does not fit the context window) is then reported with its HTTP status (``503`` with
+    ``Retry-After``, ``422``, ...) instead of a ``200`` stream holding a single error event.
 
     Returns:
         The running pump and the events already taken from it.
 
     Raises:
-        AnswerFailed: The first event is an ``llm_unavailable`` error.
+        AnswerFailed: The first event is an error.
     """
     pump = EventPump(events(resources, plan, transport=transport)).start()
     try:
@@ -78,7 +79,7 @@ async def open_stream(
     except BaseException:
         await pump.aclose()
         raise
-    if isinstance(first, ErrorEvent) and first.code == "llm_unavailable":
+    if isinstance(first, ErrorEvent):
         await pump.aclose()
         raise AnswerFailed(first.code, first.message, retryable=first.retryable)
     return pump, [] if first is None else [first]

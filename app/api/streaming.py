@@ -175,7 +175,7 @@ class SSEResponse(Response, Generic[T]):
                 tg.start_soon(watch)
                 await self._write(send)
                 tg.cancel_scope.cancel()
-        except OSError:  # ASGI 2.4 servers raise on a write to a closed connection
+        except* OSError:  # ASGI 2.4 servers raise on a write to a closed connection
             self.disconnected = True
         finally:
             with anyio.CancelScope(shield=True):

@@ -225,7 +225,7 @@
     const rounds = answer.rounds;
     box.hidden = rounds.length === 0;
     if (!rounds.length) return;
-    const flare = rounds.some((r) => r.reason === "low_confidence");
+    const flare = answer.node.dataset.mode === "flare" || rounds.some((r) => r.reason === "low_confidence");
     box.querySelector("summary").textContent =
       `${flare ? "FLARE retrieval" : "Retrieval"}: ${rounds.length} round${rounds.length === 1 ? "" : "s"}`;
     const list = box.querySelector("ol");
@@ -250,10 +250,15 @@
           el("ul", { class: "round-chunks" },
             ...r.chunks.map((c) =>
               el("li", {},
-                c.n ? el("span", { class: "round-n", text: `[${c.n}] ` }) : el("span", { class: "round-n", text: "(not used) " }),
-                baseName(c.chunk.path),
-                c.chunk.page ? ` p. ${c.chunk.page}` : "",
-                el("span", { class: "round-score", text: ` · ${c.score.toFixed(3)}` })))),
+                c.n ? el("span", { class: "round-n", text: `[${c.n}] ` }) : el("span", { class: "round-n", text: "(not in the prompt) " }),
+                el("button", {
+                  type: "button",
+                  class: "link",
+                  text: baseName(c.chunk.path) + (c.chunk.page ? ` p. ${c.chunk.page}` : ""),
+                  "aria-label": `Read retrieved passage from ${baseName(c.chunk.path)}`,
+                  onclick: () => openChunk(c.chunk, c.n),
+                }),
+                el("span", { class: "round-score", text: ` · score ${c.score.toFixed(3)}` })))),
         ),
       ),
     );
@@ -322,6 +327,16 @@
     if (citation) meta.push(`characters ${citation.start}–${citation.end}`);
     ui.passageMeta.textContent = meta.join(" · ");
     ui.passageText.replaceChildren(...highlighted(chunk, citation));
+    ui.passage.showModal();
+  }
+
+  function openChunk(chunk, n) {
+    ui.passageTitle.textContent = `${n ? `[${n}] ` : ""}${baseName(chunk.path)}`;
+    const meta = [chunk.path];
+    if (chunk.page) meta.push(`page ${chunk.page}`);
+    meta.push(`characters ${chunk.start}–${chunk.end}`, "retrieved passage");
+    ui.passageMeta.textContent = meta.join(" · ");
+    ui.passageText.replaceChildren(chunk.text);
     ui.passage.showModal();
   }
 

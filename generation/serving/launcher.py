@@ -270,7 +270,7 @@ def serve_command(
     return cmd
 
 
-def serve_env(kv_cache_gib: int = 1, threads: int | None = None, *, int4_w4a8: bool = True) -> dict[str, str]:
+def serve_env(kv_cache_gib: int = 1, threads: int | None = None, *, int4_w4a8: bool = False) -> dict[str, str]:
     """Environment variables for the server process (added to the inherited environment).
 
     Args:
@@ -280,8 +280,10 @@ def serve_env(kv_cache_gib: int = 1, threads: int | None = None, *, int4_w4a8: b
             physical core minus one core kept for the API/scheduler process, so 1 thread on a 2-core
             machine, which stays steady when other work shares the machine (2 threads collapse to
             0.5-5 tok/s under load). An int binds the worker to CPUs ``0..threads-1``.
-        int4_w4a8: Let vLLM's CPU kernel quantize activations to int8 for the 4-bit layers on CPUs with
-            AMX (faster; see docs/llm.md for what it costs in log-prob shift). ``False`` keeps them bf16.
+        int4_w4a8: Let vLLM's CPU kernel quantize the activations of the 4-bit layers to int8 on CPUs
+            with AMX (vLLM's own default). Off by default here: it moves next-token log-probs by a further
+            ~0.04 nats and flips close greedy choices (docs/llm.md); bf16 activations serve exactly the
+            model that prepare measured.
     """
     if kv_cache_gib < 1:
         raise ValueError("kv_cache_gib must be at least 1")

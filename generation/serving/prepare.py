@@ -9,17 +9,21 @@ vLLM cannot load GGUF on the CPU, but it has CPU kernels for 4-bit GPTQ (symmetr
 AWQ (asymmetric, ``uint4`` with zero points). The steps:
 
 1. transformers dequantizes the GGUF (``from_pretrained(dir, gguf_file=...)``) into float32 weights;
-   the Hugging Face bf16 directory (config, tokenizer, chat template, weights) is written as the base.
-2. Every linear layer of the decoder blocks is quantized round-to-nearest per group of input channels.
-   Each group's scale (and zero point for AWQ) is chosen by minimising the squared error over a grid of
-   clip ratios and then refined by a few least-squares steps, with the scale rounded to bfloat16 first,
-   since that is what vLLM computes with (``--dtype bfloat16``). No calibration data is needed.
-3. The packed tensors are written in the layout vLLM's loaders read (GPTQ: ``qweight`` int32 packed
+   config, generation config, tokenizer and chat template are written unchanged.
+2. Calibration without a download: the model answers :data:`CALIBRATION_PROMPTS` (sampled, fixed seed)
+   and the inputs of every decoder projection on that text give its Hessian ``sum(x x^T)``.
+3. Every decoder projection is quantized per group of input channels. The group's scale (and zero
+   point for AWQ) is chosen by minimising the squared error over a grid of clip ratios, refined by a few
+   least-squares steps, and rounded to bfloat16 (what vLLM computes with). Then GPTQ picks the codes
+   column by column, pushing each rounding error onto the columns not yet quantized through the inverse
+   Hessian (``--algorithm rtn``: plain round-to-nearest, no calibration).
+4. The packed tensors are written in the layout vLLM's loaders read (GPTQ: ``qweight`` int32 packed
    along the input dim, ``qzeros``, fp16 ``scales``, ``g_idx``; AWQ: the GEMM layout packed along the
    output dim) with ``quantization_config`` in ``config.json``. Embeddings, norms and the (tied) head
    stay bf16.
-4. The checkpoint is read back, dequantized into the bf16 model, and its next-token log-probabilities
-   are compared with the bf16 model's on a few fixed texts; the numbers go into ``prepared.json``.
+5. The checkpoint is unpacked again (it must reproduce the codes exactly), dequantized into the bf16
+   model, and its next-token log-probabilities are compared with the bf16 model's on held-out texts
+   (:data:`EVAL_TEXTS`); the numbers go into ``prepared.json``.
 
 The work happens in a temporary sibling directory that is renamed into place at the end, under a lock
 file, and ``prepared.json`` records the GGUF's sha256 and the parameters: a second run with the same
@@ -39,6 +43,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -671,6 +676,10 @@ def prepare(
     out.parent.mkdir(parents=True, exist_ok=True)
     source_sha256 = sha256_file(gguf)
     with _locked(out):
+        # Leftovers of a run that was killed (SIGKILL, power loss): nobody else can be writing them, we
+        # hold the lock.
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         if not force and is_prepared(out, source_sha256, spec):
             logger.info("already prepared: %s", out)
             return out
@@ -754,6 +763,10 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m generation.serving.prepare",
@@ -780,6 +793,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.group_size <= 0 or args.group_size % 32:
         print("--group-size must be a positive multiple of 32", file=sys.stderr)
         return 2
+    # SIGTERM (a test timeout, `kill`) unwinds like Ctrl-C, so the temporary directory is removed.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     spec = QuantSpec(format=args.format, bits=args.bits, group_size=args.group_size, algorithm=args.algorithm)
     try:
         out = prepare(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -46,6 +47,13 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 ANSWER_TIMEOUT_MS = 300_000  # two loaded cores can make the 135M model slow
+# Corpus questions (tests/corpus_factory.py), the ones the embedded model cites most often first.
+QUESTIONS = (
+    "How often should the ZX-9 quantum gasket be inspected?",
+    "What to do when the quokka daemon does not start?",
+    "At what temperature does the zorblax reactor run?",
+    "What is the capital of Veldoria?",
+)
 
 
 def _missing(reason: str) -> None:
@@ -146,9 +154,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, corpus: Corpus, embedder: An
 
 def with_llm(settings: Settings, llm_server: LLMServerInfo) -> Settings:
     # Short answers: the 135M model rambles (and drifts from its sources) when let run for 256 tokens.
-    llm = settings.llm.model_copy(
-        update={"base_url": llm_server.base_url, "model": llm_server.model, "max_tokens": 64}
-    )
+    llm = settings.llm.model_copy(update={"base_url": llm_server.base_url, "model": llm_server.model, "max_tokens": 64})
     return settings.model_copy(update={"llm": llm})
 
 
@@ -225,17 +231,29 @@ def test_chat_page_with_the_real_model(
         expect(page.get_by_label("Collection", exact=True)).to_have_value("manuals")
         assert not unnamed_controls(page)
 
-        # 1. A question: tokens stream in, then a cited answer.
+        # 1. A question: tokens stream in, then a cited answer. The 4-bit 135M model often answers
+        # off the point and then cites nothing; the page is under test here, not the model, so a
+        # few corpus questions are tried (each in a new conversation) until one answer cites.
         page.evaluate(WATCH_STREAM)
-        question = "At what temperature does the zorblax reactor run?"
-        answer = ask(page, question)
-        answer.locator(".answer-text:not(:empty)").wait_for(timeout=ANSWER_TIMEOUT_MS)
-        expect(answer).to_have_attribute("data-state", "done", timeout=ANSWER_TIMEOUT_MS)
-        lengths: list[int] = page.evaluate("window.__lengths")
-        final_text = answer.locator(".answer-text").inner_text()
-        assert final_text.strip()
-        partial = sorted({n for n in lengths if 0 < n < len(final_text)})
-        assert len(partial) >= 3, f"the answer did not stream in pieces (lengths seen: {lengths[:20]})"
+        tried: list[str] = []
+        for attempt, question in enumerate(QUESTIONS):
+            if attempt:
+                page.get_by_role("button", name="New conversation").click()
+                expect(page.locator("li.message")).to_have_count(0)
+            page.evaluate("window.__lengths = []")
+            answer = ask(page, question)
+            answer.locator(".answer-text:not(:empty)").wait_for(timeout=ANSWER_TIMEOUT_MS)
+            expect(answer).to_have_attribute("data-state", "done", timeout=ANSWER_TIMEOUT_MS)
+            final_text = answer.locator(".answer-text").inner_text()
+            lengths: list[int] = page.evaluate("window.__lengths")
+            partial = sorted({n for n in lengths if 0 < n < len(final_text)})
+            assert len(partial) >= 3, f"the answer did not stream in pieces (lengths seen: {lengths[:20]})"
+            assert final_text.strip()
+            if answer.locator("button.cite").count():
+                break
+            tried.append(f"{question!r} -> {final_text!r}")
+        else:
+            pytest.fail("the model cited no source in any answer:\n" + "\n".join(tried))
         cites = answer.locator("button.cite")
         expect(cites.first).to_be_visible()
         page.screenshot(path=str(ARTIFACTS / "chat-page.png"))
@@ -298,7 +316,26 @@ def test_chat_page_with_the_real_model(
         expect(page.locator("#passage mark")).to_have_count(1)
         page.keyboard.press("Escape")
 
-        # 6. Phone width: nothing wider than the screen, the controls still there.
+        # 6. FLARE: the retrieval rounds are a collapsible trace, with the tokens that triggered them.
+        page.get_by_role("button", name="New conversation").click()
+        expect(page.locator("li.message")).to_have_count(0)
+        flare = ask(page, "Explain what the ZX-9 service manual says about pumps, valves and seals.", mode="flare")
+        expect(flare).to_have_attribute("data-state", re.compile("done|error"), timeout=ANSWER_TIMEOUT_MS)
+        assert flare.get_attribute("data-state") == "done", flare.locator(".answer-status").inner_text()
+        trace = flare.locator("details.trace")
+        expect(trace.locator("summary")).to_have_text(re.compile(r"^FLARE retrieval: \d+ rounds?$"))
+        expect(trace.locator("li.round")).not_to_have_count(0)
+        trace.locator("summary").click()
+        triggered = trace.locator('li.round[data-reason="low_confidence"]')
+        if triggered.count():
+            expect(triggered.first.locator(".round-trigger .token").first).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "chat-page-flare.png"), full_page=True)
+        trace.get_by_role("button", name=re.compile("^Read retrieved passage")).first.click()
+        expect(page.locator("#passage-meta")).to_contain_text("retrieved passage")
+        page.keyboard.press("Escape")
+        expect(page.locator("#passage")).to_be_hidden()
+
+        # 7. Phone width: nothing wider than the screen, the controls still there.
         page.set_viewport_size({"width": 390, "height": 844})
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"{overflow}px wider than a phone screen"

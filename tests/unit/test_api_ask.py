@@ -204,3 +204,71 @@ def test_ask_errors(api: Api) -> None:
     assert c.post("/v1/ask", json={"question": "x", "mode": "guess"}).status_code == 422
     assert c.post("/v1/ask", json={"question": "x", "collection": "nope"}).status_code == 404
     assert c.post("/v1/ask", json={"question": "x\u0000"}).status_code == 422
+
+
+def test_no_pooled_connection_is_held_while_the_model_talks(
+    make_api: Callable[..., Api],  # noqa: F811
+    database_url: str,
+) -> None:
+    llm = FakeLLM(responder=lambda c: [f" w{i}" for i in range(40)], token_delay=0.02)
+    api = make_api(database_url, llm=llm, auth={"enabled": True})
+    api.seed("docs", CORPUS)
+    headers = api.key("k", ["docs"])
+    conversation = api.client.post("/v1/conversations", headers=headers, json={"collection": "docs"}).json()["id"]
+    pool = api.resources.engine.pool
+    checked_out: list[int] = []
+    body = {"question": "long?", "conversation_id": conversation}
+    with api.client.stream("POST", "/v1/ask/stream", headers=headers, json=body) as r:
+        tokens = 0
+        for line in r.iter_lines():
+            if line == "event: token":
+                tokens += 1
+                checked_out.append(pool.checkedout())  # type: ignore[attr-defined]
+    # The last token may be read while the finished answer is being stored (a short transaction).
+    assert tokens == 40 and max(checked_out[:-1]) == 0
+    assert len(api.client.get(f"/v1/conversations/{conversation}", headers=headers).json()["messages"]) == 2
+
+
+def test_a_write_to_a_closed_connection_also_cancels(make_api: Callable[..., Api]) -> None:  # noqa: F811
+    """ASGI 2.4 servers report a gone client by raising OSError from ``send``."""
+    llm = FakeLLM(responder=lambda c: [f" w{i}" for i in range(500)], token_delay=0.01)
+    api = make_api(llm=llm)
+    body = json.dumps({"question": "long answer please"}).encode()
+
+    async def scenario() -> None:
+        delivered = False
+        tokens = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()  # this server never reports the disconnect
+            raise AssertionError
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal tokens
+            tokens += b"event: token" in message.get("body", b"")
+            if tokens >= 3:
+                raise OSError("connection reset by peer")
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/ask/stream",
+            "raw_path": b"/v1/ask/stream",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 1),
+            "server": ("testserver", 80),
+            "state": {},
+        }
+        await asyncio.wait_for(api.app(scope, receive, send), 5)
+
+    api.run(scenario)
+    assert llm.open_streams == 0 and llm.closed_streams == 1
