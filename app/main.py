@@ -23,6 +23,7 @@ from app.resources import LLMProbe, build_resources
 from app.schemas.events import ANSWER_EVENT_ADAPTER
 from app.schemas.openai import ChatCompletionChunk
 from app.settings import Settings
+from app.web import mount_chat_page
 from generation.client import LLMClient
 from retrieval.types import Embedder
 
@@ -101,6 +102,7 @@ def create_app(
     errors.install(app, retry_after_seconds=settings.api.retry_after_seconds)
     for module in (health, collections, documents, jobs, search, ask, openai, conversations, chat):
         app.include_router(module.router)
+    mount_chat_page(app)
 
     # Added last = outermost: the request id and the access log cover everything below; CORS
     # wraps the body limit so a browser can read a 413.

@@ -14,7 +14,8 @@ as ``rag serve`` does), then
 
 Machine load is recorded with the numbers: compare ratios from one run, not absolute values across runs.
 
-    .venv/bin/python bench/service.py [--llm-url URL] [--model NAME] [--requests 50] [--out bench/results/service.json]
+    .venv/bin/python bench/service.py [--llm-url URL] [--model NAME] [--requests 50] [--data-dir DIR]
+                                      [--out bench/results/service.json]
 """
 
 from __future__ import annotations
@@ -80,11 +81,15 @@ class LiveServer:
 
 
 async def ingest(settings: Any) -> dict[str, Any]:
+    """Ingest (incrementally: a reused ``--data-dir`` only re-hashes) the markdown corpus."""
     from ingest.worker import build_ingest_context, enqueue_path, run_job
 
-    folder = Path(tempfile.mkdtemp(prefix="bench-service-md-"))
+    folder = settings.data_dir / "corpus-md"
+    folder.mkdir(parents=True, exist_ok=True)
     for path in sorted(CORPUS.glob("*.md")):
-        (folder / path.name).write_bytes(path.read_bytes())
+        target = folder / path.name
+        if not target.exists():
+            target.write_bytes(path.read_bytes())
     ctx = await build_ingest_context(settings)
     try:
         job_id, _ = await enqueue_path(ctx.sessionmaker, folder, collection="nodejs")
@@ -149,7 +154,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     from app.main import create_app
     from app.settings import Settings
 
-    data = Path(tempfile.mkdtemp(prefix="bench-service-"))
+    data = args.data_dir or Path(tempfile.mkdtemp(prefix="bench-service-"))
     llm = {"base_url": args.llm_url, "model": args.model} if args.llm_url else {}
     settings = Settings(data_dir=data, llm=llm)
     started = time.perf_counter()
@@ -157,6 +162,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     assert summary["chunks"]["total"] > 0, summary
     result: dict[str, Any] = {
         "corpus": f"{len(list(CORPUS.glob('*.md')))} markdown files, {summary['chunks']['total']} chunks",
+        "data_dir": str(data),
         "ingest_seconds": round(time.perf_counter() - started, 1),
         "load_before": os.getloadavg(),
     }
@@ -222,6 +228,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--answers", type=int, default=5)
+    parser.add_argument("--data-dir", type=Path, default=None, help="reuse (ingest incrementally into) this data dir")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service.json")
     args = parser.parse_args()
     result = asyncio.run(measure(args))

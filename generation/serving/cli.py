@@ -142,8 +142,8 @@ def serve(
     ] = None,
     eager: Annotated[bool, typer.Option("--eager/--compile", help="Skip torch.compile (starts ~2x faster).")] = True,
     w4a8: Annotated[
-        bool, typer.Option("--w4a8/--no-w4a8", help="int8 activations in the 4-bit layers (AMX; less exact).")
-    ] = False,
+        bool, typer.Option("--w4a8/--no-w4a8", help="int8 activations in the 4-bit layers (AMX: faster, less exact).")
+    ] = True,
     startup_timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.")] = 600.0,
     prepare_first: Annotated[
         bool, typer.Option("--prepare/--no-prepare", help="Prepare the checkpoint first if needed.")

@@ -90,13 +90,8 @@ class LiveServer:
 
 
 def build_app(settings: Settings, embedder: Any) -> Any:
-    """The real application; the chat page is mounted here if ``create_app`` does not serve it yet."""
-    app = create_app(settings, embedder=embedder)
-    if not any(getattr(route, "path", None) == "/" for route in app.routes):
-        from app.web import mount_chat_page
-
-        mount_chat_page(app)
-    return app
+    """The real application (``create_app`` serves the chat page at ``/``)."""
+    return create_app(settings, embedder=embedder)
 
 
 @pytest.fixture(scope="module")
