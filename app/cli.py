@@ -643,9 +643,9 @@ app.add_typer(keys_app, name="keys")
 @app.command()
 def serve(
     host: Annotated[
-        str | None, typer.Option(help="Interface to bind [default: RAG_SERVER__HOST or 127.0.0.1].")
+        str | None, typer.Option(help="Interface to bind (default: RAG_SERVER__HOST, else 127.0.0.1).")
     ] = None,
-    port: Annotated[int | None, typer.Option(help="Port [default: RAG_SERVER__PORT or 8000].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: RAG_SERVER__PORT, else 8000).")] = None,
 ) -> None:
     """Run the HTTP API (REST, SSE, websocket, OpenAI-compatible); OpenAPI docs at /docs."""
     from pydantic import ValidationError

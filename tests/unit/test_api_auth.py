@@ -175,3 +175,26 @@ def test_auth_off_is_refused_on_a_public_interface(tmp_path: Any) -> None:
     assert Settings(data_dir=tmp_path, server={"host": "0.0.0.0"}, auth={"enabled": True}).auth.enabled
     assert not Settings(data_dir=tmp_path, server={"host": "::1"}).auth.enabled
     assert not Settings(data_dir=tmp_path, server={"host": "localhost"}).auth.enabled
+
+
+def test_keys_cli(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from app.cli import app as cli
+
+    monkeypatch.setenv("RAG_DATA_DIR", str(tmp_path / "data"))
+    runner = CliRunner()
+    created = runner.invoke(cli, ["keys", "create", "--name", "alice", "-c", "docs", "-c", "manuals", "--json"])
+    assert created.exit_code == 0, created.output
+    key = json.loads(created.stdout)
+    assert key["token"].startswith(key["prefix"]) and key["collections"] == ["docs", "manuals"]
+    plain = runner.invoke(cli, ["keys", "create", "--name", "root", "--admin"])
+    assert plain.exit_code == 0 and "rag_" in plain.stdout
+    assert runner.invoke(cli, ["keys", "create", "--name", "nobody"]).exit_code == 1  # neither scope nor admin
+    listed = json.loads(runner.invoke(cli, ["keys", "list", "--json"]).stdout)
+    assert [k["name"] for k in listed] == ["alice", "root"] and all("token" not in k for k in listed)
+    assert runner.invoke(cli, ["keys", "revoke", "alice"]).exit_code == 0
+    assert json.loads(runner.invoke(cli, ["keys", "list", "--json"]).stdout)[0]["revoked_at"]
+    assert runner.invoke(cli, ["keys", "revoke", "ghost"]).exit_code == 1
