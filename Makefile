@@ -39,8 +39,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# The model-server tests need .venv-llm (they fail under CI=true without it, skip otherwise).
-test: lint $(LLM_STAMP)
+# The model-server tests need .venv-llm and the prepared model (they fail under CI=true without
+# them, skip otherwise); preparing here keeps the one-off ~3-5 min quantization out of test timeouts.
+test: lint llm
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
