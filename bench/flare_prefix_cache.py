@@ -22,10 +22,11 @@ machine load:
     answers (and so the number of retrievals) can differ: the report says how many are identical.
 
 ``replay`` (same work)
-    Each question is answered once on the uncached server through a recording client; then the
-    exact request sequence of that answer (same prompts, same log-probabilities, as many tokens as
-    were read) is replayed on both servers. This is the clean comparison: identical requests,
-    only prefix caching differs.
+    The next ``--questions`` questions (ones the first measurement did not touch, so no prompt of
+    theirs is already cached) are each answered once on the uncached server through a recording
+    client; then the exact request sequence of that answer (same prompts, same log-probabilities,
+    as many tokens as were read) is replayed on both servers. This is the clean comparison:
+    identical requests, only prefix caching differs.
 
 Prints a table and writes ``bench/results/flare_prefix_cache.json``.
 """
@@ -184,7 +185,8 @@ async def replay(args: argparse.Namespace) -> dict[str, Any]:
 
     base = Settings()
     dataset = load_dataset(Path(args.dataset))
-    items = load_items(dataset, args.questions)
+    # Questions the ``answers`` measurement did not use: their prompts are in neither server's cache.
+    items = load_items(dataset, 2 * args.questions)[args.questions :]
     scratch = await open_scratch_collection(base, dataset, log=print)
     servers = {"cached": args.cached, "uncached": args.uncached}
     clients = {
