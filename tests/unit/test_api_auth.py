@@ -17,8 +17,8 @@ from tests.unit.api_support import Api, make_api, sse_events  # noqa: F401
 
 pytestmark = pytest.mark.unit
 
-A_DOCS = {"/a/alpha.md": "Alpha secrets: the launch code is 1234 and the rocket is red."}
-B_DOCS = {"/b/beta.md": "Beta secrets: the launch code is 9876 and the rocket is blue."}
+A_DOCS = {"/a/alpha.md": "Alpha secrets: the launch code is KILO1234 and the rocket is red."}
+B_DOCS = {"/b/beta.md": "Beta secrets: the launch code is ZULU9876 and the rocket is blue."}
 
 
 @pytest.fixture
@@ -84,13 +84,13 @@ def test_key_a_cannot_see_collection_b_anywhere(api: Api, key_a: dict[str, str],
     # search: no filter searches only the key's collections; naming b is 404
     hits = c.post("/v1/search", headers=key_a, json={"query": "launch code rocket", "k": 10}).json()
     assert {h["collection"] for h in hits["hits"]} == {"a"} and hits["collections"] == ["a"]
-    assert "9876" not in _texts(hits)
+    assert "ZULU9876" not in _texts(hits)
     named = c.post("/v1/search", headers=key_a, json={"query": "launch", "filters": {"collections": ["a", "b"]}})
     assert named.status_code == 404
     # ask
     assert c.post("/v1/ask", headers=key_a, json={"question": "launch code?", "collection": "b"}).status_code == 404
     answer = c.post("/v1/ask", headers=key_a, json={"question": "What is the launch code?"}).json()
-    assert "9876" not in _texts(answer["retrievals"]) and "1234" in _texts(answer["retrievals"])
+    assert "ZULU9876" not in _texts(answer["retrievals"]) and "KILO1234" in _texts(answer["retrievals"])
     with c.stream("POST", "/v1/ask/stream", headers=key_a, json={"question": "code?", "collection": "b"}) as r:
         assert r.status_code == 404
     # chat completions
@@ -131,7 +131,7 @@ def test_key_a_cannot_see_collection_b_anywhere(api: Api, key_a: dict[str, str],
         events = []
         while not events or events[-1]["type"] not in ("done", "error"):
             events.append(ws.receive_json())
-        assert "9876" not in _texts(events) and "1234" in _texts(events)
+        assert "ZULU9876" not in _texts(events) and "KILO1234" in _texts(events)
 
 
 def test_openai_client_sees_only_its_collections(api: Api, key_a: dict[str, str]) -> None:
