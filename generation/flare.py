@@ -153,7 +153,7 @@ class FlareParams:
 MODEL_DEFAULTS: dict[str, FlareParams] = {
     # From `rag flare calibrate` on ../shared/eval/faq-dev-small, 40 questions (docs/flare.md), on
     # the GPTQ checkpoint `rag llm prepare` builds: the 4-bit SmolLM2-135M-Instruct is far less sure
-    # of itself than the reference's GPT-3.5; with the reference's θ=0.8, 98% of its look-ahead
+    # of itself than the reference's GPT-3.5; with the reference's θ=0.8, 99.5% of its look-ahead
     # sentences would re-retrieve, with θ=0.03 40% do.
     "smollm2-135m-instruct": FlareParams(theta=0.03, beta=0.015, lookahead_tokens=64, max_rounds=3),
 }

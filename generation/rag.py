@@ -397,12 +397,13 @@ class AnswerSession:
             until: Asked with the text so far after every streamed delta; once it returns true the
                 request is closed (the server stops generating at once, which is what makes a
                 sentence look-ahead cheap) and the completion so far is returned with
-                ``finish_reason=None``.
+                ``finish_reason=None``. With log-probabilities the text so far is spelled from the
+                tokens: servers hold back the streamed text while it could still become a stop
+                string (vLLM: up to the longest stop string's length), the tokens come at once.
 
         Returns:
-            The completion. Its tokens are aligned to its text: when log-probabilities came back,
-            ``"".join(t.token for t in tokens) == text`` (each delta's text is attributed to its
-            tokens, so byte-level pieces and servers that spell tokens oddly cannot shift offsets).
+            The completion. When log-probabilities came back its tokens spell its text exactly
+            (``"".join(t.token for t in tokens) == text``; see :func:`_reconcile`).
         """
         start = self.clock()
         params = self._request_params(max_tokens, logprobs)
@@ -410,23 +411,29 @@ class AnswerSession:
             params = replace(params, stop=tuple(dict.fromkeys((*params.stop, *stop))))
         text: list[str] = []
         tokens: list[TokenLogprob] = []
+        by_delta: list[TokenLogprob] = []  # each delta's text given to its tokens (fallback alignment)
         usage: Usage | None = None
         finish_reason: str | None = None
+        cut = False
         try:
             async with aclosing_iter(self.llm.stream(plan.prompt, params)) as stream:
                 async for delta in stream:
                     usage = delta.usage or usage
                     finish_reason = delta.finish_reason or finish_reason
                     if delta.tokens:
-                        tokens.extend(_align_tokens(delta.text, delta.tokens))
+                        tokens.extend(delta.tokens)
+                        by_delta.extend(_align_tokens(delta.text, delta.tokens))
                     if delta.text:
                         text.append(delta.text)
-                        if until is not None and until("".join(text)):
-                            finish_reason = None
+                    if until is not None and (delta.text or delta.tokens):
+                        so_far = "".join(t.token for t in tokens) if tokens else "".join(text)
+                        if until(so_far):
+                            finish_reason, cut = None, True
                             break
         finally:
             self.timings["generation_ms"] += self._ms_since(start)
-        completion = Completion("".join(text), tuple(tokens), finish_reason, usage)
+        full_text, aligned = _reconcile("".join(text), tokens, by_delta, cut=cut)
+        completion = Completion(full_text, aligned, finish_reason, usage)
         counted = len(completion.tokens) or self.counter(completion.text)
         self._account(completion.usage, plan.prompt_tokens, counted)
         return completion
@@ -526,6 +533,42 @@ async def run_interval(
             return
         round_no += 1
         query = continuation_query(session.question, session.raw_answer, query_tail_words)
+
+
+def _reconcile(
+    text: str, tokens: Sequence[TokenLogprob], by_delta: Sequence[TokenLogprob], *, cut: bool
+) -> tuple[str, tuple[TokenLogprob, ...]]:
+    """The text of a generation and tokens that spell it exactly.
+
+    - The tokens spell the text: as they are.
+    - The tokens spell more than the text (text held back for stop-string matching): when the
+      request was ``cut`` by us the held-back text is real output and the tokens' spelling is the
+      text; when it finished by itself the tail was a stop string (or an end-of-turn token), so
+      the tokens are trimmed to the text.
+    - Anything else (byte-level pieces spelled oddly): each delta's text attributed to its tokens.
+    """
+    if not tokens:
+        return text, ()
+    spelled = "".join(t.token for t in tokens)
+    if spelled == text:
+        return text, tuple(tokens)
+    if spelled.startswith(text):
+        if cut:
+            return spelled, tuple(tokens)
+        kept: list[TokenLogprob] = []
+        pos = 0
+        for token in tokens:
+            if pos >= len(text):
+                break
+            piece = token.token[: len(text) - pos]
+            kept.append(token if piece == token.token else replace(token, token=piece))
+            pos += len(piece)
+        return text, tuple(kept)
+    aligned = list(by_delta)
+    joined = "".join(t.token for t in aligned)
+    if aligned and len(text) > len(joined) and text.startswith(joined):
+        aligned[-1] = replace(aligned[-1], token=aligned[-1].token + text[len(joined) :])
+    return "".join(t.token for t in aligned), tuple(aligned)
 
 
 def _align_tokens(text: str, tokens: Sequence[TokenLogprob]) -> tuple[TokenLogprob, ...]:

@@ -22,7 +22,7 @@ from generation.flare import (
     masked_query,
     sentence_end,
 )
-from generation.rag import ANSWER_MODES, answer
+from generation.rag import ANSWER_MODES, _reconcile, answer
 from generation.types import (
     AnswerEvent,
     CitationEvent,
@@ -31,6 +31,7 @@ from generation.types import (
     ErrorEvent,
     GenerationParams,
     RetrievalEvent,
+    StreamDelta,
     TokenEvent,
     TokenLogprob,
     event_to_dict,
@@ -400,3 +401,60 @@ def test_calibrated_file_overrides_builtin_defaults(make_settings: Any, tmp_path
     assert answer_defaults(settings).kwargs()["flare"].theta == 0.03
     path.write_text("{not json")
     assert flare_defaults(settings) == default_flare_params("smollm2-135m-instruct")
+
+
+# --- servers that hold streamed text back (vLLM does, while it could still become a stop string) ----
+
+
+class LaggingLLM(FakeLLM):
+    """Streams each token's log-probability at once but its text ``lag`` characters late, like vLLM."""
+
+    lag: int = 12
+
+    def stream(self, prompt: str, params: GenerationParams) -> AsyncIterator[StreamDelta]:
+        inner = super().stream(prompt, params)
+
+        async def lagged() -> AsyncIterator[StreamDelta]:
+            pending = ""
+            try:
+                async for delta in inner:
+                    pending += delta.text
+                    if delta.finish_reason or delta.usage:
+                        yield StreamDelta(pending, delta.tokens, delta.finish_reason, delta.usage)
+                        pending = ""
+                        continue
+                    release = max(0, len(pending) - self.lag)
+                    yield StreamDelta(pending[:release], delta.tokens)
+                    pending = pending[release:]
+            finally:
+                await inner.aclose()  # type: ignore[attr-defined]
+
+        return lagged()
+
+
+def test_reconcile_tokens_with_held_back_text() -> None:
+    tokens = [TokenLogprob("Hi", SURE), TokenLogprob(" there", SURE), TokenLogprob(".", SURE)]
+    assert _reconcile("Hi there.", tokens, (), cut=False) == ("Hi there.", tuple(tokens))
+    # Cut by us while the server held "re." back: the tokens say what was generated.
+    assert _reconcile("Hi the", tokens, (), cut=True) == ("Hi there.", tuple(tokens))
+    # Finished by itself with a stop string trimmed from the text: the tokens are trimmed too.
+    text, kept = _reconcile("Hi th", tokens, (), cut=False)
+    assert text == "Hi th" and [t.token for t in kept] == ["Hi", " th"]
+    # Spellings that do not add up: each delta's text goes to its tokens (a late tail to the last).
+    raw = [TokenLogprob("bytes:\\xc3", SURE), TokenLogprob("!", SURE)]
+    by_delta = (TokenLogprob("é", SURE),)
+    assert _reconcile("é!", raw, by_delta, cut=False) == ("é!", (TokenLogprob("é!", SURE),))
+
+
+async def test_flare_judges_the_right_tokens_when_the_server_holds_text_back() -> None:
+    llm = LaggingLLM()
+    llm.enqueue([*sure("Paris", " is", " big", "."), (" Rome", lp(0.01)), *sure(" is", " old", ".")])
+    llm.enqueue(sure(" Rome", " is", " old", "."), finish_reason="stop")
+    retriever = FakeRetriever([PARIS])
+    seen: list[SentenceJudgement] = []
+    events = await run(flare_answer(llm, retriever, FlareParams(theta=0.5), flare_observer=seen.append))
+    # The unsure " Rome" starts the second sentence: the first is accepted without retrieval.
+    assert len(of_type(events, RetrievalEvent)) == 1
+    assert [j.text for j in seen] == ["Paris is big.", " Rome is old."]
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.answer == "Paris is big. Rome is old."
