@@ -48,13 +48,17 @@ class Resources:
     llm: LLMClient
     llm_probe: LLMProbe
     metrics: Metrics
+    leg_executor: ThreadPoolExecutor | None = None
+    """Runs hybrid searches' BM25 legs (``RAG_RETRIEVAL__PARALLEL_LEGS``)."""
 
     async def aclose(self) -> None:
-        """Close the model-server connections, the thread pool and the database pool."""
+        """Close the model-server connections, the thread pools and the database pool."""
         try:
             await self.llm.aclose()
         finally:
             self.executor.shutdown(wait=False, cancel_futures=True)
+            if self.leg_executor is not None:
+                self.leg_executor.shutdown(wait=False, cancel_futures=True)
             await self.engine.dispose()
 
 
@@ -78,16 +82,22 @@ async def build_resources(
     engine = create_engine(settings.database_url, echo=settings.database.echo, pool_size=settings.database.pool_size)
     metrics = Metrics()
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="retrieval")
+    # Its own pool: a search waits for its BM25 leg, so the leg must never queue behind searches.
+    legs = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bm25") if settings.retrieval.parallel_legs else None
     try:
         if embedder is None:
             # One torch thread: steadier query latency when the other core is busy.
             embedder = await asyncio.to_thread(load_embedder, settings, threads=settings.embedding.query_threads)
         store = open_store(settings, model_id=embedder.model_id, dimension=embedder.dimension)
         timed = TimedEmbedder(embedder, metrics.retrieval_latency)
-        retriever = HybridRetriever(store, timed, executor=executor, defaults=search_defaults(settings))
+        retriever = HybridRetriever(
+            store, timed, executor=executor, defaults=search_defaults(settings), leg_executor=legs
+        )
         await asyncio.to_thread(_warm_up, store, embedder)
     except BaseException:
         executor.shutdown(wait=False)
+        if legs is not None:
+            legs.shutdown(wait=False)
         await engine.dispose()
         raise
     client = llm if llm is not None else build_llm_client(settings)
@@ -105,6 +115,7 @@ async def build_resources(
         store=store,
         retriever=retriever,
         executor=executor,
+        leg_executor=legs,
         llm=client,
         llm_probe=llm_probe,
         metrics=metrics,

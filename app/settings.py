@@ -97,6 +97,13 @@ class RetrievalSettings(BaseModel):
     """Minimal plural stemming in BM25 (+0.01 nDCG@10 for BM25 on the FAQ dev set)."""
     faiss_gpu: bool = False
     """Move FAISS indexes to the GPU when faiss-gpu and a GPU are present (falls back to CPU)."""
+    ivf_min_chunks: int = Field(default=50_000, ge=0)
+    """Collections with at least this many chunks search an IVF index (``nprobe`` lists) instead of
+    every vector; smaller ones search exactly. 0: always search exactly."""
+    nprobe: int = Field(default=32, ge=1)
+    """IVF lists probed per dense query (more: closer to exact search, slower)."""
+    parallel_legs: bool = True
+    """Run the BM25 leg of a hybrid search on its own thread while the query is embedded."""
 
 
 class LLMSettings(BaseModel):

@@ -371,12 +371,12 @@ def load_queries(count: int, rng: np.random.Generator, vocab: Sequence[str]) -> 
 def bm25_from_word_ids(corpus: Corpus, params: BM25Params, tokenizer: Tokenizer) -> SparseIndex:
     """A ``SparseIndex`` over chunk ids 1..n, built with numpy from the corpus' word ids.
 
-    Fills the arrays ``SparseIndex._build`` derives from rank-bm25 (postings CSR over terms,
-    docs ascending per term; rank-bm25's idf with its epsilon floor; ``k1 * (1 - b + b *
-    len / avgdl)``), so the real ``SparseIndex.search`` runs on them. The token tuples kept
-    for rebuilds are left out (``tokens_of``/``with_changes`` do not work on this object).
+    Tokenizing a million synthetic chunks in Python would take most of the run, so the
+    postings (CSR over terms, documents ascending per term, term frequencies, document
+    lengths) come straight from the generated word ids and go through the real
+    :meth:`SparseIndex.from_postings`, which computes idf and impacts like any other build.
     Valid because the tokenizer maps the synthetic texts to exactly their words
-    (:func:`check_bm25_parity` verifies both).
+    (:func:`check_bm25_parity` verifies it, and the scores, against a real build).
     """
     n = len(corpus)
     lengths = corpus.lengths()
@@ -399,7 +399,7 @@ def bm25_from_word_ids(corpus: Corpus, params: BM25Params, tokenizer: Tokenizer)
     postings = np.concatenate(packed)
     del packed
     postings.sort()  # by word, then doc: the CSR order
-    tf = np.empty(postings.size, dtype=np.float64)
+    tf = np.empty(postings.size, dtype=np.int32)
     doc_idx = np.empty(postings.size, dtype=np.int32)
     step = 1 << 22  # decode in slices: bounded temporaries at 1M chunks
     for lo in range(0, postings.size, step):
@@ -411,30 +411,16 @@ def bm25_from_word_ids(corpus: Corpus, params: BM25Params, tokenizer: Tokenizer)
     df_all = np.bincount(postings, minlength=len(corpus.vocab))
     del postings
     present = np.flatnonzero(df_all)
-    df = df_all[present].astype(np.float64)
-    idf = np.log(n - df + 0.5) - np.log(df + 0.5)
-    average_idf = idf.sum() / idf.size
-    idf[idf < 0] = params.epsilon * average_idf
-    avgdl = float(lengths.sum()) / n
-    fields: dict[str, Any] = {
-        "_doc_idx": doc_idx,
-        "_idf": idf,
-        "_ids": np.arange(1, n + 1, dtype=np.int64),
-        "_indptr": np.concatenate(([0], np.cumsum(df_all[present]))).astype(np.int64),
-        "_norm": params.k1 * (1 - params.b + params.b * lengths.astype(np.float64) / avgdl),
-        "_params": params,
-        "_tf": tf,
-        "_tokenizer": tokenizer,
-        "_tokens": (),
-        "_vocab": {corpus.vocab[w]: t for t, w in enumerate(present.tolist())},
-    }
-    if set(fields) != set(SparseIndex.__slots__):
-        raise RuntimeError(f"SparseIndex internals changed: slots are {sorted(SparseIndex.__slots__)}")
-    fields["_ids"].setflags(write=False)
-    index = SparseIndex.__new__(SparseIndex)
-    for name, value in fields.items():
-        setattr(index, name, value)
-    return index
+    return SparseIndex.from_postings(
+        np.arange(1, n + 1, dtype=np.int64),
+        lengths.astype(np.int64),
+        [corpus.vocab[w] for w in present.tolist()],
+        np.concatenate(([0], np.cumsum(df_all[present]))).astype(np.int64),
+        doc_idx,
+        tf,
+        tokenizer=tokenizer,
+        params=params,
+    )
 
 
 def check_bm25_parity(real: SparseIndex, fast: SparseIndex, texts: Sequence[str], queries: Sequence[str]) -> None:

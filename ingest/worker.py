@@ -59,6 +59,8 @@ def open_store(settings: Settings, *, model_id: str, dimension: int) -> IndexSto
         dimension=dimension,
         tokenizer=TokenizerOptions(stopwords=settings.retrieval.stopwords, stem=settings.retrieval.stem),
         use_gpu=settings.retrieval.faiss_gpu,
+        ivf_min_chunks=settings.retrieval.ivf_min_chunks or None,
+        nprobe=settings.retrieval.nprobe,
     )
 
 

@@ -6,7 +6,9 @@ request
 1. loads the live snapshot of each collection in the filter (or all of them),
 2. embeds the query once (only when the mode has a dense leg),
 3. runs each leg in each collection to ``options.depth`` candidates, restricted to the
-   chunks matching ``filters.path_prefix`` in both legs,
+   chunks matching ``filters.path_prefix`` in both legs; in hybrid mode, given a
+   ``leg_executor``, the BM25 leg runs there *while* the query is embedded and searched
+   (the embedding is most of a hybrid search's time, and the legs are independent),
 4. merges each leg across collections (concatenate, re-rank by raw score) — dense
    scores are comparable across collections (same model); BM25 scores are only roughly
    comparable (per-collection idf), which is accepted here,
@@ -26,7 +28,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, wait
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -112,9 +114,13 @@ class HybridRetriever:
         embedder: Embeds queries; must be the model the store's indexes were built with.
         executor: Runs the CPU work of :meth:`search` (``None``: the loop's default executor).
         defaults: Options used when a request passes none.
+        leg_executor: Runs the BM25 leg of hybrid searches concurrently with the dense leg
+            (``None``: one after the other). It must not be ``executor``: a search waits for
+            its BM25 leg, and a pool whose every thread waits would deadlock.
 
     Raises:
         IndexMismatchError: If ``embedder`` has another model id or dimension than ``store``.
+        ValueError: If ``leg_executor`` is ``executor``.
     """
 
     def __init__(
@@ -124,15 +130,19 @@ class HybridRetriever:
         *,
         executor: Executor | None = None,
         defaults: SearchOptions | None = None,
+        leg_executor: Executor | None = None,
     ) -> None:
         if embedder.model_id != store.model_id or embedder.dimension != store.dimension:
             raise IndexMismatchError(
                 f"the embedder is {embedder.model_id!r} ({embedder.dimension} dimensions) but the "
                 f"index store expects {store.model_id!r} ({store.dimension} dimensions)"
             )
+        if leg_executor is not None and leg_executor is executor:
+            raise ValueError("leg_executor must be another executor than executor (a search waits for its leg)")
         self._store = store
         self._embedder = embedder
         self._executor = executor
+        self._leg_executor = leg_executor
         self._defaults = defaults or SearchOptions()
         _validate(self._defaults)
 
@@ -214,15 +224,23 @@ class HybridRetriever:
         if not searchable:
             return []
 
-        dense_leg, sparse_leg = _Leg(), _Leg()
-        if use_dense:
-            vector = self._embedder.embed_query(query)  # once per request, for all collections
-            for i, snap, ok in searchable:
-                dense_leg.extend(i, *snap.dense.search(vector, depth, ok))
-        if use_sparse:
-            for i, snap, ok in searchable:
-                # Tokenized per snapshot: each follows the tokenizer options of its manifest.
-                sparse_leg.extend(i, *snap.sparse.search(query, depth, ok))
+        pending: Future[_Leg] | None = None
+        if use_sparse and use_dense and self._leg_executor is not None:
+            pending = self._leg_executor.submit(_sparse_leg, query, searchable, depth)
+        dense_leg = _Leg()
+        try:
+            if use_dense:
+                vector = self._embedder.embed_query(query)  # once per request, for all collections
+                for i, snap, ok in searchable:
+                    dense_leg.extend(i, *snap.dense.search(vector, depth, ok))
+        finally:
+            if pending is not None and not pending.done():
+                # Wait even when the dense leg failed: the BM25 leg must not outlive its request.
+                wait([pending])
+        if pending is not None:
+            sparse_leg = pending.result()
+        else:
+            sparse_leg = _sparse_leg(query, searchable, depth) if use_sparse else _Leg()
 
         owner: dict[int, Chunk] = {}
         dense = dense_leg.ranked(depth, snapshots, owner)
@@ -242,6 +260,18 @@ class HybridRetriever:
             ScoredChunk(chunk=owner[row.id], score=row.score, rank=rank, dense=row.dense, sparse=row.sparse)
             for rank, row in enumerate(fused[:k], start=1)
         ]
+
+
+_Searchable = Sequence[tuple[int, "Snapshot", "npt.NDArray[np.int64] | None"]]
+
+
+def _sparse_leg(query: str, searchable: _Searchable, depth: int) -> _Leg:
+    """The BM25 leg over every searchable snapshot."""
+    leg = _Leg()
+    for i, snap, ok in searchable:
+        # Tokenized per snapshot: each follows the tokenizer options of its manifest.
+        leg.extend(i, *snap.sparse.search(query, depth, ok))
+    return leg
 
 
 def _single(results: list[tuple[int, float]], k: int, owner: dict[int, Chunk], *, leg: str) -> list[ScoredChunk]:

@@ -9,7 +9,9 @@ Layout under ``root``::
         versions/<version>/
           manifest.json                 model id, dimension, counts, tokenizer, BM25 params
           dense.faiss                   faiss.write_index of the IDMap2 index
-          sparse.jsonl                  BM25 tokens per chunk (JSON lines, no pickle)
+          dense.ivf.faiss               its IVF accelerator (large collections only)
+          sparse.npz                    BM25 postings (numpy, no pickle; format-1 versions
+                                        have sparse.jsonl, BM25 tokens per chunk)
           chunks.jsonl                  Chunk payloads (JSON lines)
 
 Publishing (any process) takes ``flock`` on the collection's lock file, builds the next
@@ -54,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.dense import DenseIndex
+from retrieval.dense import DEFAULT_IVF_MIN_VECTORS, DEFAULT_NPROBE, DenseIndex
 from retrieval.sparse import BM25Params, SparseIndex
 from retrieval.tokenize import Tokenizer, TokenizerOptions
 from retrieval.types import Chunk, IndexCorruptError, IndexMismatchError, UnknownCollectionError
@@ -310,6 +312,9 @@ class IndexStore:
         dense_factory: FAISS factory string of the inner dense index.
         use_gpu: Search dense indexes on the GPU when FAISS sees one.
         keep_versions: Versions kept on disk per collection (at least 2, see module doc).
+        ivf_min_chunks: Collections with at least this many chunks are searched through an
+            IVF accelerator (:class:`~retrieval.dense.DenseIndex`); ``None``: always exact.
+        nprobe: IVF lists probed per query.
     """
 
     def __init__(
@@ -323,6 +328,8 @@ class IndexStore:
         dense_factory: str = "Flat",
         use_gpu: bool = False,
         keep_versions: int = 2,
+        ivf_min_chunks: int | None = DEFAULT_IVF_MIN_VECTORS,
+        nprobe: int = DEFAULT_NPROBE,
     ) -> None:
         if dimension <= 0:
             raise ValueError(f"dimension must be positive, got {dimension}")
@@ -336,6 +343,8 @@ class IndexStore:
         self._dense_factory = dense_factory
         self._use_gpu = use_gpu
         self._keep = keep_versions
+        self._ivf_min = ivf_min_chunks
+        self._nprobe = nprobe
         self._cache: dict[str, Snapshot] = {}
         self._load_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -424,12 +433,21 @@ class IndexStore:
         # Before reading the heavy files: a wrong model is the user's problem to fix, not corruption.
         self._check_compatible(manifest)
         try:
-            dense = DenseIndex.load(vdir / "dense.faiss", factory=manifest.dense_factory, use_gpu=self._use_gpu)
+            dense = DenseIndex.load(
+                vdir / "dense.faiss",
+                factory=manifest.dense_factory,
+                use_gpu=self._use_gpu,
+                nprobe=self._nprobe,
+                ivf_min_vectors=self._ivf_min,
+            )
         except (RuntimeError, ValueError) as e:
             if not (vdir / "dense.faiss").exists():
                 raise FileNotFoundError(vdir / "dense.faiss") from e
             raise IndexCorruptError(f"{vdir}: unreadable dense index: {e}") from e
-        sparse = SparseIndex.load(vdir / "sparse.jsonl")
+        sparse_path = vdir / "sparse.npz"
+        if not sparse_path.exists() and (vdir / "sparse.jsonl").exists():
+            sparse_path = vdir / "sparse.jsonl"  # written before the postings format
+        sparse = SparseIndex.load(sparse_path)
         if sparse.tokenizer.options != manifest.tokenizer or sparse.params != manifest.bm25:
             raise IndexCorruptError(f"{vdir}: sparse index options differ from the manifest")
         chunks: dict[int, Chunk] = {}
@@ -607,7 +625,13 @@ class IndexStore:
     ) -> Snapshot:
         tokenizer = Tokenizer(self._tokenizer_options)
         if current is None:
-            dense = DenseIndex(self._dimension, factory=self._dense_factory, use_gpu=self._use_gpu)
+            dense = DenseIndex(
+                self._dimension,
+                factory=self._dense_factory,
+                use_gpu=self._use_gpu,
+                nprobe=self._nprobe,
+                ivf_min_vectors=self._ivf_min,
+            )
             sparse = SparseIndex([], [], tokenizer=tokenizer, params=self._bm25)
             chunks: dict[int, Chunk] = {}
         else:
@@ -630,6 +654,8 @@ class IndexStore:
         to_remove = (remove_ids | set(new_ids.tolist())) & chunks.keys()
         dense.remove(np.fromiter(to_remove, dtype=np.int64, count=len(to_remove)))
         dense.add(new_ids, vecs)
+        if dense.maintain():
+            log.info("collection=%s: dense searches go through %s", collection, dense.accelerator)
         sparse = sparse.with_changes(
             add=[(c.id, tokenizer(c.text)) for c in add], remove=to_remove, tokenizer=tokenizer
         )
@@ -660,7 +686,7 @@ class IndexStore:
         tmp.mkdir()
         try:
             snapshot.dense.save(tmp / "dense.faiss")
-            snapshot.sparse.save(tmp / "sparse.jsonl")
+            snapshot.sparse.save(tmp / "sparse.npz")
             _write_jsonl(tmp / "chunks.jsonl", (_chunk_to_json(snapshot.chunks[i]) for i in snapshot.ids.tolist()))
             # The manifest goes last: a directory with a manifest is complete.
             _write_text(tmp / "manifest.json", json.dumps(snapshot.manifest.to_json(), indent=2) + "\n")

@@ -206,3 +206,69 @@ def test_chunks_resolve_to_their_collection(store: IndexStore, emb: HashEmbedder
         assert isinstance(r.chunk, Chunk)
         assert r.chunk.id in SPLIT[r.chunk.collection]
     assert np.isfinite([r.score for r in retriever.search_sync(QUERY, k=8)]).all()
+
+
+class _SlowEmbedder(HashEmbedder):
+    """Records which threads ran while a query was being embedded."""
+
+    def __init__(self, dimension: int) -> None:
+        super().__init__(dimension=dimension)
+        self.overlapped = threading.Event()
+        self.embedding = threading.Event()
+
+    def embed_query(self, text: str) -> np.ndarray:
+        self.embedding.set()
+        self.overlapped.wait(timeout=5)  # until the BM25 leg has run on the other executor
+        return super().embed_query(text)
+
+
+def test_bm25_leg_runs_during_the_embedding_with_a_leg_executor(store: IndexStore, emb: HashEmbedder) -> None:
+    slow = _SlowEmbedder(dimension=emb.dimension)
+    original = store.load("py")
+    assert original is not None
+    search = type(original.sparse).search
+
+    def observed(self: object, *args: object, **kwargs: object) -> object:
+        # Run only once the embedding has started; then release it. Run one after the
+        # other, the two would each wait out their timeout instead.
+        if slow.embedding.wait(timeout=5):
+            slow.overlapped.set()  # the BM25 leg ran while the query was being embedded
+        return search(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    options = SearchOptions(mode="hybrid", fusion="weighted")
+    sequential = HybridRetriever(store, emb).search_sync(QUERY, k=6, options=options)
+    with ThreadPoolExecutor(max_workers=1) as legs, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(original.sparse), "search", observed)
+        parallel = HybridRetriever(store, slow, leg_executor=legs).search_sync(QUERY, k=6, options=options)
+    assert slow.overlapped.is_set()
+    assert [(r.chunk.id, r.score, r.dense, r.sparse) for r in parallel] == [
+        (r.chunk.id, r.score, r.dense, r.sparse) for r in sequential
+    ]
+
+
+def test_leg_executor_must_differ_from_the_search_executor(store: IndexStore, emb: HashEmbedder) -> None:
+    with ThreadPoolExecutor(max_workers=1) as pool, pytest.raises(ValueError, match="leg_executor"):
+        HybridRetriever(store, emb, executor=pool, leg_executor=pool)
+
+
+def test_a_failing_dense_leg_waits_for_the_bm25_leg(store: IndexStore, emb: HashEmbedder) -> None:
+    class Broken(HashEmbedder):
+        def embed_query(self, text: str) -> np.ndarray:
+            raise RuntimeError("embedding failed")
+
+    finished = threading.Event()
+    original = store.load("py")
+    assert original is not None
+    search = type(original.sparse).search
+
+    def slow_search(self: object, *args: object, **kwargs: object) -> object:
+        result = search(self, *args, **kwargs)  # type: ignore[arg-type]
+        finished.set()
+        return result
+
+    with ThreadPoolExecutor(max_workers=1) as legs, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(original.sparse), "search", slow_search)
+        retriever = HybridRetriever(store, Broken(dimension=emb.dimension), leg_executor=legs)
+        with pytest.raises(RuntimeError, match="embedding failed"):
+            retriever.search_sync(QUERY, k=3)
+        assert finished.is_set()  # the leg had finished before the error reached the caller

@@ -208,8 +208,8 @@ def test_tokenizer_change_retokenizes_on_next_publish(tmp_path: Path) -> None:
     assert loaded is not None and loaded.manifest.tokenizer == TokenizerOptions()  # queries follow the index
     snap = _publish(store, [make_chunk(99, "Reading streams")])
     assert snap.manifest.tokenizer == opts and snap.sparse.tokenizer.options == opts
-    assert "the" not in snap.sparse.tokens_of(1) and "path" in snap.sparse.tokens_of(1)
-    assert "stream" in snap.sparse.tokens_of(99)
+    assert "the" not in snap.sparse.term_counts(1) and "path" in snap.sparse.term_counts(1)
+    assert "stream" in snap.sparse.term_counts(99)
 
 
 def test_path_prefix_ids(tmp_path: Path) -> None:
@@ -340,6 +340,82 @@ def test_dense_index_add_search_filter_remove(factory: str, tmp_path: Path) -> N
     loaded = DenseIndex.load(tmp_path / "dense.faiss", factory=factory, nprobe=2)
     assert loaded.ids().tolist() == index.ids().tolist()
     np.testing.assert_array_equal(loaded.search(query, 5)[0], index.search(query, 5)[0])
+
+
+def _clustered_rows(n: int, dim: int, clusters: int, seed: int = 0) -> np.ndarray:
+    """Unit vectors around ``clusters`` centres: embeddings have structure, IVF relies on it."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _exact_top(vectors: np.ndarray, ids: np.ndarray, query: np.ndarray, k: int) -> list[int]:
+    return ids[np.argsort(-(vectors @ query), kind="stable")[:k]].tolist()
+
+
+def test_ivf_accelerator_lifecycle(tmp_path: Path) -> None:
+    dim = 16
+    vectors = _clustered_rows(3000, dim, clusters=24)
+    ids = np.arange(1, 3001, dtype=np.int64)
+    index = DenseIndex(dim, ivf_min_vectors=2000, nprobe=8)
+    index.add(ids[:1500], vectors[:1500])
+    assert not index.maintain() and index.accelerator is None  # below the threshold: exact
+    index.add(ids[1500:], vectors[1500:])
+    assert index.maintain() and index.accelerator == "IVF128,Flat"  # power of two near 2*sqrt(3000)
+    assert not index.maintain()  # trained for this size: nothing to do
+    queries = _clustered_rows(40, dim, clusters=24, seed=1)
+    hits = [set(index.search(q, 20)[0].tolist()) & set(_exact_top(vectors, ids, q, 20)) for q in queries]
+    recall = np.mean([len(h) / 20 for h in hits])
+    assert recall >= 0.9, recall
+    # The accelerator follows removals and additions (and copies are independent).
+    copy = index.copy()
+    target = vectors[5]
+    assert index.search(target, 1)[0].tolist() == [6]
+    index.remove([6])
+    assert 6 not in index.search(target, 50)[0] and copy.search(target, 1)[0].tolist() == [6]
+    index.add(np.array([9999], dtype=np.int64), target[None, :])
+    assert index.search(target, 1)[0].tolist() == [9999]
+    # A narrow filter is searched exactly: every allowed id comes back, best first.
+    allowed = np.array([10, 20, 30, 9999], dtype=np.int64)
+    found, _ = index.search(target, 10, allowed_ids=allowed)
+    assert found[0] == 9999 and sorted(found.tolist()) == sorted(allowed.tolist())
+    # Saved beside the index and loaded without retraining.
+    index.save(tmp_path / "dense.faiss")
+    assert (tmp_path / "dense.ivf.faiss").is_file()
+    loaded = DenseIndex.load(tmp_path / "dense.faiss", ivf_min_vectors=2000, nprobe=8)
+    assert loaded.accelerator == "IVF128,Flat"
+    for q in queries[:10]:
+        np.testing.assert_array_equal(loaded.search(q, 10)[0], index.search(q, 10)[0])
+    # An older version saved without one is accelerated on load; disabled means exact again.
+    (tmp_path / "dense.ivf.faiss").unlink()
+    assert DenseIndex.load(tmp_path / "dense.faiss", ivf_min_vectors=2000).accelerator == "IVF128,Flat"
+    exact = DenseIndex.load(tmp_path / "dense.faiss", ivf_min_vectors=None)
+    assert exact.accelerator is None
+    assert exact.search(queries[0], 5)[0].tolist() == _exact_top(
+        np.vstack([np.delete(vectors, 5, axis=0), target[None, :]]), np.append(np.delete(ids, 5), 9999), queries[0], 5
+    )
+    # Shrinking below the threshold drops it.
+    index.remove(ids[:1500])
+    assert not index.maintain() and index.accelerator is None
+
+
+def test_store_accelerates_large_collections(tmp_path: Path) -> None:
+    chunks = [make_chunk(i, f"chunk {i} about topic {i % 7}") for i in range(1, 401)]
+    store = _store(tmp_path, ivf_min_chunks=300, nprobe=64)  # nprobe >= nlist: results are exact
+    snap = _publish(store, chunks[:200])
+    assert snap.dense.accelerator is None
+    snap = _publish(store, chunks[200:])
+    assert snap.dense.accelerator == "IVF64,Flat"
+    query = EMB.embed_query("chunk 17 about topic 3")
+    reloaded = _store(tmp_path, ivf_min_chunks=300, nprobe=64).load("docs")
+    assert reloaded is not None and reloaded.dense.accelerator == "IVF64,Flat"
+    np.testing.assert_array_equal(reloaded.dense.search(query, 10)[0], snap.dense.search(query, 10)[0])
+    exact = _store(tmp_path, ivf_min_chunks=None).load("docs")
+    assert exact is not None and exact.dense.accelerator is None
+    # Probing every list finds the exact neighbours (hash vectors tie a lot: compare scores).
+    np.testing.assert_allclose(exact.dense.search(query, 10)[1], snap.dense.search(query, 10)[1], rtol=1e-6)
+    assert exact.dense.search(query, 1)[0].tolist() == snap.dense.search(query, 1)[0].tolist() == [17]
 
 
 def test_dense_index_gpu_request_falls_back_to_cpu(caplog: pytest.LogCaptureFixture) -> None:
