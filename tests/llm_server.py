@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -52,7 +53,8 @@ class LLMServerInfo:
     log_path: Path | None = None
 
 
-def _missing(reason: str) -> None:
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip the test with ``reason``, or fail it when ``CI`` is set (CI must run the model-server tests)."""
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI is set, so the model-server tests must run)", pytrace=False)
     pytest.skip(reason)
@@ -76,7 +78,7 @@ def llm_server() -> Iterator[LLMServerInfo]:
         python = llm_python(venv)
         gguf = find_packaged_gguf(venv)
     except LLMEnvironmentMissing as e:
-        _missing(str(e))
+        skip_or_fail(str(e))
         raise  # unreachable: skip/fail raise
 
     model_dir = default_model_dir(data_dir)

@@ -11,11 +11,22 @@ Server differences this client absorbs:
 * llama.cpp's server: ``text_offset`` counted from the start of the prompt (we never use
   ``text_offset``), an extra empty final chunk, ``/tokenize`` with ``{"content"}``,
   ``exceed_context_size_error`` with ``n_ctx``/``n_prompt_tokens``.
-* llama-cpp-python: ``/extras/tokenize`` with ``{"input"}``.
+* llama-cpp-python (checked against 0.3.36 by ``tests/integration/test_second_server.py``):
+  ``/extras/tokenize`` with ``{"input"}``; no usage in streams (it ignores ``include_usage``);
+  ``repeat_penalty`` instead of ``repetition_penalty`` (we send both). A prompt that does not fit
+  its context fails *after* the ``200`` status line: the event stream just ends, empty, and the
+  server then closes that keep-alive connection. We ask once more without streaming and
+  ``max_tokens=1`` to get the error it reports there (``context_length_exceeded`` ->
+  :class:`~generation.errors.ContextTooLong`), over a fresh connection (see "stale connections").
 
 Retries: only when the request certainly did not start generating: connection failures and
 ``503`` answers, with exponential backoff (or the server's ``Retry-After``). Never once a
 response body has started streaming.
+
+Stale connections: a pooled keep-alive connection that the server has closed fails the next
+request with a read/write error or "disconnected without sending a response" before any response
+byte arrives. Such a request is sent once more, at once, on a new connection, whatever
+``max_retries`` says: the server never saw it (or dropped it unanswered).
 """
 
 from __future__ import annotations
@@ -192,6 +203,16 @@ def _is_connect_failure(exc: httpx.HTTPError) -> bool:
     return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
 
 
+def _is_stale_connection(exc: httpx.HTTPError) -> bool:
+    """A failure of a (pooled) connection before any response byte: the server closed it or never answered.
+
+    Only meaningful when raised before the response headers arrived (callers check that). httpx says
+    ``RemoteProtocolError("Server disconnected without sending a response.")`` for a connection closed
+    cleanly, ``ReadError``/``WriteError`` for one reset.
+    """
+    return isinstance(exc, httpx.ReadError | httpx.WriteError | httpx.RemoteProtocolError)
+
+
 def _translate(exc: httpx.HTTPError, where: str) -> LLMError:
     """Map an httpx exception to the generation error tree (callers ``raise ... from exc``)."""
     if _is_connect_failure(exc):
@@ -346,6 +367,10 @@ class OpenAICompatClient:
             body["seed"] = params.seed
         if params.repetition_penalty is not None:
             body["repetition_penalty"] = params.repetition_penalty
+            # llama.cpp's server and llama-cpp-python call it ``repeat_penalty`` and silently ignore
+            # ``repetition_penalty`` (llama-cpp-python then applies its own default, 1.1). vLLM and the
+            # others accept unknown fields, so sending both names keeps the setting meaning the same.
+            body["repeat_penalty"] = params.repetition_penalty
         return body
 
     def stream(self, prompt: str, params: GenerationParams) -> AsyncIterator[StreamDelta]:
@@ -376,6 +401,7 @@ class OpenAICompatClient:
     async def _deltas(self, path: str, body: dict[str, Any], *, chat: bool) -> AsyncIterator[StreamDelta]:
         finished = False
         done = False
+        received = False
         usage: Usage | None = None
         # aclosing: when our consumer stops early, close the event generator now (which closes the
         # upstream response, so the server aborts the request) instead of at garbage collection.
@@ -384,6 +410,7 @@ class OpenAICompatClient:
                 if payload is None:
                     done = True
                     break
+                received = True
                 usage = _parse_usage(payload.get("usage")) or usage
                 choices = payload.get("choices")
                 if not isinstance(choices, list):
@@ -406,9 +433,48 @@ class OpenAICompatClient:
                     if text or tokens or finish_reason:
                         yield StreamDelta(text=text, tokens=tokens, finish_reason=finish_reason)
         if not (finished or done):
+            if not received:
+                await self._raise_silent_failure(path, body)
             raise LLMProtocolError(f"the stream from {self._where} ended before the completion finished")
         if usage is not None:
             yield StreamDelta(text="", usage=usage)
+
+    async def _raise_silent_failure(self, path: str, body: dict[str, Any]) -> None:
+        """Find out why a stream answered ``200`` and then ended without a single event.
+
+        llama-cpp-python does this when the prompt does not fit its context (the check runs once the
+        event stream has started, and the error is lost); other servers may do it for other errors.
+        The same request, unstreamed and with ``max_tokens=1``, reports the error as a normal error
+        response. No event arrived, so nothing was generated and nothing is repeated.
+
+        Raises:
+            LLMError: The error the unstreamed request answered with (:class:`ContextTooLong` for
+                llama-cpp-python's ``context_length_exceeded``).
+            LLMProtocolError: It succeeded, so the stream failed for no reason we can name.
+        """
+        probe = {k: v for k, v in body.items() if k != "stream_options"}  # vLLM refuses it unstreamed
+        probe.update(stream=False, max_tokens=1)
+        response = await self._send("POST", path, json=probe)
+        if response.status_code >= 400:
+            raise _error_from_response(response)
+        raise LLMProtocolError(
+            f"the stream from {self._where} ended without any event (the same request without streaming worked)"
+        )
+
+    async def _send(self, method: str, path: str, *, json: dict[str, Any] | None = None) -> httpx.Response:
+        """One non-streamed request, sent once more on a new connection if a stale pooled one failed it.
+
+        Raises:
+            LLMError: Transport failures, translated (:func:`_translate`).
+        """
+        for fresh in (False, True):
+            try:
+                return await self._http.request(method, path, json=json)
+            except httpx.HTTPError as exc:
+                if fresh or not _is_stale_connection(exc):
+                    raise _translate(exc, self._where) from exc
+                logger.info("stale connection to the model server, resending", extra={"where": self._where})
+        raise AssertionError("unreachable")
 
     async def _events(self, path: str, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any] | None, None]:
         """Parsed JSON payloads of a streaming POST; ``None`` stands for ``[DONE]``.
@@ -417,6 +483,7 @@ class OpenAICompatClient:
         (consumer done, cancelled, or failed) closes the upstream connection.
         """
         attempt = 0
+        resent_stale = False
         while True:
             started = False
             error: LLMError | None = None
@@ -435,6 +502,11 @@ class OpenAICompatClient:
                             yield self._decode(data)
                         return
             except httpx.HTTPError as exc:
+                if not started and not resent_stale and _is_stale_connection(exc):
+                    # Not an attempt: the request died with a connection the server had closed.
+                    resent_stale = True
+                    logger.info("stale connection to the model server, resending", extra={"where": self._where})
+                    continue
                 if started or not _is_connect_failure(exc) or attempt >= self._max_retries:
                     raise _translate(exc, self._where) from exc
                 delay = self._backoff(attempt, None)
@@ -505,10 +577,7 @@ class OpenAICompatClient:
             body = {"content": text, "add_special": False}
         else:
             body = {"model": self._model, "input": text}
-        try:
-            response = await self._http.post(path, json=body)
-        except httpx.HTTPError as exc:
-            raise _translate(exc, self._where) from exc
+        response = await self._send("POST", path, json=body)
         if response.status_code in _UNSUPPORTED_STATUSES:
             return None
         if response.status_code in (400, 422) and self._tokenize_route is None:
@@ -549,10 +618,7 @@ class OpenAICompatClient:
 
     async def max_model_len(self) -> int | None:
         """The served model's context window from ``GET /v1/models`` (vLLM's ``max_model_len``), if stated."""
-        try:
-            response = await self._http.get("/v1/models")
-        except httpx.HTTPError as exc:
-            raise _translate(exc, self._where) from exc
+        response = await self._send("GET", "/v1/models")
         if response.status_code >= 400:
             raise _error_from_response(response)
         try:

@@ -273,6 +273,22 @@ async def test_complete_gathers_the_stream() -> None:
     assert (completion.text, completion.finish_reason, len(completion.tokens)) == ("AB", "stop", 2)
 
 
+async def test_repetition_penalty_is_sent_under_both_names() -> None:
+    """llama.cpp's servers read ``repeat_penalty`` and ignore ``repetition_penalty`` (llama-cpp-python
+    then applies its own 1.1); vLLM reads ``repetition_penalty`` and ignores unknown fields."""
+    seen: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return httpx.Response(200, content=sse(vllm_completion_chunk("A", -0.1, "B", -1.0, finish="stop")))
+
+    client = make_client(handler)
+    await client.complete("p", GenerationParams(repetition_penalty=1.3))
+    await client.complete("p", GenerationParams())
+    assert (seen[0]["repetition_penalty"], seen[0]["repeat_penalty"]) == (1.3, 1.3)
+    assert "repetition_penalty" not in seen[1] and "repeat_penalty" not in seen[1]
+
+
 async def _lines(items: Sequence[str]) -> AsyncIterator[str]:
     for item in items:
         yield item
@@ -482,6 +498,108 @@ async def test_malformed_or_failing_streams(body: bytes, error: type[LLMError]) 
     client = make_client(lambda request: httpx.Response(200, content=body))
     with pytest.raises(error):
         await client.complete("p", PARAMS)
+
+
+# llama-cpp-python's answer to a prompt longer than its n_ctx, streamed: 200, then an event stream that
+# ends with no event at all; unstreamed, the same request gets this 400 (recorded from 0.3.36).
+LLAMA_CPP_PYTHON_TOO_LONG = {
+    "error": {
+        "message": "This model's maximum context length is 2048 tokens, however you requested 4002 tokens "
+        "(4001 in your prompt; 1 for the completion). Please reduce your prompt; or completion length.",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    }
+}
+
+
+async def test_empty_stream_is_diagnosed_without_streaming() -> None:
+    """The empty stream is asked about once more, unstreamed and for one token, and its 400 becomes
+    ContextTooLong (not a protocol error, not "unavailable")."""
+    seen: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        if body["stream"]:
+            return httpx.Response(200, content=b"", headers={"content-type": "text/event-stream"})
+        return httpx.Response(400, json=LLAMA_CPP_PYTHON_TOO_LONG)
+
+    client = make_client(handler, max_retries=0)
+    with pytest.raises(ContextTooLong) as info:
+        await client.complete("p" * 9000, PARAMS)
+    assert (info.value.max_context, info.value.prompt_tokens, info.value.status_code) == (2048, 4001, 400)
+    assert not info.value.retryable
+    streamed, probe = seen
+    assert (probe["stream"], probe["max_tokens"], "stream_options" in probe) == (False, 1, False)
+    assert {k: v for k, v in probe.items() if k not in ("stream", "max_tokens")} == {
+        k: v for k, v in streamed.items() if k not in ("stream", "max_tokens", "stream_options")
+    }
+
+
+async def test_empty_chat_stream_is_diagnosed_too() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content)["stream"]:
+            return httpx.Response(200, content=b": ping\n\n")  # a comment is not an event
+        return httpx.Response(400, json=LLAMA_CPP_PYTHON_TOO_LONG)
+
+    client = make_client(handler)
+    with pytest.raises(ContextTooLong):
+        await client.chat([ChatMessage("user", "q" * 9000)], PARAMS)
+
+
+async def test_empty_stream_whose_retry_works_is_a_protocol_error() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content)["stream"]:
+            return httpx.Response(200, content=b"")
+        return httpx.Response(200, json={"choices": [{"index": 0, "text": "x", "finish_reason": "length"}]})
+
+    client = make_client(handler)
+    with pytest.raises(LLMProtocolError, match="without any event"):
+        await client.complete("p", PARAMS)
+
+
+@pytest.mark.parametrize(
+    "stale",
+    [
+        httpx.RemoteProtocolError("Server disconnected without sending a response."),
+        httpx.ReadError("connection reset"),
+        httpx.WriteError("broken pipe"),
+    ],
+)
+async def test_a_stale_pooled_connection_is_replaced_once(stale: httpx.HTTPError) -> None:
+    """After llama-cpp-python's failed stream the server closes that keep-alive connection; the next
+    request on it dies before any response byte. It is resent once, even with retries off."""
+    ok = sse(vllm_completion_chunk("ok", -0.1, "no", -2.0, finish="stop"))
+    failures = [stale]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if failures:
+            raise failures.pop()
+        return httpx.Response(200, content=ok)
+
+    counted, calls = counting(handler)
+    client = make_client(counted, max_retries=0)
+    assert (await client.complete("p", PARAMS)).text == "ok"
+    assert len(calls) == 2
+
+    failures.extend([httpx.ReadError("reset"), httpx.ReadError("reset again")])
+    calls.clear()
+    with pytest.raises(LLMUnavailable):  # a server that keeps dropping connections is down, not stale
+        await client.complete("p", PARAMS)
+    assert len(calls) == 2
+
+
+async def test_tokenize_replaces_a_stale_connection_once() -> None:
+    failures: list[Exception] = [httpx.RemoteProtocolError("Server disconnected without sending a response.")]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if failures:
+            raise failures.pop()
+        return httpx.Response(200, json={"count": 2, "tokens": [5, 6]})
+
+    client = make_client(handler, max_retries=0)
+    assert await client.tokenize("a b") == [5, 6]
 
 
 # --- cancellation --------------------------------------------------------------------------------
