@@ -24,6 +24,7 @@ from app.observability import Metrics, TimedEmbedder
 from app.settings import Settings
 from generation.client import LLMClient
 from ingest.worker import load_embedder, open_store, search_defaults
+from retrieval.dense import set_search_threads
 from retrieval.hybrid import HybridRetriever
 from retrieval.store import IndexStore
 from retrieval.types import Embedder
@@ -89,6 +90,7 @@ async def build_resources(
             # One torch thread: steadier query latency when the other core is busy.
             embedder = await asyncio.to_thread(load_embedder, settings, threads=settings.embedding.query_threads)
         store = open_store(settings, model_id=embedder.model_id, dimension=embedder.dimension)
+        set_search_threads(settings.retrieval.search_threads)
         timed = TimedEmbedder(embedder, metrics.retrieval_latency)
         retriever = HybridRetriever(
             store, timed, executor=executor, defaults=search_defaults(settings), leg_executor=legs

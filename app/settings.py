@@ -97,11 +97,15 @@ class RetrievalSettings(BaseModel):
     """Minimal plural stemming in BM25 (+0.01 nDCG@10 for BM25 on the FAQ dev set)."""
     faiss_gpu: bool = False
     """Move FAISS indexes to the GPU when faiss-gpu and a GPU are present (falls back to CPU)."""
-    ivf_min_chunks: int = Field(default=50_000, ge=0)
-    """Collections with at least this many chunks search an IVF index (``nprobe`` lists) instead of
-    every vector; smaller ones search exactly. 0: always search exactly."""
+    dense_accelerator: Literal["sq16", "ivf", "none"] = "sq16"
+    """What large collections' dense searches read before re-ranking exactly: ``sq16`` (float16
+    copy, near-exact), ``ivf`` (inverted lists, sub-linear, loses recall) or ``none`` (exact)."""
+    accelerate_from_chunks: int = Field(default=50_000, ge=1)
+    """Collections with at least this many chunks use the dense accelerator."""
     nprobe: int = Field(default=32, ge=1)
-    """IVF lists probed per dense query (more: closer to exact search, slower)."""
+    """IVF lists probed per dense query with ``dense_accelerator=ivf`` (more: better recall, slower)."""
+    search_threads: int = Field(default=1, ge=1)
+    """FAISS threads per search in the API process (one was faster than two on 2 busy cores)."""
     parallel_legs: bool = True
     """Run the BM25 leg of a hybrid search on its own thread while the query is embedded."""
 

@@ -34,28 +34,34 @@ Methodology
   after ``--queries`` queries or, once they have 8, after ``--cell-seconds`` per mode (or a
   fair share of the time left); ``n`` is reported. Optional steps run last, only if time is
   left: cold load and a 10-chunk delta publish (publish sizes; time is held back for them
-  when the searches keep at least half their cap), the rank-bm25 attempt (direct sizes).
+  when the searches keep at least half their cap), the token-list build (direct sizes).
   On a busy machine fewer queries run; nothing is silently dropped.
 * **Builds.** Up to ``--publish-max`` chunks (100k) the snapshot is built by the real
-  ``IndexStore.publish`` (tokenize, rank-bm25, FAISS, JSON lines, fsync), unless the
-  previous size's publish time, scaled linearly, would eat over half of this size's share
-  (then it is built directly and the reason recorded). Above it, publish is infeasible
-  (rank-bm25 keeps one dict per chunk and builds postings in Python lists; the linear
-  projection from the largest published size is recorded), so the worker builds BM25
-  postings with numpy from the generated word ids (the arrays and formulas of
-  ``SparseIndex._build``, verified on every run against a real ``SparseIndex`` from a
-  2k-chunk publish: same tokens, scores within 1e-9 for every chunk), then the
-  ``DenseIndex`` (vectors added in 100k blocks), and the ``Snapshot``, served through an
-  ``IndexStore`` subclass pinned to it (the only difference: no ``CURRENT`` read per
-  search). ``dense.faiss`` is written for its size; the JSON-lines sizes are scaled from
-  the sample publish. Then, if time is left, the real rank-bm25 build is attempted at that
-  size (tokenizer timed on 10k chunks, then ``SparseIndex`` on the token lists) and
+  ``IndexStore.publish`` (tokenize, BM25 postings, FAISS and its IVF accelerator from 50k
+  chunks, files, fsync), unless the previous size's publish time, scaled linearly, would
+  eat over half of this size's share (then it is built directly and the reason recorded).
+  Above it, tokenizing a million synthetic texts in Python would take most of the run
+  (the linear projection from the largest published size is recorded), so the worker
+  builds the BM25 postings with numpy from the generated word ids and hands them to the
+  real ``SparseIndex.from_postings`` (verified on every run against a real ``SparseIndex``
+  from a 2k-chunk publish: same tokens, scores within 1e-9 for every chunk), then the
+  ``DenseIndex`` (vectors added in 100k blocks, then ``maintain()`` trains the IVF
+  accelerator as a publish would), and the ``Snapshot``, served through an ``IndexStore``
+  subclass pinned to it (the only difference: no ``CURRENT`` read per search).
+  ``dense.faiss`` (and its accelerator) is written for its size; the other files' sizes are
+  scaled from the sample publish. Then, if time is left, the real token-list build
+  (``SparseIndex(ids, tokens)``) runs at that size (tokenizer timed on 10k chunks) and
   whatever happened is recorded.
+* **Search settings** are the service's: ``HybridRetriever`` with a separate 2-thread
+  executor for the BM25 leg of hybrid searches (``RAG_RETRIEVAL__PARALLEL_LEGS``), IVF
+  with ``nprobe`` 32 from 50k chunks. Dense recall of that IVF against exact search is
+  not measurable on random vectors; ``bench/dense_recall.py`` measures it on real
+  embeddings.
 * **Memory.** RSS deltas (psutil, after ``gc.collect()``) around each build step and the
   peak sampled every 50 ms; the parent samples each worker's RSS and stops it above
   ``--rss-limit-gb`` or when the machine has less than ``--min-available-gb`` available.
   At publish sizes the dense index is also built alone for its own delta; the rest of the
-  publish delta is the BM25 index with its token tuples plus the chunk map. Allocator
+  publish delta is the BM25 index plus the chunk map. Allocator
   reuse makes small deltas noisy.
 * **Machine.** 2 shared cores: load averages are recorded before/after the run and per
   size; compare ratios within one run (``p50 ×smallest``, hybrid vs embedding).
@@ -365,7 +371,7 @@ def load_queries(count: int, rng: np.random.Generator, vocab: Sequence[str]) -> 
     return [" ".join(vocab[r] for r in row) for row in ranks.tolist()], "synthetic (8 Zipf words)"
 
 
-# ---------------------------------------------------------------------- BM25 without rank-bm25
+# ---------------------------------------------------------------------- BM25 postings without tokenizing
 
 
 def bm25_from_word_ids(corpus: Corpus, params: BM25Params, tokenizer: Tokenizer) -> SparseIndex:
@@ -712,9 +718,10 @@ def build_direct(
     emit.phase("build:sparse-numpy")
     with RssMeter() as meter:
         sparse = bm25_from_word_ids(corpus, BM25Params(), Tokenizer(TokenizerOptions()))
-    # The real index also keeps one tuple of tokens per chunk (CPython: 40 + 8 per item bytes).
-    tuples_mb = (40 * n + 8 * int(corpus.offsets[-1]) + 8 * n) / 1e6
-    emit.result(["build", "sparse_numpy"], {**meter.report(), "token_tuples_not_held_mb": round(tuples_mb, 1)})
+    emit.result(
+        ["build", "sparse_numpy"],
+        {**meter.report(), "postings": sparse.postings_count, "arrays_mb": round(sparse.nbytes / 1e6, 1)},
+    )
 
     emit.phase("generate:chunks")
     t0 = time.perf_counter()
@@ -747,17 +754,25 @@ def build_direct(
         del vectors
     report = {**meter.report(), "seconds": round(add_seconds, 3), "vectors_mb": round(n * DIM * 4 / 1e6, 1)}
     emit.result(["build", "dense"], {**report, "note": f"added in blocks of {block}, random vectors made in between"})
+    emit.phase("build:dense-ivf")
+    with RssMeter() as meter:
+        dense.maintain()
+    emit.result(["build", "dense_ivf"], {**meter.report(), "accelerator": dense.accelerator})
     emit.phase("build:dense-save")
     t0 = time.perf_counter()
     dense.save(workdir / "dense.faiss")
     disk = {"dense.faiss": (workdir / "dense.faiss").stat().st_size}
+    accel = Path(DenseIndex.accelerator_path(workdir / "dense.faiss"))
+    if accel.exists():
+        disk[accel.name] = accel.stat().st_size
+        accel.unlink()
     emit.result(["build", "dense_save"], {"seconds": round(time.perf_counter() - t0, 3)})
     (workdir / "dense.faiss").unlink()
-    for name in ("sparse.jsonl", "chunks.jsonl"):
+    for name in ("sparse.npz", "chunks.jsonl"):
         disk[name] = round(sample_bytes[name] * n / sample)
     disk["manifest.json"] = sample_bytes["manifest.json"]
     emit.result(["disk_bytes"], disk)
-    emit.result(["disk_bytes_note"], f"jsonl sizes scaled from a real publish of {sample} chunks")
+    emit.result(["disk_bytes_note"], f"sparse.npz and chunks.jsonl scaled from a real publish of {sample} chunks")
 
     emit.phase("build:snapshot")
     manifest = Manifest(
@@ -775,17 +790,18 @@ def build_direct(
     return PinnedStore(workdir / "pinned", snapshot), snapshot
 
 
-def attempt_rank_bm25(emit: Emitter, corpus: Corpus) -> None:
-    """The real sparse build at this size, reporting each step, until it finishes or is stopped.
+def attempt_token_build(emit: Emitter, corpus: Corpus) -> None:
+    """The real token-list sparse build at this size, reporting each step, until it finishes or is stopped.
 
     Tokenizing is timed on a sample and projected (the tokenizer returns a synthetic text's
     words unchanged, see :func:`check_bm25_parity`); the token lists are then taken from the
     word ids, sharing one string per term as the tokenizer's interning does, and handed to
-    ``SparseIndex`` (rank-bm25 statistics + postings), the memory- and time-hungry part.
+    ``SparseIndex(ids, tokens)`` (counting in Python, then the numpy postings), as a first
+    publish of that many chunks would.
     """
     n = len(corpus)
     sample = min(n, 5 * SAMPLE_CHUNKS)
-    emit.phase("rank-bm25-attempt:tokenize-sample")
+    emit.phase("token-build:tokenize-sample")
     texts = corpus.texts(0, sample)
     tokenizer = Tokenizer()
     t0 = time.perf_counter()
@@ -793,11 +809,11 @@ def attempt_rank_bm25(emit: Emitter, corpus: Corpus) -> None:
         tokenizer(text)
     seconds = time.perf_counter() - t0
     emit.result(
-        ["rank_bm25_attempt", "tokenize"],
+        ["token_build", "tokenize"],
         {"sample_chunks": sample, "seconds": round(seconds, 2), "projected_seconds": round(seconds * n / sample, 1)},
     )
     del texts
-    emit.phase("rank-bm25-attempt:token-lists")
+    emit.phase("token-build:token-lists")
     table = np.asarray(corpus.vocab, dtype=object)
     with RssMeter() as meter:
         tokens: list[list[str]] = []
@@ -806,12 +822,12 @@ def attempt_rank_bm25(emit: Emitter, corpus: Corpus) -> None:
             words: list[str] = table[corpus.words[corpus.offsets[lo] : corpus.offsets[hi]]].tolist()
             bounds = (corpus.offsets[lo : hi + 1] - corpus.offsets[lo]).tolist()
             tokens.extend(words[a:b] for a, b in itertools.pairwise(bounds))
-    emit.result(["rank_bm25_attempt", "token_lists"], meter.report())
-    emit.phase("rank-bm25-attempt:SparseIndex")
+    emit.result(["token_build", "token_lists"], meter.report())
+    emit.phase("token-build:SparseIndex")
     with RssMeter() as meter:
         index = SparseIndex(list(range(1, n + 1)), tokens)
-    emit.result(["rank_bm25_attempt", "sparse_index"], meter.report())
-    emit.result(["rank_bm25_attempt", "status"], "finished")
+    emit.result(["token_build", "sparse_index"], meter.report())
+    emit.result(["token_build", "status"], "finished")
     del index
 
 
@@ -874,8 +890,12 @@ def worker(args: argparse.Namespace) -> None:
         reason = args.direct_reason or f"above --publish-max {args.publish_max}"
         emit.result(["build", "path"], f"direct: numpy BM25 + DenseIndex + Snapshot ({reason})")
 
-    with ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="search") as pool:
-        retriever = HybridRetriever(store, embedder, executor=pool)
+    with (
+        ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="search") as pool,
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="bm25") as legs,
+    ):
+        retriever = HybridRetriever(store, embedder, executor=pool, leg_executor=legs)
+        emit.result(["dense_accelerator"], snapshot.dense.accelerator)
         asyncio.run(measure_searches(emit, retriever, snapshot, embedder.embed_query, queries, budget))
     emit.result(["load_average_end"], list(os.getloadavg()))
     del retriever
@@ -886,12 +906,12 @@ def worker(args: argparse.Namespace) -> None:
         del snapshot
         measure_store_updates(emit, store, vocab, budget, publish_seconds)
     elif args.bm25_attempt and budget.remaining() < 20:
-        emit.result(["rank_bm25_attempt", "status"], f"not attempted: {budget.remaining():.0f} s of the share left")
+        emit.result(["token_build", "status"], f"not attempted: {budget.remaining():.0f} s of the share left")
     elif args.bm25_attempt:
         del store, snapshot
         gc.collect()
         rng.bit_generator.state = corpus_rng_state
-        attempt_rank_bm25(emit, sample_corpus(n, vocab, rng))
+        attempt_token_build(emit, sample_corpus(n, vocab, rng))
 
 
 # ---------------------------------------------------------------------- the parent
@@ -909,7 +929,7 @@ def time_weight(n: int) -> float:
     return 1.0 + 2.0 * max(0.0, float(np.log10(n / 10_000)))
 
 
-OPTIONAL_PHASES = ("load:cold", "publish:delta-10", "rank-bm25-attempt")
+OPTIONAL_PHASES = ("load:cold", "publish:delta-10", "token-build")
 
 
 def publish_projection(n: int, sizes: dict[str, dict[str, Any]]) -> float | None:
@@ -1000,9 +1020,9 @@ def run_size(
             "seconds_in_phase": round(time.time() - phase["time"], 1),
             "phase_start_rss_mb": phase.get("rss_mb"),
         }
-        if phase["name"].startswith("rank-bm25-attempt"):
-            set_path(record, ["rank_bm25_attempt", "status"], f"stopped: {killed}")
-            set_path(record, ["rank_bm25_attempt", "stopped"], record["killed"])
+        if phase["name"].startswith("token-build"):
+            set_path(record, ["token_build", "status"], f"stopped: {killed}")
+            set_path(record, ["token_build", "stopped"], record["killed"])
     elif proc.returncode != 0:
         tail = stderr_path.read_text(errors="replace").splitlines()[-15:]
         record["status"] = f"worker failed (exit {proc.returncode}) in phase {phase['name']!r}"
@@ -1078,7 +1098,7 @@ def add_ratios(sizes: dict[str, dict[str, Any]]) -> None:
         record["ratios"] = ratios
 
 
-def project_rank_bm25(sizes: dict[str, dict[str, Any]], publish_max: int) -> None:
+def project_token_build(sizes: dict[str, dict[str, Any]], publish_max: int) -> None:
     """For sizes built without publish: publish and cold-load cost scaled linearly from the largest published size."""
     published = [int(k) for k, r in sizes.items() if "publish" in r.get("build", {})]
     if not published:
@@ -1099,7 +1119,7 @@ def project_rank_bm25(sizes: dict[str, dict[str, Any]], publish_max: int) -> Non
         cold = base.get("updates", {}).get("cold_load", {})
         if "seconds" in cold:
             projection["cold_load_seconds"] = round(cold["seconds"] * factor)
-        set_path(record, ["rank_bm25_attempt", "linear_projection"], projection)
+        set_path(record, ["token_build", "linear_projection"], projection)
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -1209,7 +1229,7 @@ def build_table(result: dict[str, Any]) -> Any:
 
 
 def print_tables(result: dict[str, Any], console: Any) -> None:
-    """The three tables, then notes on paths, skipped steps and the rank-bm25 attempt."""
+    """The three tables, then notes on paths, skipped steps and the token-list build."""
     console.print(latency_table(result))
     console.print(components_table(result))
     console.print(build_table(result))
@@ -1221,8 +1241,8 @@ def print_tables(result: dict[str, Any], console: Any) -> None:
                 console.print(f"{size}: {step} skipped: {value['skipped']}")
         if "killed" in record:
             console.print(f"{size}: stopped in {record['killed']['phase']}: {record['killed']['reason']}")
-        if "rank_bm25_attempt" in record:
-            console.print(f"{size}: rank-bm25 build: {json.dumps(record['rank_bm25_attempt'])}")
+        if "token_build" in record:
+            console.print(f"{size}: token-list build: {json.dumps(record['token_build'])}")
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -1250,7 +1270,7 @@ def main() -> None:
         "--min-available-gb", type=float, default=1.5, help="Kill a worker when the machine has less free."
     )
     parser.add_argument(
-        "--no-bm25-attempt", dest="bm25_attempt", action="store_false", help="Skip the rank-bm25 attempt."
+        "--no-bm25-attempt", dest="bm25_attempt", action="store_false", help="Skip the token-list build (direct sizes)."
     )
     parser.add_argument("--worker-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
@@ -1285,7 +1305,7 @@ def main() -> None:
             direct_reason = f"publish projected at {projected:.0f} s of a {share:.0f} s share"
         sizes[str(n)] = run_size(n, args, soft, hard, direct_reason, console)
     add_ratios(sizes)
-    project_rank_bm25(sizes, args.publish_max)
+    project_token_build(sizes, args.publish_max)
     result: dict[str, Any] = {
         "benchmark": "retrieval",
         "started_at": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),

@@ -53,14 +53,16 @@ class IngestContext:
 
 def open_store(settings: Settings, *, model_id: str, dimension: int) -> IndexStore:
     """The index store for these settings (shared by the worker and the API)."""
+    r = settings.retrieval
     return IndexStore(
         settings.index_dir,
         model_id=model_id,
         dimension=dimension,
         tokenizer=TokenizerOptions(stopwords=settings.retrieval.stopwords, stem=settings.retrieval.stem),
         use_gpu=settings.retrieval.faiss_gpu,
-        ivf_min_chunks=settings.retrieval.ivf_min_chunks or None,
-        nprobe=settings.retrieval.nprobe,
+        accelerator=None if r.dense_accelerator == "none" else r.dense_accelerator,
+        accelerate_from=r.accelerate_from_chunks,
+        nprobe=r.nprobe,
     )
 
 

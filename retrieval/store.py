@@ -9,7 +9,7 @@ Layout under ``root``::
         versions/<version>/
           manifest.json                 model id, dimension, counts, tokenizer, BM25 params
           dense.faiss                   faiss.write_index of the IDMap2 index
-          dense.ivf.faiss               its IVF accelerator (large collections only)
+          dense.accel.faiss             its accelerator (large collections only)
           sparse.npz                    BM25 postings (numpy, no pickle; format-1 versions
                                         have sparse.jsonl, BM25 tokens per chunk)
           chunks.jsonl                  Chunk payloads (JSON lines)
@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.dense import DEFAULT_IVF_MIN_VECTORS, DEFAULT_NPROBE, DenseIndex
+from retrieval.dense import DEFAULT_ACCELERATE_FROM, DEFAULT_NPROBE, AcceleratorKind, DenseIndex
 from retrieval.sparse import BM25Params, SparseIndex
 from retrieval.tokenize import Tokenizer, TokenizerOptions
 from retrieval.types import Chunk, IndexCorruptError, IndexMismatchError, UnknownCollectionError
@@ -312,9 +312,10 @@ class IndexStore:
         dense_factory: FAISS factory string of the inner dense index.
         use_gpu: Search dense indexes on the GPU when FAISS sees one.
         keep_versions: Versions kept on disk per collection (at least 2, see module doc).
-        ivf_min_chunks: Collections with at least this many chunks are searched through an
-            IVF accelerator (:class:`~retrieval.dense.DenseIndex`); ``None``: always exact.
-        nprobe: IVF lists probed per query.
+        accelerator: Dense accelerator kind of large collections (``"sq16"``, ``"ivf"``; see
+            :mod:`retrieval.dense`); ``None``: always exact.
+        accelerate_from: Collections with at least this many chunks use it.
+        nprobe: IVF lists probed per query (``"ivf"``).
     """
 
     def __init__(
@@ -328,7 +329,8 @@ class IndexStore:
         dense_factory: str = "Flat",
         use_gpu: bool = False,
         keep_versions: int = 2,
-        ivf_min_chunks: int | None = DEFAULT_IVF_MIN_VECTORS,
+        accelerator: AcceleratorKind | None = "sq16",
+        accelerate_from: int = DEFAULT_ACCELERATE_FROM,
         nprobe: int = DEFAULT_NPROBE,
     ) -> None:
         if dimension <= 0:
@@ -343,8 +345,11 @@ class IndexStore:
         self._dense_factory = dense_factory
         self._use_gpu = use_gpu
         self._keep = keep_versions
-        self._ivf_min = ivf_min_chunks
-        self._nprobe = nprobe
+        self._dense_options: dict[str, Any] = {
+            "accelerator": accelerator,
+            "accelerate_from": accelerate_from,
+            "nprobe": nprobe,
+        }
         self._cache: dict[str, Snapshot] = {}
         self._load_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -437,8 +442,7 @@ class IndexStore:
                 vdir / "dense.faiss",
                 factory=manifest.dense_factory,
                 use_gpu=self._use_gpu,
-                nprobe=self._nprobe,
-                ivf_min_vectors=self._ivf_min,
+                **self._dense_options,
             )
         except (RuntimeError, ValueError) as e:
             if not (vdir / "dense.faiss").exists():
@@ -629,8 +633,7 @@ class IndexStore:
                 self._dimension,
                 factory=self._dense_factory,
                 use_gpu=self._use_gpu,
-                nprobe=self._nprobe,
-                ivf_min_vectors=self._ivf_min,
+                **self._dense_options,
             )
             sparse = SparseIndex([], [], tokenizer=tokenizer, params=self._bm25)
             chunks: dict[int, Chunk] = {}
