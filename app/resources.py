@@ -89,6 +89,12 @@ async def build_resources(
         if embedder is None:
             # One torch thread: steadier query latency when the other core is busy.
             embedder = await asyncio.to_thread(load_embedder, settings, threads=settings.embedding.query_threads)
+            if settings.embedding.query_backend == "onnx":
+                await asyncio.to_thread(
+                    embedder.use_onnx_queries,
+                    settings.data_dir / "models" / "onnx",
+                    threads=settings.embedding.query_threads,
+                )
         store = open_store(settings, model_id=embedder.model_id, dimension=embedder.dimension)
         set_search_threads(settings.retrieval.search_threads)
         timed = TimedEmbedder(embedder, metrics.retrieval_latency)

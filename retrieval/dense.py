@@ -409,7 +409,9 @@ class DenseIndex:
             limit = min(limit, allowed.size)
         if limit <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        if self._accel is not None and (allowed is None or allowed.size > _EXACT_FILTER_SHARE * len(self)):
+        # On a GPU the exact index is fast enough: the accelerator is for CPU searches.
+        accelerate = self._accel is not None and not self._use_gpu
+        if accelerate and (allowed is None or allowed.size > _EXACT_FILTER_SHARE * len(self)):
             scores, ids = self._accelerated_search(query, limit, allowed, nprobe)
         elif allowed is None:
             searcher = self._searcher(faiss)

@@ -86,6 +86,8 @@ class SentenceTransformerEmbedder:
             torch.set_num_threads(threads)
         self._name = model
         path = resolve_model_path(model)
+        self._path = path
+        self._onnx: Any = None  # OnnxQueryEncoder once use_onnx_queries() succeeded
         self._model: Any = SentenceTransformer(str(path), device=device, local_files_only=True)
         self._device = device
         self._batch_size = batch_size
@@ -158,9 +160,66 @@ class SentenceTransformerEmbedder:
         return self._encode(texts)
 
     def embed_query(self, text: str) -> npt.NDArray[np.float32]:
-        """Embed one query: shape ``(dimension,)``."""
+        """Embed one query: shape ``(dimension,)`` (through ONNX Runtime after :meth:`use_onnx_queries`)."""
+        if self._onnx is not None:
+            fast: npt.NDArray[np.float32] = self._onnx.embed(text)
+            return fast
         vector: npt.NDArray[np.float32] = self._encode([text])[0]
         return vector
+
+    @property
+    def query_backend(self) -> str:
+        """``onnx`` once :meth:`use_onnx_queries` succeeded, else ``torch``."""
+        return "torch" if self._onnx is None else "onnx"
+
+    def use_onnx_queries(self, cache_dir: Path, *, threads: int = 1, tolerance: float = 1e-4) -> bool:
+        """Embed queries through ONNX Runtime from now on, if its vectors match PyTorch's.
+
+        Exports the model once into ``cache_dir`` (file name keyed by a hash of the weights),
+        then checks the graph on :data:`~retrieval.onnx_queries.PROBE_SENTENCES` against this
+        model in float32: every cosine must be within ``tolerance`` of 1. On any failure
+        (onnxruntime missing, export or check failing) queries stay on PyTorch, with a
+        warning: a slower search, never different results.
+
+        Returns:
+            True when queries now go through ONNX Runtime.
+        """
+        from retrieval.onnx_queries import PROBE_SENTENCES, OnnxQueryEncoder, export_query_encoder
+
+        path = cache_dir / f"{Path(self._name).name}-{self._weights_digest()}-query.onnx"
+        with self._lock:  # float32 reference vectors, whatever the document dtype
+            reference = self._model.encode(
+                list(PROBE_SENTENCES), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+            )
+        # A cached file that fails (truncated, another exporter's) is exported anew, once.
+        for fresh in (not path.is_file(), True):
+            try:
+                if fresh:
+                    with self._lock:
+                        export_query_encoder(self._model, path)
+                    logger.info("exported the query encoder to ONNX", extra={"path": str(path)})
+                encoder = OnnxQueryEncoder(path, self._model.tokenizer, max_length=self.max_seq_length, threads=threads)
+                worst = min(float(np.dot(encoder.embed(t), reference[i])) for i, t in enumerate(PROBE_SENTENCES))
+                if worst < 1.0 - tolerance:
+                    raise RetrievalError(f"the ONNX query encoder differs from PyTorch (cosine {worst:.6f})")
+                break
+            except RetrievalError as e:
+                if fresh:
+                    logger.warning("query embedding stays on PyTorch: %s", e)
+                    return False
+                logger.info("re-exporting the cached ONNX query encoder: %s", e)
+        self._onnx = encoder
+        logger.info("queries are embedded through ONNX Runtime", extra={"path": str(path), "min_cosine": worst})
+        return True
+
+    def _weights_digest(self) -> str:
+        import hashlib
+
+        digest = hashlib.sha256()
+        for weights in sorted(self._path.rglob("*.safetensors")) + sorted(self._path.rglob("*.bin")):
+            digest.update(weights.name.encode())
+            digest.update(weights.read_bytes())
+        return digest.hexdigest()[:16]
 
     def count_tokens(self, text: str) -> int:
         """Model tokens in ``text`` without special tokens."""
