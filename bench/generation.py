@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,10 @@ async def run(base_url: str, model: str, questions: int, max_tokens: int) -> dic
         ctx = await build_ingest_context(settings)
         job_id, _ = await enqueue_path(ctx.sessionmaker, corpus.root, collection="bench")
         await run_job(ctx, job_id)
-        retriever = HybridRetriever(ctx.store, ctx.embedder)
+        # Queries as the API embeds them (RAG_EMBEDDING__QUERY_BACKEND=onnx), the BM25 leg beside them.
+        ctx.embedder.use_onnx_queries(settings.data_dir / "models" / "onnx")
+        legs = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bm25")
+        retriever = HybridRetriever(ctx.store, ctx.embedder, leg_executor=legs)
         llm = Recorder(OpenAICompatClient(base_url, model))
         params = generation_params(settings, max_tokens=max_tokens)
         rows: list[dict[str, float]] = []
@@ -153,6 +157,7 @@ async def run(base_url: str, model: str, questions: int, max_tokens: int) -> dic
             )
         await llm.aclose()
         await ctx.aclose()
+        legs.shutdown(wait=False)
 
     def summary(key: str) -> dict[str, float]:
         values = [r[key] for r in rows]
