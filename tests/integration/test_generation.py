@@ -82,7 +82,9 @@ async def test_single_answer_streams_and_cites_corpus_chunks(stack: Any) -> None
     # every answer's streaming and every citation on the way.
     from tests.corpus_factory import write_corpus
 
-    questions = [f.query for f in write_corpus(Path(tempfile.mkdtemp()) / "q").facts][:5]
+    # All ten corpus questions are available: under load vLLM's CPU numerics vary enough that the
+    # 135M model's greedy answers change, and a CI run once got five uncited answers in a row.
+    questions = [f.query for f in write_corpus(Path(tempfile.mkdtemp()) / "q").facts]
     cited: list[CitationEvent] = []
     for question in questions:
         events = []

@@ -260,7 +260,9 @@ async def test_llamacpp_single_answer_streams_and_cites_corpus_chunks(stack: Any
     settings, retriever, llm, chunk_ids = stack
     # As in test_generation.py: the 135M model often answers beside the point, so ask the corpus
     # questions until one answer carries a citation, checking every answer on the way.
-    questions = [f.query for f in write_corpus(Path(tempfile.mkdtemp()) / "q").facts][:5]
+    # All ten corpus questions are available: under load vLLM's CPU numerics vary enough that the
+    # 135M model's greedy answers change, and a CI run once got five uncited answers in a row.
+    questions = [f.query for f in write_corpus(Path(tempfile.mkdtemp()) / "q").facts]
     cited: list[CitationEvent] = []
     for question in questions:
         events = [
