@@ -5,7 +5,9 @@ ingested corpus, context fitting with the server's tokenizer, streamed completio
 parsing). A recording wrapper captures the exact prompt and sampling parameters it sent; the same
 request is then replayed straight to the server's `/v1/completions` with httpx. Both are timed in
 the same run, alternately, so the difference is the service's overhead; the retrieval share of
-the service's TTFT is reported too.
+the service's TTFT is reported too. The server this script starts has prefix caching off, or the
+replay would reuse the prefill of the service's identical prompt; with ``--base-url`` make sure
+the server has it off too.
 
     .venv/bin/python bench/generation.py [--base-url URL --model NAME] [--questions 6] [--max-tokens 64]
 
@@ -150,8 +152,11 @@ async def run(base_url: str, model: str, questions: int, max_tokens: int) -> dic
                     "service_tok_s": svc_tokens / max((total - (first or total)) / 1000, 1e-6),
                     "service_total_ms": total,
                     "retrieval_ms": done.timings.get("retrieval_ms", 0.0),
+                    "prompt_ms": done.timings.get("prompt_ms", 0.0),
+                    "service_tokens": svc_tokens,
                     "raw_ttft_ms": raw_ttft,
                     "raw_tok_s": raw_tokens / max((raw_total - raw_ttft) / 1000, 1e-6),
+                    "raw_tokens": raw_tokens,
                     "raw_total_ms": raw_total,
                 }
             )
@@ -212,7 +217,11 @@ def main() -> None:
         )
         port = find_free_port()
         server = ManagedServer(
-            serve_command(model_dir, args.model, "127.0.0.1", port, python=python),
+            # No prefix caching: the replay sends the service's prompt a second time and would
+            # otherwise skip the prefill the service paid for (a 4-8x smaller raw TTFT, measured).
+            serve_command(
+                model_dir, args.model, "127.0.0.1", port, python=python, extra_args=("--no-enable-prefix-caching",)
+            ),
             host="127.0.0.1",
             port=port,
             env=serve_env(kv_cache_gib=1),
