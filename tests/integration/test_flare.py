@@ -11,16 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 
-from app.db.models import Chunk as ChunkRow
 from app.llm import generation_params
-from generation.backends.openai_compat import OpenAICompatClient
 from generation.flare import FlareParams, SentenceJudgement
 from generation.rag import answer
 from generation.types import AnswerEvent, DoneEvent, ErrorEvent, RetrievalEvent, TokenEvent
-from ingest.worker import build_ingest_context, enqueue_path, run_job
-from retrieval.hybrid import HybridRetriever
+from tests.answer_stack import answer_stack
 from tests.corpus_factory import write_corpus
 from tests.integration.test_cli_eval import write_beir
 from tests.llm_server import LLMServerInfo
@@ -37,18 +33,9 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-async def stack(tmp_path: Path, make_settings: Any, embedder: Any, corpus_dir: Path, llm_server: LLMServerInfo) -> Any:
-    settings = make_settings(llm={"base_url": llm_server.base_url, "model": llm_server.model})
-    ctx = await build_ingest_context(settings, embedder=embedder)
-    job_id, _ = await enqueue_path(ctx.sessionmaker, corpus_dir, collection="flare")
-    summary = await run_job(ctx, job_id)
-    assert summary is not None and summary.status == "succeeded"
-    async with ctx.sessionmaker() as session:
-        chunk_ids = set(await session.scalars(select(ChunkRow.id)))
-    llm = OpenAICompatClient(llm_server.base_url, llm_server.model)
-    yield settings, HybridRetriever(ctx.store, ctx.embedder), llm, chunk_ids
-    await llm.aclose()
-    await ctx.aclose()
+async def stack(make_settings: Any, embedder: Any, corpus_dir: Path, llm_server: LLMServerInfo) -> Any:
+    async with answer_stack(make_settings, embedder, corpus_dir, llm_server, collection="flare") as parts:
+        yield parts
 
 
 async def _flare(stack: Any, params: FlareParams) -> tuple[list[AnswerEvent], list[SentenceJudgement]]:

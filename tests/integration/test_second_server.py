@@ -18,9 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
 
-from app.db.models import Chunk as ChunkRow
 from app.llm import generation_params
 from generation.backends.openai_compat import OpenAICompatClient
 from generation.errors import ContextTooLong, LLMUnavailable
@@ -36,8 +34,7 @@ from generation.types import (
     StreamDelta,
     TokenEvent,
 )
-from ingest.worker import build_ingest_context, enqueue_path, run_job
-from retrieval.hybrid import HybridRetriever
+from tests.answer_stack import answer_stack
 from tests.corpus_factory import write_corpus
 from tests.llamacpp_server import LLAMACPP_N_CTX
 from tests.llm_server import LLMServerInfo
@@ -240,20 +237,9 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-async def stack(
-    tmp_path: Path, make_settings: Any, embedder: Any, corpus_dir: Path, llamacpp_server: LLMServerInfo
-) -> Any:
-    settings = make_settings(llm={"base_url": llamacpp_server.base_url, "model": llamacpp_server.model})
-    ctx = await build_ingest_context(settings, embedder=embedder)
-    job_id, _ = await enqueue_path(ctx.sessionmaker, corpus_dir, collection="second")
-    summary = await run_job(ctx, job_id)
-    assert summary is not None and summary.status == "succeeded"
-    async with ctx.sessionmaker() as session:
-        chunk_ids = set(await session.scalars(select(ChunkRow.id)))
-    llm = OpenAICompatClient(llamacpp_server.base_url, llamacpp_server.model)
-    yield settings, HybridRetriever(ctx.store, ctx.embedder), llm, chunk_ids
-    await llm.aclose()
-    await ctx.aclose()
+async def stack(make_settings: Any, embedder: Any, corpus_dir: Path, llamacpp_server: LLMServerInfo) -> Any:
+    async with answer_stack(make_settings, embedder, corpus_dir, llamacpp_server, collection="second") as parts:
+        yield parts
 
 
 async def test_llamacpp_single_answer_streams_and_cites_corpus_chunks(stack: Any) -> None:
