@@ -74,7 +74,7 @@ async def run(dataset_dir: Path, limit: int | None) -> dict[str, object]:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "benchmark": "ingest",
-        "dataset": str(dataset_dir),
+        "dataset": dataset_dir.name,  # a name, never a path of this machine
         "documents": docs,
         "chunks": chunks,
         "files": summary.files,

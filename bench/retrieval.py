@@ -367,7 +367,8 @@ def load_queries(count: int, rng: np.random.Generator, vocab: Sequence[str]) -> 
     if path.is_file():
         with path.open(encoding="utf-8") as f:
             questions = [json.loads(line)["text"] for line in f]
-        return [questions[i % len(questions)] for i in range(count)], str(path)
+        # Relative to the repository: results never carry this machine's paths.
+        return [questions[i % len(questions)] for i in range(count)], os.path.relpath(path, ROOT)
     ranks = zipf_ranks(rng, count * 8, len(vocab)).reshape(count, 8)
     return [" ".join(vocab[r] for r in row) for row in ranks.tolist()], "synthetic (8 Zipf words)"
 

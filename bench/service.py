@@ -162,7 +162,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     assert summary["chunks"]["total"] > 0, summary
     result: dict[str, Any] = {
         "corpus": f"{len(list(CORPUS.glob('*.md')))} markdown files, {summary['chunks']['total']} chunks",
-        "data_dir": str(data),
+        "data_dir": data.name,  # a name, never a path of this machine
         "ingest_seconds": round(time.perf_counter() - started, 1),
         "load_before": os.getloadavg(),
     }
