@@ -124,7 +124,7 @@ class SparseIndex:
         if id_array.size > 1 and bool(np.any(id_array[1:] == id_array[:-1])):
             raise ValueError("duplicate chunk ids in sparse index")
         vocab: dict[str, int] = {}
-        terms, docs, tfs, doc_len = _count([tokens[i] for i in order.tolist()], vocab, first_doc=0)
+        terms, docs, tfs, doc_len = _count([tokens[i] for i in order.tolist()], vocab)
         post_ptr, post_docs, post_tf = _csr(terms, docs, tfs, len(vocab))
         self._init(
             id_array,
@@ -249,7 +249,7 @@ class SparseIndex:
         avgdl = int(self._doc_len.sum()) / n
         norm = p.k1 * (1 - p.b + p.b * self._doc_len / avgdl)
         k1_plus_1 = p.k1 + 1
-        term_of = np.repeat(np.arange(len(self._terms), dtype=np.int32), np.diff(self._post_ptr))
+        term_of = self._posting_terms(np.int32)
         impact = np.empty(self._post_docs.size, dtype=np.float64)
         for lo in range(0, impact.size, _BLOCK):
             hi = min(lo + _BLOCK, impact.size)
@@ -257,6 +257,10 @@ class SparseIndex:
             tf = self._post_tf[lo:hi].astype(np.float64)
             impact[lo:hi] = self._idf[term_of[lo:hi]] * (tf * k1_plus_1 / (tf + norm[self._post_docs[lo:hi]]))
         return impact
+
+    def _posting_terms(self, dtype: type[np.int32] | type[np.int64]) -> Any:
+        """The term id of every posting (the CSR offsets expanded)."""
+        return np.repeat(np.arange(len(self._terms), dtype=dtype), np.diff(self._post_ptr))
 
     # ------------------------------------------------------------------ properties
 
@@ -426,10 +430,10 @@ class SparseIndex:
         remap[keep] = np.searchsorted(new_ids, kept_ids)
 
         vocab = dict(self._vocab)
-        add_terms, local_docs, add_tfs, add_len = _count([added[i] for i in add_ids.tolist()], vocab, first_doc=0)
+        add_terms, local_docs, add_tfs, add_len = _count([added[i] for i in add_ids.tolist()], vocab)
         add_docs: IntArray = np.searchsorted(new_ids, add_ids)[local_docs]
 
-        old_terms = np.repeat(np.arange(len(self._terms), dtype=np.int64), np.diff(self._post_ptr))
+        old_terms = self._posting_terms(np.int64)
         alive = keep[self._post_docs] if self._post_docs.size else np.zeros(0, dtype=np.bool_)
         old_docs = remap[self._post_docs[alive]]
         old_terms = old_terms[alive]
@@ -588,15 +592,13 @@ def _top_positive(scores: ScoreArray, k: int) -> Int32Array | IntArray:
     return np.flatnonzero(scores >= threshold)
 
 
-def _count(
-    docs: Sequence[Sequence[str]], vocab: dict[str, int], *, first_doc: int
-) -> tuple[Int32Array, Int32Array, Int32Array, IntArray]:
+def _count(docs: Sequence[Sequence[str]], vocab: dict[str, int]) -> tuple[Int32Array, Int32Array, Int32Array, IntArray]:
     """Doc-major ``(term, doc, tf)`` triples and document lengths; new terms are added to ``vocab``."""
     terms: list[int] = []
     doc_of: list[int] = []
     tfs: list[int] = []
     lengths: list[int] = []
-    for doc, toks in enumerate(docs, start=first_doc):
+    for doc, toks in enumerate(docs):
         counts = Counter(toks)
         for word in counts:
             if word not in vocab:
