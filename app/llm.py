@@ -43,6 +43,8 @@ def generation_params(settings: Settings, **overrides: Any) -> GenerationParams:
         "top_p": llm.top_p,
         "top_k": llm.top_k,
         "repetition_penalty": llm.repetition_penalty,
+        "frequency_penalty": llm.frequency_penalty,
+        "presence_penalty": llm.presence_penalty,
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     if "stop" in values:

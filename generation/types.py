@@ -49,7 +49,12 @@ class GenerationParams:
         logprobs: Number of alternatives to return per token (``None``: no log-probabilities).
             vLLM refuses more than its ``--max-logprobs``.
         seed: Per-request seed for reproducible sampling.
-        repetition_penalty: vLLM extension (>1 discourages repeats; small models loop without it).
+        repetition_penalty: vLLM extension (>1 discourages repeats). vLLM applies it to the prompt's
+            tokens as well, so it also pushes the model away from the words of its sources.
+        frequency_penalty: OpenAI parameter: subtracted once per earlier occurrence of a token in the
+            generated text only (vLLM, llama.cpp and OpenAI agree); curbs loops without penalising
+            words copied from the sources.
+        presence_penalty: OpenAI parameter: subtracted once from every token already generated.
     """
 
     max_tokens: int = 256
@@ -60,6 +65,8 @@ class GenerationParams:
     logprobs: int | None = None
     seed: int | None = None
     repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -371,6 +371,10 @@ class OpenAICompatClient:
             # ``repetition_penalty`` (llama-cpp-python then applies its own default, 1.1). vLLM and the
             # others accept unknown fields, so sending both names keeps the setting meaning the same.
             body["repeat_penalty"] = params.repetition_penalty
+        if params.frequency_penalty is not None:
+            body["frequency_penalty"] = params.frequency_penalty
+        if params.presence_penalty is not None:
+            body["presence_penalty"] = params.presence_penalty
         return body
 
     def stream(self, prompt: str, params: GenerationParams) -> AsyncIterator[StreamDelta]:

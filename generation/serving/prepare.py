@@ -1,26 +1,38 @@
-"""Turn the packaged GGUF into a 4-bit checkpoint that vLLM's CPU build can serve.
+"""Turn the packaged GGUF into a quantized checkpoint that vLLM's CPU build can serve.
 
 Run once, under the ``.venv-llm`` interpreter (it imports torch, transformers and gguf)::
 
-    .venv-llm/bin/python generation/serving/prepare.py --gguf PATH --out DIR [--format gptq|awq]
+    .venv-llm/bin/python generation/serving/prepare.py --gguf PATH --out DIR [--format w8a8|gptq|awq]
     .venv-llm/bin/python -m generation.serving.prepare ...   # the same, from the repository root
 
-vLLM cannot load GGUF on the CPU, but it has CPU kernels for 4-bit GPTQ (symmetric, ``uint4b8``) and
-AWQ (asymmetric, ``uint4`` with zero points). The steps:
+vLLM cannot load GGUF on the CPU, but it has CPU kernels for INT8 W8A8 (compressed-tensors: int8
+weights per output channel, int8 activations quantized per token at run time; oneDNN) and for 4-bit
+GPTQ (symmetric, ``uint4b8``) and AWQ (asymmetric, ``uint4`` with zero points).
+
+``w8a8`` is the default. The GGUF is already 4-bit (Q4_1), and a second 4-bit quantization onto
+another grid doubles the error: the 4-bit checkpoints answered 0-1 of the test corpus's ten questions
+where the dequantized bf16 model and INT8 answered 6 (docs/llm.md has the numbers). INT8 adds ~1 %
+relative weight error and keeps the answers; it decodes ~13 % slower than 4-bit here.
+
+The steps:
 
 1. transformers dequantizes the GGUF (``from_pretrained(dir, gguf_file=...)``) into float32 weights;
    config, generation config, tokenizer and chat template are written unchanged.
-2. Calibration without a download: the model answers :data:`CALIBRATION_PROMPTS` (sampled, fixed seed)
-   and the inputs of every decoder projection on that text give its Hessian ``sum(x x^T)``.
-3. Every decoder projection is quantized per group of input channels. The group's scale (and zero
-   point for AWQ) is chosen by minimising the squared error over a grid of clip ratios, refined by a few
-   least-squares steps, and rounded to bfloat16 (what vLLM computes with). Then GPTQ picks the codes
-   column by column, pushing each rounding error onto the columns not yet quantized through the inverse
-   Hessian (``--algorithm rtn``: plain round-to-nearest, no calibration).
-4. The packed tensors are written in the layout vLLM's loaders read (GPTQ: ``qweight`` int32 packed
-   along the input dim, ``qzeros``, fp16 ``scales``, ``g_idx``; AWQ: the GEMM layout packed along the
-   output dim) with ``quantization_config`` in ``config.json``. Embeddings, norms and the (tied) head
-   stay bf16.
+2. (4-bit GPTQ only) Calibration without a download: the model answers :data:`CALIBRATION_PROMPTS`
+   (sampled, fixed seed) and the inputs of every decoder projection on that text give its Hessian
+   ``sum(x x^T)``.
+3. ``w8a8``: every decoder projection is rounded to int8 with one scale per output channel
+   (``max |w| / 127``). 4-bit: every decoder projection is quantized per group of input channels.
+   The group's scale (and zero point for AWQ) is chosen by minimising the squared error over a
+   grid of clip ratios, refined by a few least-squares steps, and rounded to bfloat16 (what vLLM
+   computes with). Then GPTQ picks the codes column by column, pushing each rounding error onto
+   the columns not yet quantized through the inverse Hessian (``--algorithm rtn``: plain
+   round-to-nearest, no calibration).
+4. The tensors are written in the layout vLLM's loaders read (W8A8: ``weight`` int8 ``[out, in]``
+   and ``weight_scale`` float32 ``[out, 1]`` with a compressed-tensors ``int-quantized`` config;
+   GPTQ: ``qweight`` int32 packed along the input dim, ``qzeros``, fp16 ``scales``, ``g_idx``;
+   AWQ: the GEMM layout packed along the output dim) with ``quantization_config`` in
+   ``config.json``. Embeddings, norms and the (tied) head stay bf16.
 5. The checkpoint is unpacked again (it must reproduce the codes exactly), dequantized into the bf16
    model, and its next-token log-probabilities are compared with the bf16 model's on held-out texts
    (:data:`EVAL_TEXTS`); the numbers go into ``prepared.json``.
@@ -58,7 +70,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("generation.serving.prepare")
 
-QuantFormat = Literal["gptq", "awq"]
+QuantFormat = Literal["w8a8", "gptq", "awq"]
 Algorithm = Literal["gptq", "rtn"]
 
 #: Bump when the quantizer changes in a way that changes the output: a prepared dir with another
@@ -120,7 +132,9 @@ class QuantSpec:
     """What to produce."""
 
     format: QuantFormat = "gptq"
+    #: 4 for ``gptq``/``awq``, 8 for ``w8a8`` (use :meth:`for_format`)
     bits: int = 4
+    #: input channels per scale for 4-bit; ``w8a8`` has one scale per output channel (0 here)
     group_size: int = 64
     #: ``gptq``: choose the codes column by column compensating the error through the inputs' Hessian
     #: (calibrated on the model's own answers); ``rtn``: round each weight to the nearest code.
@@ -134,9 +148,17 @@ class QuantSpec:
     #: least-squares refinement steps after the grid search
     refine_steps: int = 3
 
+    @classmethod
+    def for_format(cls, fmt: QuantFormat, *, group_size: int = 64, algorithm: Algorithm = "gptq") -> QuantSpec:
+        """The spec of one format: ``w8a8`` is 8-bit per channel, rounded to nearest (GPTQ's error
+        compensation buys nothing measurable at 8 bits and would cost the calibration pass)."""
+        if fmt == "w8a8":
+            return cls(format="w8a8", bits=8, group_size=0, algorithm="rtn")
+        return cls(format=fmt, bits=4, group_size=group_size, algorithm=algorithm)
+
     @property
     def sym(self) -> bool:
-        return self.format == "gptq"
+        return self.format in ("gptq", "w8a8")
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide whether an existing prepared dir can be reused."""
@@ -275,6 +297,28 @@ def quantize_groups(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     return q.reshape(out_f, in_f).to(torch.int32), best_scale, best_zero.to(torch.int32)
 
 
+def quantize_channels_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel: ``(q, scale)`` with ``q`` int8 ``[out, in]`` in ``[-127, 127]``
+    and ``scale`` float32 ``[out, 1]`` = ``max |w| / 127`` of the row; the weight is ``q * scale``.
+    An all-zero row gets scale 1 (and zero codes)."""
+    import torch
+
+    wf = w.detach().to(torch.float32)
+    absmax = wf.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+    q = torch.clamp(torch.round(wf / scale), -127, 127).to(torch.int8)
+    return q, scale
+
+
+def pack_w8a8(q: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The two tensors of one compressed-tensors ``int-quantized`` linear layer (vLLM's
+    ``CompressedTensorsW8A8Int8`` with channel strategy): ``weight`` int8 ``[out, in]`` and
+    ``weight_scale`` float32 ``[out, 1]``."""
+    import torch
+
+    return {"weight": q.to(torch.int8).contiguous(), "weight_scale": scale.to(torch.float32).contiguous()}
+
+
 def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """Inverse of :func:`quantize_groups`: ``[out, in]`` float32 weights."""
     import torch
@@ -352,6 +396,8 @@ def unpack_layer(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> torch.Ten
     """Dequantize one packed layer back to ``[out, in]`` float32 (used to check the files we wrote)."""
     import torch
 
+    if spec.format == "w8a8":
+        return tensors["weight"].to(torch.float32) * tensors["weight_scale"].to(torch.float32)
     scales = tensors["scales"].to(torch.float32).t()  # [out, in/g]
     if spec.format == "gptq":
         q = _unpack_rows(tensors["qweight"], spec.bits).t()  # [out, in]
@@ -371,6 +417,38 @@ def unpack_layer(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> torch.Ten
 
 def quantization_config(spec: QuantSpec) -> dict[str, Any]:
     """The ``quantization_config`` block of ``config.json`` that vLLM (and transformers) read."""
+    if spec.format == "w8a8":
+        # compressed-tensors' schema (what llm-compressor writes for its W8A8 INT8 recipes): static
+        # per-channel weights, dynamic per-token symmetric activations; vLLM picks its CPU int8 GEMM.
+        return {
+            "quant_method": "compressed-tensors",
+            "format": "int-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": {
+                        "num_bits": 8,
+                        "type": "int",
+                        "symmetric": True,
+                        "strategy": "channel",
+                        "dynamic": False,
+                        "observer": "minmax",
+                    },
+                    "input_activations": {
+                        "num_bits": 8,
+                        "type": "int",
+                        "symmetric": True,
+                        "strategy": "token",
+                        "dynamic": True,
+                        "observer": None,
+                    },
+                }
+            },
+            "ignore": ["lm_head"],
+            "kv_cache_scheme": None,
+            "quantizer": f"ragsvc-rtn/{QUANTIZER_VERSION}",
+        }
     if spec.format == "gptq":
         return {
             "quant_method": "gptq",
@@ -562,7 +640,6 @@ def write_quantized(
     import torch
     from safetensors.torch import save_file
 
-    pack = pack_gptq if spec.format == "gptq" else pack_awq
     state = {k: v for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
@@ -574,19 +651,9 @@ def write_quantized(
     sq_err = sq_norm = 0.0
     for name, module in modules:
         w = module.weight.detach().to(torch.float32)
-        out_f, in_f = w.shape
-        if out_f % 32 or in_f % spec.group_size:
-            # vLLM's CPU kernel wants multiples of 32 on both sides and whole groups.
-            raise PrepareError(f"{name}: shape {tuple(w.shape)} does not fit group size {spec.group_size}")
-        if spec.algorithm == "gptq":
-            if hessians is None or name not in hessians:
-                raise PrepareError(f"{name}: no calibration Hessian for GPTQ")
-            q, scales, zeros = gptq_quantize(w, hessians[name], spec)
-        else:
-            q, scales, zeros = quantize_groups(w, spec)
-        packed = pack(q, scales, zeros, spec)
+        packed, expected = _quantize_layer(name, w, spec, hessians)
         back = unpack_layer(packed, spec)
-        if not torch.equal(back, dequantize(q, scales, zeros, spec.group_size)):
+        if not torch.equal(back, expected):
             raise PrepareError(f"{name}: packed tensors do not round-trip")
         sq_err += float((back - w).pow(2).sum())
         sq_norm += float(w.pow(2).sum())
@@ -604,6 +671,27 @@ def write_quantized(
     config.pop("torch_dtype", None)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return roundtrip
+
+
+def _quantize_layer(
+    name: str, w: torch.Tensor, spec: QuantSpec, hessians: dict[str, torch.Tensor] | None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One projection's checkpoint tensors and the float weights they must decode to."""
+    if spec.format == "w8a8":
+        q8, scale = quantize_channels_int8(w)
+        return pack_w8a8(q8, scale), q8.to(w.dtype) * scale
+    out_f, in_f = w.shape
+    if out_f % 32 or in_f % spec.group_size:
+        # vLLM's CPU kernel wants multiples of 32 on both sides and whole groups.
+        raise PrepareError(f"{name}: shape {tuple(w.shape)} does not fit group size {spec.group_size}")
+    if spec.algorithm == "gptq":
+        if hessians is None or name not in hessians:
+            raise PrepareError(f"{name}: no calibration Hessian for GPTQ")
+        q, scales, zeros = gptq_quantize(w, hessians[name], spec)
+    else:
+        q, scales, zeros = quantize_groups(w, spec)
+    pack = pack_gptq if spec.format == "gptq" else pack_awq
+    return pack(q, scales, zeros, spec), dequantize(q, scales, zeros, spec.group_size)
 
 
 def next_token_logprobs(model: Any, tokenizer: Any, texts: Sequence[str]) -> list[torch.Tensor]:
@@ -701,7 +789,9 @@ def prepare(
             model.config.save_pretrained(str(tmp))
             model.generation_config.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
-            logger.info("quantizing to %d-bit %s, group size %d", spec.bits, spec.format, spec.group_size)
+            logger.info(
+                "quantizing: %d-bit %s, group size %d (0: per channel)", spec.bits, spec.format, spec.group_size
+            )
             hessians = None
             if spec.algorithm == "gptq":
                 sequences = calibration_sequences(model, tokenizer, spec)
@@ -770,17 +860,18 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m generation.serving.prepare",
-        description="Convert a GGUF decoder into a 4-bit GPTQ/AWQ checkpoint for vLLM's CPU build.",
+        description="Convert a GGUF decoder into an INT8 W8A8 (or 4-bit GPTQ/AWQ) checkpoint for vLLM's CPU build.",
     )
     parser.add_argument("--gguf", type=Path, required=True, help="the .gguf file")
     parser.add_argument("--out", type=Path, required=True, help="the checkpoint directory to produce")
-    parser.add_argument("--format", choices=("gptq", "awq"), default="gptq", help="checkpoint layout")
+    parser.add_argument(
+        "--format", choices=("w8a8", "gptq", "awq"), default="w8a8", help="checkpoint layout (w8a8: INT8)"
+    )
     parser.add_argument(
         "--algorithm", choices=("gptq", "rtn"), default="gptq", help="GPTQ error compensation or plain rounding"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--bits", type=int, choices=(4,), default=4, help="vLLM's CPU kernels do 4-bit")
-    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--group-size", type=int, default=64, help="4-bit formats: input channels per scale")
     parser.add_argument("--no-eval", action="store_true", help="skip the log-prob comparison")
     parser.add_argument("--bf16-out", type=Path, help="also write the unquantized bf16 HF directory here")
     parser.add_argument("--force", action="store_true", help="rebuild even if already prepared")
@@ -795,7 +886,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # SIGTERM (a test timeout, `kill`) unwinds like Ctrl-C, so the temporary directory is removed.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    spec = QuantSpec(format=args.format, bits=args.bits, group_size=args.group_size, algorithm=args.algorithm)
+    spec = QuantSpec.for_format(args.format, group_size=args.group_size, algorithm=args.algorithm)
     try:
         out = prepare(
             args.gguf,

@@ -47,13 +47,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 ANSWER_TIMEOUT_MS = 300_000  # two loaded cores can make the 135M model slow
-# Corpus questions (tests/corpus_factory.py), the ones the embedded model cites most often first.
-QUESTIONS = (
-    "How often should the ZX-9 quantum gasket be inspected?",
-    "What to do when the quokka daemon does not start?",
-    "At what temperature does the zorblax reactor run?",
-    "What is the capital of Veldoria?",
-)
 
 
 def _missing(reason: str) -> None:
@@ -226,12 +219,13 @@ def test_chat_page_with_the_real_model(
         expect(page.get_by_label("Collection", exact=True)).to_have_value("manuals")
         assert not unnamed_controls(page)
 
-        # 1. A question: tokens stream in, then a cited answer. The 4-bit 135M model often answers
-        # off the point and then cites nothing; the page is under test here, not the model, so a
-        # few corpus questions are tried (each in a new conversation) until one answer cites.
+        # 1. A question: tokens stream in, then a cited answer. The 135M model sometimes answers off
+        # the point and then cites nothing (neither a marker nor shared wording); the page is under
+        # test here, not the model, so the corpus questions are tried in turn (each in a new
+        # conversation) until one answer cites. Every answer on the way must stream.
         page.evaluate(WATCH_STREAM)
         tried: list[str] = []
-        for attempt, question in enumerate(QUESTIONS):
+        for attempt, question in enumerate(fact.query for fact in corpus.facts):
             if attempt:
                 page.get_by_role("button", name="New conversation").click()
                 expect(page.locator("li.message")).to_have_count(0)

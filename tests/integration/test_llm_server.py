@@ -36,6 +36,14 @@ def test_models_lists_the_served_name(llm_server: LLMServerInfo) -> None:
     assert body["data"][0]["max_model_len"] == 2048
 
 
+def test_the_int8_checkpoint_is_served(llm_server: LLMServerInfo) -> None:
+    """The prepared checkpoint is the INT8 W8A8 one, and vLLM runs it with its int8 kernel."""
+    if llm_server.log_path is None:
+        pytest.skip("an external server (RAG_TEST_LLM_BASE_URL): its checkpoint is not ours to check")
+    log = llm_server.log_path.read_text(errors="replace")
+    assert "CompressedTensorsW8A8Int8" in log, "vLLM did not load the W8A8 INT8 scheme (see the server log)"
+
+
 def test_streamed_completion_returns_tokens_and_logprobs(llm_server: LLMServerInfo) -> None:
     request = {
         "model": llm_server.model,

@@ -289,6 +289,20 @@ async def test_repetition_penalty_is_sent_under_both_names() -> None:
     assert "repetition_penalty" not in seen[1] and "repeat_penalty" not in seen[1]
 
 
+async def test_frequency_and_presence_penalties_are_sent_only_when_set() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return httpx.Response(200, content=sse(vllm_completion_chunk("A", -0.1, "B", -1.0, finish="stop")))
+
+    client = make_client(handler)
+    await client.complete("p", GenerationParams(frequency_penalty=0.4, presence_penalty=0.2))
+    await client.complete("p", GenerationParams())
+    assert (seen[0]["frequency_penalty"], seen[0]["presence_penalty"]) == (0.4, 0.2)
+    assert "frequency_penalty" not in seen[1] and "presence_penalty" not in seen[1]
+
+
 async def _lines(items: Sequence[str]) -> AsyncIterator[str]:
     for item in items:
         yield item
