@@ -1,4 +1,4 @@
-"""pytest plugin: the real embedded model server (vLLM CPU build, 4-bit SmolLM2-135M-Instruct).
+"""pytest plugin: the real embedded model server (vLLM CPU build, INT8 SmolLM2-135M-Instruct).
 
 List it in ``pytest_plugins`` (or run with ``-p tests.llm_server``). The session fixture ``llm_server``
 prepares the checkpoint if needed (once, ~30 s; then a no-op), starts vLLM on a free loopback port and

@@ -3,7 +3,7 @@
 Two halves that run in different interpreters:
 
 - ``prepare`` runs under the ``.venv-llm`` interpreter (torch, transformers, gguf, vLLM's pins) and turns
-  the packaged GGUF into a 4-bit GPTQ (or AWQ) checkpoint that vLLM's CPU kernels load.
+  the packaged GGUF into an INT8 W8A8 (or 4-bit GPTQ/AWQ) checkpoint that vLLM's CPU kernels load.
 - ``launcher`` is pure Python for the app's own virtualenv: it builds the command lines and environment,
   and runs/stops the vLLM OpenAI-compatible server as a child process (``ManagedServer``).
 

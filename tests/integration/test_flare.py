@@ -1,4 +1,4 @@
-"""FLARE end to end on the real model server (vLLM CPU, 4-bit SmolLM2) over a really ingested corpus,
+"""FLARE end to end on the real model server (vLLM CPU, INT8 SmolLM2) over a really ingested corpus,
 and ``rag eval answers`` / ``rag flare calibrate`` as a user runs them."""
 
 from __future__ import annotations
