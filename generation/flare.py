@@ -152,10 +152,10 @@ class FlareParams:
 
 MODEL_DEFAULTS: dict[str, FlareParams] = {
     # From `rag flare calibrate` on ../shared/eval/faq-dev-small, 40 questions (docs/flare.md), on
-    # the GPTQ checkpoint `rag llm prepare` builds: the 4-bit SmolLM2-135M-Instruct is far less sure
-    # of itself than the reference's GPT-3.5; with the reference's θ=0.8, 99.5% of its look-ahead
-    # sentences would re-retrieve, with θ=0.03 40% do.
-    "smollm2-135m-instruct": FlareParams(theta=0.03, beta=0.015, lookahead_tokens=64, max_rounds=3),
+    # the INT8 W8A8 checkpoint `rag llm prepare` builds: with the reference's θ=0.8, 74% of its
+    # look-ahead sentences would re-retrieve, with θ=0.312 40% do. (The earlier 4-bit checkpoint was
+    # far less sure of itself and needed θ=0.03.)
+    "smollm2-135m-instruct": FlareParams(theta=0.312, beta=0.156, lookahead_tokens=64, max_rounds=3),
 }
 """Defaults per served model name; a calibrated file in the data dir takes precedence (``app/llm.py``)."""
 
