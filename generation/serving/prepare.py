@@ -11,8 +11,8 @@ GPTQ (symmetric, ``uint4b8``) and AWQ (asymmetric, ``uint4`` with zero points).
 
 ``w8a8`` is the default. The GGUF is already 4-bit (Q4_1), and a second 4-bit quantization onto
 another grid doubles the error: the 4-bit checkpoints answered 0-1 of the test corpus's ten questions
-where the dequantized bf16 model and INT8 answered 6 (docs/llm.md has the numbers). INT8 adds ~1 %
-relative weight error and keeps the answers; it decodes ~13 % slower than 4-bit here.
+where the dequantized bf16 model answered 6 and INT8 6-8 (docs/llm.md has the numbers). INT8 adds
+~1 % relative weight error and keeps the answers; it runs about as fast as 4-bit here.
 
 The steps:
 
