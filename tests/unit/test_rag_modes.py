@@ -106,8 +106,8 @@ async def test_single_mode_event_order_and_done_contents() -> None:
 
     (call,) = llm.calls
     assert call.kind == "completion"
-    assert "[1] France (docs/doc1.md)\nParis is the capital of France." in call.prompt
-    assert "[2] Rivers (docs/doc2.md)" in call.prompt
+    assert "[1] France\nParis is the capital of France." in call.prompt
+    assert "[2] Rivers\n" in call.prompt and "docs/doc2.md" not in call.prompt
     assert "Question: What is the capital of France?" in call.prompt
     assert call.prompt.endswith("<|im_start|>assistant\n")
     assert "<|im_end|>" in call.params.stop
