@@ -61,6 +61,7 @@ class AnswerDefaults:
     max_model_len: int
     history_max_tokens: int
     infer_missing_citations: bool
+    stop_on_repetition: bool
     flare: FlareParams = field(default_factory=FlareParams)
     """``flare`` mode defaults of the served model (:func:`flare_defaults`)."""
 
@@ -72,6 +73,7 @@ class AnswerDefaults:
             "max_model_len": self.max_model_len,
             "history_max_tokens": self.history_max_tokens,
             "infer_missing_citations": self.infer_missing_citations,
+            "stop_on_repetition": self.stop_on_repetition,
             "flare": self.flare,
         }
 
@@ -85,6 +87,7 @@ def answer_defaults(settings: Settings) -> AnswerDefaults:
         max_model_len=llm.max_model_len,
         history_max_tokens=llm.history_max_tokens,
         infer_missing_citations=llm.infer_citations,
+        stop_on_repetition=llm.stop_on_repetition,
         flare=flare_defaults(settings),
     )
 

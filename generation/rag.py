@@ -56,6 +56,7 @@ from generation.context import ContextPlan, assign_numbers, plan_context, skelet
 from generation.errors import ContextTooLong, GenerationError
 from generation.flare import FlareParams, SentenceJudgement, default_flare_params, run_flare
 from generation.prompts import CHATML, SYSTEM_PROMPT, ChatTemplate, format_source, strip_citations
+from generation.repetition import repeated_unit
 from generation.tokenizer import CachedTokenCounter
 from generation.types import (
     AnswerEvent,
@@ -144,6 +145,7 @@ class AnswerSession:
         context_margin: int,
         clock: Callable[[], float],
         infer_missing_citations: bool = False,
+        stop_on_repetition: bool = True,
     ) -> None:
         self.question = question
         self.retriever = retriever
@@ -161,6 +163,7 @@ class AnswerSession:
         self.context_margin = context_margin
         self.clock = clock
         self.infer_missing_citations = infer_missing_citations
+        self.stop_on_repetition = stop_on_repetition
 
         self.counter = CachedTokenCounter(llm.count_tokens)
         self.tracker = CitationTracker()
@@ -370,6 +373,11 @@ class AnswerSession:
                         self.raw_answer += text
                         for event in self._emit(text):
                             yield event
+                        if self.stop_on_repetition and repeated_unit(self.raw_answer) is not None:
+                            # A sentence came back: a greedy loop. Leaving the ``async with``
+                            # closes the request, so the server stops generating the repeats.
+                            finish_reason = "repetition"
+                            break
         finally:
             self.timings["generation_ms"] += self._ms_since(start)
         self.last_round_tokens = self._account(usage, plan.prompt_tokens, counted)
@@ -618,6 +626,7 @@ async def answer(
     search_options: SearchOptions | None = None,
     context_margin: int = 16,
     infer_missing_citations: bool = False,
+    stop_on_repetition: bool = True,
     flare: FlareParams | None = None,
     flare_observer: Callable[[SentenceJudgement], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
@@ -645,6 +654,9 @@ async def answer(
         context_margin: Tokens kept free in the context window for counting drift.
         infer_missing_citations: When the model cited nothing, attribute the answer's sentences to
             sources by word overlap (citation events with ``inferred=True``, sent before ``done``).
+        stop_on_repetition: End the answer (``finish_reason="repetition"``) as soon as a sentence or
+            line of it comes back a second time (:func:`generation.repetition.repeated_unit`): a greedy
+            loop. ``single`` and ``interval`` modes; FLARE's sentence-by-sentence loop is unaffected.
         flare: ``flare`` mode's parameters; ``None``: the defaults for ``llm.model``
             (:func:`generation.flare.default_flare_params`).
         flare_observer: ``flare`` mode: called with every judged look-ahead sentence (calibration
@@ -689,6 +701,7 @@ async def answer(
         context_margin=context_margin,
         clock=clock,
         infer_missing_citations=infer_missing_citations,
+        stop_on_repetition=stop_on_repetition,
     )
     try:
         async with aclosing_iter(runner(session)) as events:

@@ -117,7 +117,7 @@ async def test_answers_carry_the_corpus_facts(stack: Any) -> None:
     of these answered 0-1 of the ten: the 4-bit re-quantized checkpoint; INT8 with
     ``repetition_penalty=1.1`` (vLLM applies it to the prompt's tokens, i.e. to the sources); INT8 with
     absolute paths in the source headers (the model copied them instead of the fact). The defaults
-    answered 5-6 of 10 in the runs measured (greedy answers move with the CPU's numerics under load),
+    answered 5 of 10 in the runs measured (greedy answers move with the CPU's numerics under load),
     so the floor sits between the two.
     """
     settings, retriever, llm, _ = stack
