@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from generation.types import (
     TokenEvent,
 )
 from tests.answer_stack import answer_stack
-from tests.corpus_factory import write_corpus
+from tests.corpus_factory import Corpus, write_corpus
 from tests.llm_server import LLMServerInfo
 
 pytestmark = [pytest.mark.integration, pytest.mark.llm]
@@ -34,8 +33,13 @@ RAG = str(Path(sys.executable).with_name("rag"))
 
 
 @pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("gen") / "corpus").root
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    return write_corpus(tmp_path_factory.mktemp("gen") / "corpus")
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(corpus: Corpus) -> Path:
+    return corpus.root
 
 
 @pytest.fixture
@@ -63,16 +67,14 @@ async def test_stream_returns_logprobs(llm_server: LLMServerInfo) -> None:
     assert "".join(d.text for d in deltas).strip()
 
 
-async def test_single_answer_streams_and_cites_corpus_chunks(stack: Any) -> None:
+async def test_single_answer_streams_and_cites_corpus_chunks(stack: Any, corpus: Corpus) -> None:
     settings, retriever, llm, chunk_ids = stack
     # The 135M model often answers beside the point, and then neither writes a marker nor shares
     # words with a source; ask the corpus questions until one answer carries citations, and check
     # every answer's streaming and every citation on the way.
-    from tests.corpus_factory import write_corpus
-
     # All ten corpus questions are available: under load vLLM's CPU numerics vary enough that the
     # 135M model's greedy answers change, and a CI run once got five uncited answers in a row.
-    questions = [f.query for f in write_corpus(Path(tempfile.mkdtemp()) / "q").facts]
+    questions = [f.query for f in corpus.facts]
     cited: list[CitationEvent] = []
     for question in questions:
         events = []
@@ -110,7 +112,7 @@ async def test_single_answer_streams_and_cites_corpus_chunks(stack: Any) -> None
     assert cited, "no answer to any corpus question carried a citation (written or inferred)"
 
 
-async def test_answers_carry_the_corpus_facts(stack: Any) -> None:
+async def test_answers_carry_the_corpus_facts(stack: Any, corpus: Corpus) -> None:
     """A floor on answer quality with the served defaults: the fact a question asks for is in the answer.
 
     It guards the whole chain (checkpoint preparation, quantization, prompt, sampling defaults). Each
@@ -121,7 +123,7 @@ async def test_answers_carry_the_corpus_facts(stack: Any) -> None:
     so the floor sits between the two.
     """
     settings, retriever, llm, _ = stack
-    facts = write_corpus(Path(tempfile.mkdtemp()) / "q").facts
+    facts = corpus.facts
     right: list[str] = []
     wrong: list[str] = []
     for fact in facts:
