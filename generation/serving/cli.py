@@ -12,7 +12,7 @@ import signal
 import subprocess
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 
@@ -69,13 +69,11 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _format(value: str) -> QuantFormat:
-    if value == "w8a8":
-        return "w8a8"
-    if value == "gptq":
-        return "gptq"
-    if value == "awq":
-        return "awq"
-    raise typer.BadParameter("must be w8a8, gptq or awq", param_hint="--format")
+    formats: tuple[QuantFormat, ...] = get_args(QuantFormat)
+    for fmt in formats:
+        if value == fmt:
+            return fmt
+    raise typer.BadParameter(f"must be one of {', '.join(formats)}", param_hint="--format")
 
 
 def run_prepare(
