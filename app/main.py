@@ -22,8 +22,8 @@ from app.api.routes import ask, chat, collections, conversations, documents, hea
 from app.resources import LLMProbe, build_resources
 from app.schemas.events import ANSWER_EVENT_ADAPTER
 from app.schemas.openai import ChatCompletionChunk
-from app.settings import Settings
 from app.web import mount_chat_page
+from core.settings import Settings
 from generation.client import LLMClient
 from retrieval.types import Embedder
 

@@ -17,14 +17,18 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app.db.engine import create_engine, create_sessionmaker
-from app.db.migrate import aupgrade
-from app.llm import build_llm_client
 from app.observability import Metrics, TimedEmbedder
-from app.settings import Settings
+from core.settings import Settings
+from core.wiring import (
+    AnswerDefaults,
+    answer_defaults,
+    build_llm_client,
+    build_retriever,
+    load_query_embedder,
+    open_database,
+    open_store,
+)
 from generation.client import LLMClient
-from ingest.worker import load_embedder, open_store, search_defaults
-from retrieval.dense import set_search_threads
 from retrieval.hybrid import HybridRetriever
 from retrieval.store import IndexStore
 from retrieval.types import Embedder
@@ -49,6 +53,8 @@ class Resources:
     llm: LLMClient
     llm_probe: LLMProbe
     metrics: Metrics
+    answer_defaults: AnswerDefaults
+    """Answer keyword arguments from settings (the calibrated FLARE file is read once, here)."""
     leg_executor: ThreadPoolExecutor | None = None
     """Runs hybrid searches' BM25 legs (``RAG_RETRIEVAL__PARALLEL_LEGS``)."""
 
@@ -78,9 +84,8 @@ async def build_resources(
         llm: Use this client instead of the configured server (tests).
         llm_probe: Readiness probe of the model server (default: ``GET /v1/models`` via ``llm``).
     """
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    await aupgrade(settings.database_url)
-    engine = create_engine(settings.database_url, echo=settings.database.echo, pool_size=settings.database.pool_size)
+    db = await open_database(settings)
+    engine = db.engine
     metrics = Metrics()
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="retrieval")
     # Its own pool: a search waits for its BM25 leg, so the leg must never queue behind searches.
@@ -88,19 +93,10 @@ async def build_resources(
     try:
         if embedder is None:
             # One torch thread: steadier query latency when the other core is busy.
-            embedder = await asyncio.to_thread(load_embedder, settings, threads=settings.embedding.query_threads)
-            if settings.embedding.query_backend == "onnx":
-                await asyncio.to_thread(
-                    embedder.use_onnx_queries,
-                    settings.data_dir / "models" / "onnx",
-                    threads=settings.embedding.query_threads,
-                )
+            embedder = await asyncio.to_thread(load_query_embedder, settings)
         store = open_store(settings, model_id=embedder.model_id, dimension=embedder.dimension)
-        set_search_threads(settings.retrieval.search_threads)
         timed = TimedEmbedder(embedder, metrics.retrieval_latency)
-        retriever = HybridRetriever(
-            store, timed, executor=executor, defaults=search_defaults(settings), leg_executor=legs
-        )
+        retriever = build_retriever(settings, store, timed, executor=executor, leg_executor=legs)
         await asyncio.to_thread(_warm_up, store, embedder)
     except BaseException:
         executor.shutdown(wait=False)
@@ -118,7 +114,7 @@ async def build_resources(
     return Resources(
         settings=settings,
         engine=engine,
-        sessionmaker=create_sessionmaker(engine),
+        sessionmaker=db.sessionmaker,
         embedder=embedder,
         store=store,
         retriever=retriever,
@@ -127,6 +123,7 @@ async def build_resources(
         llm=client,
         llm_probe=llm_probe,
         metrics=metrics,
+        answer_defaults=await asyncio.to_thread(answer_defaults, settings),
     )
 
 

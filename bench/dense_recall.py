@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
-from app.evaluation.beir import load_dataset  # noqa: E402
+from evaluation.beir import load_dataset  # noqa: E402
 from retrieval.dense import DEFAULT_NPROBE, DenseIndex, ivf_nlist  # noqa: E402
 from retrieval.embedders import SentenceTransformerEmbedder  # noqa: E402
 from retrieval.metrics import evaluate, run_from_rankings  # noqa: E402

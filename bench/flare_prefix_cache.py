@@ -50,10 +50,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from app.evaluation.answers import load_items, open_scratch_collection
-    from app.evaluation.beir import load_dataset
-    from app.llm import answer_defaults, build_llm_client, flare_defaults, generation_params
-    from app.settings import Settings
+    from core.settings import Settings
+    from core.wiring import answer_defaults, build_llm_client, flare_defaults, generation_params
+    from evaluation.answers import load_items, open_scratch_collection
+    from evaluation.beir import load_dataset
     from generation.rag import answer
     from generation.types import DoneEvent, ErrorEvent
     from retrieval.types import SearchFilters
@@ -176,10 +176,10 @@ class RecordingClient:
 
 
 async def replay(args: argparse.Namespace) -> dict[str, Any]:
-    from app.evaluation.answers import load_items, open_scratch_collection
-    from app.evaluation.beir import load_dataset
-    from app.llm import answer_defaults, build_llm_client, flare_defaults, generation_params
-    from app.settings import Settings
+    from core.settings import Settings
+    from core.wiring import answer_defaults, build_llm_client, flare_defaults, generation_params
+    from evaluation.answers import load_items, open_scratch_collection
+    from evaluation.beir import load_dataset
     from generation.rag import answer
     from retrieval.types import SearchFilters
 

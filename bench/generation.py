@@ -104,8 +104,8 @@ def pct(values: Sequence[float], q: float) -> float:
 
 
 async def run(base_url: str, model: str, questions: int, max_tokens: int) -> dict[str, Any]:
-    from app.llm import generation_params
-    from app.settings import Settings
+    from core.settings import Settings
+    from core.wiring import generation_params
     from generation.backends.openai_compat import OpenAICompatClient
     from generation.rag import answer
     from generation.types import DoneEvent, ErrorEvent, TokenEvent
@@ -196,7 +196,7 @@ def main() -> None:
     server = None
     base_url = args.base_url
     if base_url is None:
-        from generation.serving.launcher import (
+        from serving.launcher import (
             ManagedServer,
             default_model_dir,
             find_free_port,

@@ -30,10 +30,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 async def run(dataset_dir: Path, limit: int | None) -> dict[str, object]:
     from sqlalchemy import select
 
-    from app.db.models import Chunk as ChunkRow
-    from app.evaluation.beir import Dataset, load_dataset, materialize
-    from app.settings import Settings
-    from ingest.worker import build_ingest_context, enqueue_path, load_embedder, run_job
+    from core.db.models import Chunk as ChunkRow
+    from core.settings import Settings
+    from core.wiring import load_embedder
+    from evaluation.beir import Dataset, load_dataset, materialize
+    from ingest.worker import build_ingest_context, enqueue_path, run_job
 
     dataset = load_dataset(dataset_dir)
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:

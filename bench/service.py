@@ -63,7 +63,7 @@ class LiveServer:
     def __init__(self, app: Any) -> None:
         import uvicorn
 
-        from generation.serving.launcher import find_free_port
+        from serving.launcher import find_free_port
 
         self.port = find_free_port("127.0.0.1")
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -152,7 +152,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
     from app.main import create_app
-    from app.settings import Settings
+    from core.settings import Settings
 
     data = args.data_dir or Path(tempfile.mkdtemp(prefix="bench-service-"))
     llm = {"base_url": args.llm_url, "model": args.model} if args.llm_url else {}

@@ -4,13 +4,7 @@
 arrive as ``[``, ``1``, ``]``) and returns the text to show plus a :class:`CitationEvent`
 the first time each source is cited.
 
-Marker grammar (spaces allowed around numbers and separators, no newlines)::
-
-    marker := "[" number ( ("," | ";") number | ("-" | "–") number )* "]"
-    number := 1 to 3 ASCII digits
-
-so ``[1]``, ``[1, 2]``, ``[1;3]``, ``[2-4]`` and adjacent ``[1][2]`` are markers; ``[2020]``,
-``[a]``, ``[1.5]`` and markdown links are plain text. Numbers that name no source are removed
+The marker grammar is :mod:`generation.markers`'s. Numbers that name no source are removed
 from the text (a marker left with none disappears, with the space before it); a marker whose
 numbers are all valid is passed through verbatim.
 
@@ -23,8 +17,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
+from generation.markers import MAX_MARKER_CHARS, parse_marker
 from generation.types import CitationEvent
 from retrieval.types import Chunk
 
@@ -34,15 +28,8 @@ __all__ = [
     "best_snippet",
     "infer_citations",
     "make_citation",
-    "parse_marker",
 ]
 
-MAX_MARKER_CHARS = 32
-_MAX_DIGITS = 3
-_MAX_RANGE = 20
-_DIGITS = "0123456789"
-_SEPARATORS = ",;"
-_RANGE_DASHES = "-–"
 _CLOSING_PUNCTUATION = ".,;:!?)"
 
 _WORD_RE = re.compile(r"[^\W_]+", re.UNICODE)
@@ -54,62 +41,6 @@ _STOPWORD_TEXT = (
     "you your"
 )
 _STOPWORDS = frozenset(_STOPWORD_TEXT.split())
-
-MarkerScan = tuple[Literal["match", "partial", "none"], int, tuple[int, ...]]
-
-
-def parse_marker(text: str, start: int) -> MarkerScan:
-    """Scan a citation marker at ``text[start]`` (which must be ``[``).
-
-    Returns:
-        ``("match", end, numbers)`` for a complete marker ending before ``end``;
-        ``("partial", len(text), ())`` when ``text`` ends inside something that could still
-        become a marker; ``("none", start + 1, ())`` otherwise.
-    """
-    numbers: list[int] = []
-    range_from: int | None = None
-    digits = ""
-    expect_number = True
-    i = start + 1
-    while i < len(text):
-        if i - start >= MAX_MARKER_CHARS:
-            return "none", start + 1, ()
-        c = text[i]
-        if c in _DIGITS:
-            if not expect_number and not digits:
-                return "none", start + 1, ()  # "[1 2]": two numbers without a separator
-            digits += c
-            if len(digits) > _MAX_DIGITS:
-                return "none", start + 1, ()
-            expect_number = False
-            i += 1
-            continue
-        if digits:
-            value = int(digits)
-            digits = ""
-            if range_from is not None:
-                if not range_from <= value < range_from + _MAX_RANGE:
-                    return "none", start + 1, ()
-                numbers.extend(range(range_from, value + 1))
-                range_from = None
-            else:
-                numbers.append(value)
-        if c == " ":
-            i += 1
-            continue
-        if expect_number:
-            return "none", start + 1, ()  # "[]", "[,", "[1,]", "[a"
-        if c in _SEPARATORS:
-            expect_number = True
-        elif c in _RANGE_DASHES and numbers and range_from is None:
-            range_from = numbers.pop()
-            expect_number = True
-        elif c == "]":
-            return "match", i + 1, tuple(numbers)
-        else:
-            return "none", start + 1, ()
-        i += 1
-    return "partial", len(text), ()
 
 
 def _content_words(text: str) -> set[str]:

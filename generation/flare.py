@@ -41,24 +41,24 @@ sentence from cache; only a re-retrieval changes the prefix (after the system pr
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from generation.client import aclosing_iter
+from generation.context import ContextPlan
 from generation.errors import LogprobsUnsupported
-from generation.prompts import strip_citations
-from generation.types import AnswerEvent, ChatMessage, Completion, RetrievalEvent, TokenLogprob
+from generation.markers import iter_markers, strip_citations
+from generation.sentences import sentence_end
+from generation.session import AnswerSession
+from generation.types import AnswerEvent, ChatMessage, Completion, RetrievalEvent, TokenLogprob, Usage
 from retrieval.types import ScoredChunk
-
-if TYPE_CHECKING:
-    from generation.context import ContextPlan
-    from generation.rag import AnswerSession
 
 __all__ = [
     "MODEL_DEFAULTS",
     "QUERY_MODES",
     "FlareParams",
+    "FlareSession",
     "LookAhead",
     "QueryMode",
     "SentenceJudgement",
@@ -70,8 +70,8 @@ __all__ = [
     "low_confidence_spans",
     "masked_query",
     "question_prompt",
+    "reconcile_tokens",
     "run_flare",
-    "sentence_end",
 ]
 
 QueryMode = Literal["masked", "question"]
@@ -165,79 +165,153 @@ def default_flare_params(model: str) -> FlareParams:
     return MODEL_DEFAULTS.get(model, FlareParams())
 
 
-# --- sentences ---------------------------------------------------------------------------------
-
-_MARKER_RE = re.compile(r"\s*\[\d{1,3}(?:\s*[,;\-–]\s*\d{1,3})*\]")
-# Something at the end of the text that may still become a citation marker.
-_PARTIAL_MARKER_RE = re.compile(r"\s*(?:\[[\d ,;\-–]*)?$")
-_CLOSERS = "\"')»”’"
-_ABBREVIATIONS = frozenset(
-    {
-        *("e.g", "i.e", "etc", "vs", "cf", "al", "mr", "mrs", "ms", "dr", "prof", "st", "no", "nos"),
-        *("fig", "figs", "approx", "ca", "incl", "resp", "sec", "ch", "vol", "p", "pp"),
-    }
-)
-_ENUMERATOR_RE = re.compile(r"(?:\d{1,3}|[a-zA-Z]|[ivxIVX]{1,4})")
+# --- the session ---------------------------------------------------------------------------------
 
 
-def _is_abbreviation(text: str, start: int, dot: int) -> bool:
-    """Whether the ``.`` at ``dot`` ends an abbreviation, an initial or a list enumerator."""
-    word_start = dot
-    while word_start > start and not text[word_start - 1].isspace():
-        word_start -= 1
-    word = text[word_start:dot].lstrip("(\"'")
-    if word.lower() in _ABBREVIATIONS or (len(word) == 1 and word.isalpha() and word.isupper()):
-        return True
-    # "1. Install ..." / "a. ..." at the start of a sentence or line: an enumerator, not a sentence.
-    line_start = max(text.rfind("\n", 0, dot) + 1, start)
-    return not text[line_start:word_start].strip() and bool(_ENUMERATOR_RE.fullmatch(word))
+class FlareSession(AnswerSession):
+    """An :class:`AnswerSession` that can also generate without showing (look-aheads), make a
+    look-ahead part of the answer, and send side requests (question generation)."""
+
+    async def generate(
+        self,
+        plan: ContextPlan,
+        *,
+        max_tokens: int,
+        logprobs: int | None = None,
+        stop: Sequence[str] = (),
+        until: Callable[[str], bool] | None = None,
+    ) -> Completion:
+        """Generate with ``plan`` without showing anything (a look-ahead); see :meth:`accept`.
+
+        Usage is accounted; the answer is unchanged. ``stop`` adds stop strings (a sentence end).
+
+        Args:
+            plan: The prompt.
+            max_tokens: Tokens to ask for.
+            logprobs: Alternatives per token to ask for (``None``: no log-probabilities).
+            stop: Extra stop strings.
+            until: Asked with the text so far after every streamed delta; once it returns true the
+                request is closed (the server stops generating at once, which is what makes a
+                sentence look-ahead cheap) and the completion so far is returned with
+                ``finish_reason=None``. With log-probabilities the text so far is spelled from the
+                tokens: servers hold back the streamed text while it could still become a stop
+                string (vLLM: up to the longest stop string's length), the tokens come at once.
+
+        Returns:
+            The completion. When log-probabilities came back its tokens spell its text exactly
+            (``"".join(t.token for t in tokens) == text``; see :func:`reconcile_tokens`).
+        """
+        start = self.clock()
+        params = self.request_params(max_tokens, logprobs)
+        if stop:
+            params = replace(params, stop=tuple(dict.fromkeys((*params.stop, *stop))))
+        text: list[str] = []
+        tokens: list[TokenLogprob] = []
+        by_delta: list[TokenLogprob] = []  # each delta's text given to its tokens (fallback alignment)
+        usage: Usage | None = None
+        finish_reason: str | None = None
+        cut = False
+        try:
+            async with aclosing_iter(self.llm.stream(plan.prompt, params)) as stream:
+                async for delta in stream:
+                    usage = delta.usage or usage
+                    finish_reason = delta.finish_reason or finish_reason
+                    if delta.tokens:
+                        tokens.extend(delta.tokens)
+                        by_delta.extend(align_tokens(delta.text, delta.tokens))
+                    if delta.text:
+                        text.append(delta.text)
+                    if until is not None and (delta.text or delta.tokens):
+                        so_far = "".join(t.token for t in tokens) if tokens else "".join(text)
+                        if until(so_far):
+                            finish_reason, cut = None, True
+                            break
+        finally:
+            self.timings["generation_ms"] += self.ms_since(start)
+        full_text, aligned = reconcile_tokens("".join(text), tokens, by_delta, cut=cut)
+        completion = Completion(full_text, aligned, finish_reason, usage)
+        counted = len(completion.tokens) or self.counter(completion.text)
+        self.account(completion.usage, plan.prompt_tokens, counted)
+        return completion
+
+    async def side_request(self, prompt: str, *, max_tokens: int, stop: Sequence[str] = ()) -> Completion:
+        """A request that is not part of the answer (FLARE's question generation), greedy.
+
+        Usage and generation time are accounted like any other request of this answer.
+        """
+        start = self.clock()
+        params = replace(
+            self.request_params(max_tokens, None),
+            temperature=0.0,
+            stop=tuple(dict.fromkeys((*self.template.stop, *stop))),
+        )
+        try:
+            completion = await self.llm.complete(prompt, params)
+        finally:
+            self.timings["generation_ms"] += self.ms_since(start)
+        self.account(completion.usage, self.counter(prompt), len(completion.tokens) or self.counter(completion.text))
+        return completion
+
+    def accept(self, completion: Completion) -> list[AnswerEvent]:
+        """Make a look-ahead part of the answer; returns the events to yield."""
+        text = self.drop_carried_space(completion.text)
+        self.raw_answer += text
+        tokens = (
+            completion.usage.completion_tokens
+            if completion.usage
+            else (len(completion.tokens) or self.counter(completion.text))
+        )
+        self.last_round_tokens = tokens
+        self.generated_tokens += tokens
+        self.finish_reason = completion.finish_reason
+        return self.emit(text) if text else []
 
 
-def sentence_end(text: str, *, final: bool) -> int | None:
-    """Where the first sentence of ``text`` ends (an index into ``text``), or ``None`` if not yet known.
+def reconcile_tokens(
+    text: str, tokens: Sequence[TokenLogprob], by_delta: Sequence[TokenLogprob], *, cut: bool
+) -> tuple[str, tuple[TokenLogprob, ...]]:
+    """The text of a generation and tokens that spell it exactly.
 
-    A sentence ends at a newline, or after ``.``/``!``/``?`` (repeats and closing quotes included)
-    followed by whitespace; citation markers right after the punctuation (``… France. [1]``)
-    belong to the sentence. Not ends: a ``.`` inside a number or name (``3.5``, ``os.path``),
-    abbreviations (``e.g.``, ``etc.``), single capital initials, list enumerators at the start of
-    a line (``1.``). Leading whitespace never makes a sentence.
-
-    Args:
-        text: Generated text so far.
-        final: The text is complete (the model stopped): its end is a sentence end, and a
-            punctuation mark at the very end needs no following whitespace.
-
-    Returns:
-        The index just past the sentence (trailing whitespace excluded); ``None`` when ``text``
-        holds no complete sentence yet (or only whitespace when ``final``). When ``final`` and no
-        boundary was found, the end of the non-whitespace text.
+    - The tokens spell the text: as they are.
+    - The tokens spell more than the text (text held back for stop-string matching): when the
+      request was ``cut`` by us the held-back text is real output and the tokens' spelling is the
+      text; when it finished by itself the tail was a stop string (or an end-of-turn token), so
+      the tokens are trimmed to the text.
+    - Anything else (byte-level pieces spelled oddly): each delta's text attributed to its tokens.
     """
-    start = len(text) - len(text.lstrip())
-    i = start
-    while i < len(text):
-        c = text[i]
-        if c == "\n":
-            return len(text[:i].rstrip())
-        if c in ".!?":
-            end = i + 1
-            while end < len(text) and (text[end] in ".!?" or text[end] in _CLOSERS):
-                end += 1
-            while (marker := _MARKER_RE.match(text, end)) is not None:
-                end = marker.end()
-            rest = text[end:]
-            if not final and "\n" not in rest and _PARTIAL_MARKER_RE.fullmatch(rest):
-                # "3." may become "3.5", "France. " may be followed by "[1]": wait for more text.
-                return None
-            if end == len(text):
-                return end
-            if text[end].isspace() and not (c == "." and _is_abbreviation(text, start, i)):
-                return end
-            i = end if end > i + 1 else i + 1
-            continue
-        i += 1
-    if final and text.strip():
-        return len(text.rstrip())
-    return None
+    if not tokens:
+        return text, ()
+    spelled = "".join(t.token for t in tokens)
+    if spelled == text:
+        return text, tuple(tokens)
+    if spelled.startswith(text):
+        if cut:
+            return spelled, tuple(tokens)
+        kept: list[TokenLogprob] = []
+        pos = 0
+        for token in tokens:
+            if pos >= len(text):
+                break
+            piece = token.token[: len(text) - pos]
+            kept.append(token if piece == token.token else replace(token, token=piece))
+            pos += len(piece)
+        return text, tuple(kept)
+    aligned = list(by_delta)
+    joined = "".join(t.token for t in aligned)
+    if aligned and len(text) > len(joined) and text.startswith(joined):
+        aligned[-1] = replace(aligned[-1], token=aligned[-1].token + text[len(joined) :])
+    return "".join(t.token for t in aligned), tuple(aligned)
+
+
+def align_tokens(text: str, tokens: Sequence[TokenLogprob]) -> tuple[TokenLogprob, ...]:
+    """Make one delta's tokens spell exactly its text (see :meth:`AnswerSession.generate`)."""
+    if len(tokens) == 1:
+        return (tokens[0] if tokens[0].token == text else replace(tokens[0], token=text),)
+    if "".join(t.token for t in tokens) == text:
+        return tuple(tokens)
+    # Pieces that do not add up (byte fallback, a server's own spelling): the text goes to the
+    # last token so offsets stay right and no token claims text it did not produce.
+    return (*(replace(t, token="") for t in tokens[:-1]), replace(tokens[-1], token=text))
 
 
 # --- confidence ---------------------------------------------------------------------------------
@@ -255,7 +329,7 @@ def _offsets(tokens: Sequence[TokenLogprob]) -> list[tuple[int, int]]:
 def judged_tokens(tokens: Sequence[TokenLogprob]) -> list[int]:
     """Indexes of the tokens whose confidence counts: not whitespace, not in a ``[n]`` marker, logprob known."""
     text = "".join(t.token for t in tokens)
-    markers = [(m.start(), m.end()) for m in _MARKER_RE.finditer(text)]
+    markers = [(start, end) for start, end, _ in iter_markers(text)]
     judged: list[int] = []
     for index, (token, (lo, hi)) in enumerate(zip(tokens, _offsets(tokens), strict=True)):
         stripped = token.token.strip()
@@ -457,7 +531,7 @@ def _sentence_complete(text: str) -> bool:
     return end is not None and end < len(text)
 
 
-async def look_ahead(session: AnswerSession, plan: ContextPlan, params: FlareParams) -> LookAhead | None:
+async def look_ahead(session: FlareSession, plan: ContextPlan, params: FlareParams) -> LookAhead | None:
     """Generate (hidden) and cut the next sentence; ``None`` when the budget is spent or nothing came."""
     step = min(params.lookahead_tokens, session.remaining_tokens)
     if step <= 0:
@@ -469,7 +543,7 @@ async def look_ahead(session: AnswerSession, plan: ContextPlan, params: FlarePar
 
 
 async def _question_retrieval(
-    session: AnswerSession, look: LookAhead, params: FlareParams
+    session: FlareSession, look: LookAhead, params: FlareParams
 ) -> tuple[str, list[ScoredChunk], float]:
     spans = low_confidence_spans(look, params.beta, params.theta)
     prefix = session.raw_answer + look.text
@@ -493,7 +567,7 @@ async def _question_retrieval(
 
 
 async def _reretrieve(
-    session: AnswerSession, look: LookAhead, params: FlareParams, round: int
+    session: FlareSession, look: LookAhead, params: FlareParams, round: int
 ) -> tuple[RetrievalEvent, ContextPlan]:
     trigger = look.weak(params.theta)
     if params.query_mode == "question":
@@ -506,7 +580,7 @@ async def _reretrieve(
 
 
 async def run_flare(
-    session: AnswerSession,
+    session: FlareSession,
     *,
     params: FlareParams,
     observer: Callable[[SentenceJudgement], None] | None = None,

@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import re
 
+from generation.markers import strip_citations
+
 __all__ = ["repeated_unit"]
 
 _BOUNDARY_RE = re.compile(r"\n|(?<=[.!?])[ \t]+")
 _ENUMERATOR_RE = re.compile(r"^(?:\d{1,3}[.)]|[-*•])\s+")
-_MARKER_RE = re.compile(r"\[\d{1,3}(?:\s*[,;\-–]\s*\d{1,3})*\]")
 _NON_WORD_RE = re.compile(r"[^0-9a-z]+")
 
 
 def _normalise(unit: str) -> str:
-    unit = _MARKER_RE.sub(" ", _ENUMERATOR_RE.sub("", unit.strip()))
+    unit = strip_citations(_ENUMERATOR_RE.sub("", unit.strip()), replacement=" ")
     return _NON_WORD_RE.sub(" ", unit.lower()).strip()
 
 

@@ -1,9 +1,9 @@
 """Value types of the generation package: sampling parameters, model output, answer events.
 
-Everything here is a frozen dataclass. The answer events (:data:`AnswerEvent`) are the one
-schema every transport uses: the SSE endpoint, the websocket and the CLI all send the
-dicts produced by :func:`event_to_dict`, discriminated on ``type``
-(``retrieval | token | citation | done | error``).
+Everything here is a frozen dataclass. The answer events (:data:`AnswerEvent`) are the domain
+form of the one event schema, discriminated on ``type`` (``retrieval | token | citation | done |
+error``); their wire form (what SSE, the websocket and ``rag ask --json`` send) is derived from
+them in exactly one place, ``app/schemas/events.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from retrieval.types import Chunk, ScoredChunk
 
@@ -29,8 +29,6 @@ __all__ = [
     "TokenEvent",
     "TokenLogprob",
     "Usage",
-    "chunk_to_dict",
-    "event_to_dict",
 ]
 
 Role = Literal["system", "user", "assistant"]
@@ -233,105 +231,3 @@ class ErrorEvent:
 
 
 AnswerEvent = RetrievalEvent | TokenEvent | CitationEvent | DoneEvent | ErrorEvent
-
-
-def chunk_to_dict(chunk: Chunk) -> dict[str, Any]:
-    """A JSON-ready dict of a chunk (every field, ``metadata`` as a plain dict)."""
-    return {
-        "id": chunk.id,
-        "document_id": chunk.document_id,
-        "collection": chunk.collection,
-        "path": chunk.path,
-        "ordinal": chunk.ordinal,
-        "text": chunk.text,
-        "start": chunk.start,
-        "end": chunk.end,
-        "page": chunk.page,
-        "title": chunk.title,
-        "metadata": dict(chunk.metadata),
-    }
-
-
-def _token_to_dict(token: TokenLogprob) -> dict[str, Any]:
-    return {
-        "token": token.token,
-        "logprob": None if math.isnan(token.logprob) else token.logprob,
-        "top": [[alt, lp] for alt, lp in token.top],
-    }
-
-
-def _citation_to_dict(event: CitationEvent) -> dict[str, Any]:
-    # The chunk's full text is left out: ``snippet`` is what the client shows and the chunk was
-    # already sent whole in the retrieval event.
-    return {
-        "type": event.type,
-        "n": event.n,
-        "chunk_id": event.chunk_id,
-        "document_id": event.document_id,
-        "path": event.path,
-        "title": event.title,
-        "page": event.page,
-        "start": event.start,
-        "end": event.end,
-        "snippet": event.snippet,
-        "inferred": event.inferred,
-    }
-
-
-def _retrieval_to_dict(event: RetrievalEvent) -> dict[str, Any]:
-    return {
-        "type": event.type,
-        "round": event.round,
-        "query": event.query,
-        "reason": event.reason,
-        "elapsed_ms": event.elapsed_ms,
-        "trigger": None if event.trigger is None else [_token_to_dict(t) for t in event.trigger],
-        "chunk_ids": [sc.chunk.id for sc in event.chunks],
-        "chunks": [
-            {
-                "chunk": chunk_to_dict(sc.chunk),
-                "score": sc.score,
-                "rank": sc.rank,
-                "n": event.numbers[i] if i < len(event.numbers) else None,
-            }
-            for i, sc in enumerate(event.chunks)
-        ],
-    }
-
-
-def event_to_dict(event: AnswerEvent) -> dict[str, Any]:
-    """The JSON-ready wire form of an answer event, shared by SSE, websocket and CLI.
-
-    Args:
-        event: Any answer event.
-
-    Returns:
-        A dict of JSON types with ``type`` as discriminator. Citations omit the chunk's full text.
-    """
-    if isinstance(event, TokenEvent):
-        return {"type": event.type, "text": event.text}
-    if isinstance(event, CitationEvent):
-        return _citation_to_dict(event)
-    if isinstance(event, RetrievalEvent):
-        return _retrieval_to_dict(event)
-    if isinstance(event, ErrorEvent):
-        return {
-            "type": event.type,
-            "code": event.code,
-            "message": event.message,
-            "retryable": event.retryable,
-        }
-    return {
-        "type": event.type,
-        "answer": event.answer,
-        "citations": [_citation_to_dict(c) for c in event.citations],
-        "retrievals": [_retrieval_to_dict(r) for r in event.retrievals],
-        "usage": {
-            "prompt_tokens": event.usage.prompt_tokens,
-            "completion_tokens": event.usage.completion_tokens,
-            "total_tokens": event.usage.total_tokens,
-        },
-        "timings": dict(event.timings),
-        "mode": event.mode,
-        "finish_reason": event.finish_reason,
-    }

@@ -19,8 +19,8 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db.models import Chunk as ChunkRow
-from app.db.models import Collection, Document
+from core.db.models import Chunk as ChunkRow
+from core.db.models import Collection, Document
 from retrieval.store import IndexStore, Snapshot
 from retrieval.types import Chunk
 

@@ -32,9 +32,9 @@ from typing import Any, Protocol
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db.base import utcnow
-from app.db.models import Chunk as ChunkRow
-from app.db.models import Collection, Document, IngestJob
+from core.db.base import utcnow
+from core.db.models import Chunk as ChunkRow
+from core.db.models import Collection, Document, IngestJob
 from ingest import queue
 from ingest.indexer import reconcile, vector_to_bytes
 from ingest.loaders import LoaderError, loader_for
@@ -441,15 +441,7 @@ def summarize(job: IngestJob, collection: str, total_chunks: int, seconds: float
         job_id=job.id,
         status=job.status,
         collection=collection,
-        files={
-            "seen": job.files_seen,
-            "new": job.files_new,
-            "changed": job.files_changed,
-            "unchanged": job.files_unchanged,
-            "deleted": job.files_deleted,
-            "failed": job.files_failed,
-            "skipped": job.files_skipped,
-        },
+        files=job.file_counts(),
         chunks={"added": job.chunks_added, "removed": job.chunks_removed, "total": total_chunks},
         errors=list(job.errors or []),
         seconds=seconds,

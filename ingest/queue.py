@@ -10,17 +10,16 @@ forever.
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db.base import utcnow
-from app.db.models import Collection, IngestJob
+from core.db.base import utcnow
+from core.db.models import Collection, IngestJob
+from retrieval.types import validate_collection_name
 
-COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 TERMINAL = ("succeeded", "failed")
 
 
@@ -38,12 +37,10 @@ def check_collection_name(name: str) -> str:
     Raises:
         InvalidCollectionName: with the rule in the message.
     """
-    if not COLLECTION_NAME.fullmatch(name) or name in {".", ".."}:
-        raise InvalidCollectionName(
-            f"invalid collection name {name!r}: use 1-128 letters, digits, '_', '-' or '.', "
-            "starting with a letter or digit"
-        )
-    return name
+    try:
+        return validate_collection_name(name)
+    except ValueError as e:
+        raise InvalidCollectionName(str(e)) from None
 
 
 async def get_or_create_collection(session: AsyncSession, name: str) -> Collection:

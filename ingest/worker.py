@@ -12,23 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app.db.engine import create_engine, create_sessionmaker
-from app.db.migrate import aupgrade
-from app.settings import Settings
+from core.settings import Settings
+from core.wiring import load_embedder, open_database, open_store
 from ingest import queue
 from ingest.indexer import reconcile_all
 from ingest.pipeline import IngestPipeline, JobSummary, ProgressCallback, default_worker_id
 from ingest.splitter import Splitter
 from retrieval.embedders import SentenceTransformerEmbedder
 from retrieval.store import IndexStore
-from retrieval.tokenize import TokenizerOptions
-from retrieval.types import SearchOptions
 
 logger = logging.getLogger(__name__)
 
@@ -51,50 +47,6 @@ class IngestContext:
         await self.engine.dispose()
 
 
-def open_store(settings: Settings, *, model_id: str, dimension: int) -> IndexStore:
-    """The index store for these settings (shared by the worker and the API)."""
-    r = settings.retrieval
-    return IndexStore(
-        settings.index_dir,
-        model_id=model_id,
-        dimension=dimension,
-        tokenizer=TokenizerOptions(stopwords=r.stopwords, stem=r.stem),
-        use_gpu=r.faiss_gpu,
-        accelerator=None if r.dense_accelerator == "none" else r.dense_accelerator,
-        accelerate_from=r.accelerate_from_chunks,
-        nprobe=r.nprobe,
-    )
-
-
-def search_defaults(settings: Settings) -> SearchOptions:
-    """The configured default search options."""
-    r = settings.retrieval
-    return SearchOptions(
-        mode=r.mode,
-        fusion=r.fusion,
-        depth=r.depth,
-        rrf_k=r.rrf_k,
-        dense_weight=r.dense_weight,
-        sparse_weight=r.sparse_weight,
-        alpha=r.alpha,
-        normalization=r.normalization,
-    )
-
-
-def load_embedder(settings: Settings, *, threads: int | None = None) -> SentenceTransformerEmbedder:
-    """Load the configured embedding model, offline."""
-    # The model ships inside a package; never let transformers try the network.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    return SentenceTransformerEmbedder(
-        settings.embedding.model,
-        device=settings.embedding.device,
-        dtype=settings.embedding.dtype,
-        batch_size=settings.embedding.batch_size,
-        threads=threads,
-    )
-
-
 async def build_ingest_context(
     settings: Settings,
     *,
@@ -102,10 +54,8 @@ async def build_ingest_context(
     embedder: SentenceTransformerEmbedder | None = None,
 ) -> IngestContext:
     """Migrate the database and build the worker's objects (loads the embedding model unless given)."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    await aupgrade(settings.database_url)
-    engine = create_engine(settings.database_url, echo=settings.database.echo, pool_size=settings.database.pool_size)
-    sessionmaker = create_sessionmaker(engine)
+    db = await open_database(settings)
+    engine, sessionmaker = db.engine, db.sessionmaker
     if embedder is None:
         embedder = await asyncio.to_thread(load_embedder, settings)
     store = open_store(settings, model_id=embedder.model_id, dimension=embedder.dimension)

@@ -8,9 +8,9 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from app.db import models  # noqa: F401  (registers the tables on Base.metadata)
-from app.db.base import Base
-from app.db.engine import create_engine, is_sqlite
+from core.db import models  # noqa: F401  (registers the tables on Base.metadata)
+from core.db.base import Base
+from core.db.engine import create_engine, is_sqlite
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):
@@ -23,7 +23,7 @@ def _url() -> str:
     url = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
     if url:
         return str(url)
-    from app.settings import Settings
+    from core.settings import Settings
 
     return Settings().database_url
 

@@ -59,7 +59,13 @@ import numpy as np
 from retrieval.dense import DEFAULT_ACCELERATE_FROM, DEFAULT_NPROBE, AcceleratorKind, DenseIndex
 from retrieval.sparse import BM25Params, SparseIndex
 from retrieval.tokenize import Tokenizer, TokenizerOptions
-from retrieval.types import Chunk, IndexCorruptError, IndexMismatchError, UnknownCollectionError
+from retrieval.types import (
+    Chunk,
+    IndexCorruptError,
+    IndexMismatchError,
+    UnknownCollectionError,
+    validate_collection_name,
+)
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -67,29 +73,21 @@ if TYPE_CHECKING:
     IntArray = npt.NDArray[np.int64]
     FloatMatrix = npt.NDArray[np.float32]
 
-__all__ = ["IndexStore", "Manifest", "Snapshot", "validate_collection_name"]
+__all__ = ["IndexStore", "Manifest", "Snapshot"]
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _VERSION = re.compile(r"(\d{8})-[0-9a-f]{8}")
 _LOAD_RETRIES = 3
 
 
-def validate_collection_name(name: str) -> str:
-    """Return ``name`` if it is a valid collection name (it becomes a directory name).
-
-    Raises:
-        ValueError: Unless it is 1–128 characters of ``[A-Za-z0-9._-]`` starting with a
-            letter or digit (no path separators, no hidden names, no ``..``).
-    """
-    if not _NAME.fullmatch(name) or ".." in name:
-        raise ValueError(
-            f"invalid collection name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
+def _is_collection_name(name: str) -> bool:
+    try:
+        validate_collection_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _version_seq(version: str) -> int:
@@ -149,38 +147,6 @@ class Manifest:
 
 
 # ---------------------------------------------------------------------- snapshot
-
-
-def _chunk_to_json(chunk: Chunk) -> dict[str, Any]:
-    return {
-        "id": chunk.id,
-        "document_id": chunk.document_id,
-        "collection": chunk.collection,
-        "path": chunk.path,
-        "ordinal": chunk.ordinal,
-        "text": chunk.text,
-        "start": chunk.start,
-        "end": chunk.end,
-        "page": chunk.page,
-        "title": chunk.title,
-        "metadata": dict(chunk.metadata),
-    }
-
-
-def _chunk_from_json(data: Mapping[str, Any]) -> Chunk:
-    return Chunk(
-        id=int(data["id"]),
-        document_id=int(data["document_id"]),
-        collection=str(data["collection"]),
-        path=str(data["path"]),
-        ordinal=int(data["ordinal"]),
-        text=str(data["text"]),
-        start=int(data["start"]),
-        end=int(data["end"]),
-        page=None if data.get("page") is None else int(data["page"]),
-        title=None if data.get("title") is None else str(data["title"]),
-        metadata=MappingProxyType({str(k): str(v) for k, v in (data.get("metadata") or {}).items()}),
-    )
 
 
 class Snapshot:
@@ -409,7 +375,7 @@ class IndexStore:
         """Names of the collections that have a published version, sorted."""
         if not self._root.is_dir():
             return []
-        return sorted(d.name for d in self._root.iterdir() if _NAME.fullmatch(d.name) and (d / "CURRENT").is_file())
+        return sorted(d.name for d in self._root.iterdir() if _is_collection_name(d.name) and (d / "CURRENT").is_file())
 
     def _check_compatible(self, manifest: Manifest) -> None:
         if manifest.model_id != self._model_id or manifest.dimension != self._dimension:
@@ -458,7 +424,7 @@ class IndexStore:
         try:
             with (vdir / "chunks.jsonl").open(encoding="utf-8") as f:
                 for line in f:
-                    chunk = _chunk_from_json(json.loads(line))
+                    chunk = Chunk.from_dict(json.loads(line))
                     chunks[chunk.id] = chunk
         except (ValueError, KeyError, TypeError) as e:
             raise IndexCorruptError(f"{vdir}: unreadable chunks: {e}") from e
@@ -690,7 +656,7 @@ class IndexStore:
         try:
             snapshot.dense.save(tmp / "dense.faiss")
             snapshot.sparse.save(tmp / "sparse.npz")
-            _write_jsonl(tmp / "chunks.jsonl", (_chunk_to_json(snapshot.chunks[i]) for i in snapshot.ids.tolist()))
+            _write_jsonl(tmp / "chunks.jsonl", (snapshot.chunks[i].to_dict() for i in snapshot.ids.tolist()))
             # The manifest goes last: a directory with a manifest is complete.
             _write_text(tmp / "manifest.json", json.dumps(snapshot.manifest.to_json(), indent=2) + "\n")
             _fsync_path(tmp)

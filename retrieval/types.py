@@ -14,9 +14,11 @@ Exception tree::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,6 +30,29 @@ if TYPE_CHECKING:
 SearchMode = Literal["hybrid", "dense", "sparse"]
 FusionMethod = Literal["rrf", "weighted"]
 Normalization = Literal["minmax", "zscore"]
+
+
+COLLECTION_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""What a collection name may be: 1-128 letters, digits, ``.``, ``_`` or ``-``, starting with a letter
+or digit, never ``..`` (which the pattern alone does not say; :func:`validate_collection_name` does).
+A collection name is also a directory name of the index store, so this is
+the one rule that the store, the job queue and the API's request models all apply."""
+
+_COLLECTION_NAME_RE = re.compile(COLLECTION_NAME_PATTERN)
+
+
+def validate_collection_name(name: str) -> str:
+    """Return ``name`` if it is a valid collection name (:data:`COLLECTION_NAME_PATTERN`).
+
+    Raises:
+        ValueError: With the rule in the message.
+    """
+    if not _COLLECTION_NAME_RE.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"invalid collection name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return name
 
 
 class RetrievalError(Exception):
@@ -67,6 +92,39 @@ class Chunk:
     page: int | None = None
     title: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON types (``metadata`` a plain dict); :meth:`from_dict` reads it back."""
+        return {
+            "id": self.id,
+            "document_id": self.document_id,
+            "collection": self.collection,
+            "path": self.path,
+            "ordinal": self.ordinal,
+            "text": self.text,
+            "start": self.start,
+            "end": self.end,
+            "page": self.page,
+            "title": self.title,
+            "metadata": dict(self.metadata),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Chunk:
+        """The chunk :meth:`to_dict` wrote (values coerced to their types; ``metadata`` read-only)."""
+        return cls(
+            id=int(data["id"]),
+            document_id=int(data["document_id"]),
+            collection=str(data["collection"]),
+            path=str(data["path"]),
+            ordinal=int(data["ordinal"]),
+            text=str(data["text"]),
+            start=int(data["start"]),
+            end=int(data["end"]),
+            page=None if data.get("page") is None else int(data["page"]),
+            title=None if data.get("title") is None else str(data["title"]),
+            metadata=MappingProxyType({str(k): str(v) for k, v in (data.get("metadata") or {}).items()}),
+        )
 
 
 @dataclass(frozen=True, slots=True)

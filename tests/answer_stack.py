@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from app.db.models import Chunk as ChunkRow
+from core.db.models import Chunk as ChunkRow
 from generation.backends.openai_compat import OpenAICompatClient
 from ingest.worker import build_ingest_context, enqueue_path, run_job
 from retrieval.hybrid import HybridRetriever

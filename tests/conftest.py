@@ -85,7 +85,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def make_settings(tmp_path: Path) -> Any:
     """Factory of Settings rooted in this test's temporary folder."""
-    from app.settings import Settings
+    from core.settings import Settings
 
     def factory(database_url: str | None = None, **overrides: Any) -> Settings:
         data = {"data_dir": tmp_path / "data", **overrides}

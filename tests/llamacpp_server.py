@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from generation.serving.launcher import GGUF_FILENAME, GGUF_PACKAGE, ManagedServer, find_free_port
+from serving.launcher import GGUF_FILENAME, GGUF_PACKAGE, ManagedServer, find_free_port
 from tests.llm_server import ARTIFACTS, REPO_ROOT, LLMServerInfo, skip_or_fail
 
 #: The model id the server lists (``--model_alias``); llama-cpp-python answers any name with its one model.

@@ -24,7 +24,7 @@ from typing import NoReturn
 
 import pytest
 
-from generation.serving.launcher import (
+from serving.launcher import (
     DEFAULT_SERVED_NAME,
     LLMEnvironmentMissing,
     ManagedServer,

@@ -43,7 +43,7 @@ async def events(
         plan,
         retriever=resources.retriever,
         llm=resources.llm,
-        settings=resources.settings,
+        defaults=resources.answer_defaults,
         metrics=resources.metrics,
         transport=transport,
     )

@@ -6,8 +6,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-# Same rule as ingest.queue.COLLECTION_NAME (a collection name is also a directory name).
-COLLECTION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+from retrieval.types import COLLECTION_NAME_PATTERN, validate_collection_name
 
 
 def _no_nul(value: str) -> str:
@@ -17,8 +16,11 @@ def _no_nul(value: str) -> str:
     return value
 
 
-CollectionName = Annotated[str, StringConstraints(pattern=COLLECTION_PATTERN)]
-"""1-128 letters, digits, ``_``, ``-`` or ``.``, starting with a letter or digit."""
+CollectionName = Annotated[
+    str, StringConstraints(pattern=COLLECTION_NAME_PATTERN), AfterValidator(validate_collection_name)
+]
+"""1-128 letters, digits, ``_``, ``-`` or ``.``, starting with a letter or digit, no ``..``
+(:func:`retrieval.types.validate_collection_name`, the rule the index store applies)."""
 
 Text = Annotated[str, AfterValidator(_no_nul)]
 """Free text stored or echoed by the service (no NUL characters)."""

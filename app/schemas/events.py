@@ -1,20 +1,22 @@
-"""The answer-event union on the wire, mirrored from :mod:`generation.types`.
+"""The answer events on the wire: the one place their domain form becomes JSON.
 
-One schema, two transports: ``POST /v1/ask/stream`` sends each event as a Server-Sent Event
-(``event: <type>``, ``data: <json>``) and the websocket ``/v1/chat`` sends the same JSON with
-the request's ``id`` added. The models validate exactly what
-:func:`generation.types.event_to_dict` produces (a unit test keeps the two in step), and every
-event goes through them before it is sent, so the documented schema is the real one.
+One schema, every transport: ``POST /v1/ask/stream`` sends each event as a Server-Sent Event
+(``event: <type>``, ``data: <json>``), the websocket ``/v1/chat`` sends the same JSON with the
+request's ``id`` added, and ``rag ask --json`` prints the ``done`` event. :func:`to_wire` builds
+these models from :mod:`generation.types`' dataclasses field by field (a citation leaves out the
+chunk's full text: the retrieval event already carried it), so the documented schema in OpenAPI
+is the one that is sent.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-from generation.types import AnswerEvent as DomainEvent
-from generation.types import event_to_dict
+from generation import types as domain
+from retrieval.types import Chunk
 
 
 class ChunkOut(BaseModel):
@@ -127,13 +129,85 @@ AnswerEventOut = Annotated[
 ANSWER_EVENT_ADAPTER: TypeAdapter[RetrievalEvent | TokenEvent | CitationEvent | DoneEvent | ErrorEvent] = TypeAdapter(
     AnswerEventOut
 )
+"""Parses and validates wire events (clients, tests)."""
 
 
-def to_wire(event: DomainEvent) -> RetrievalEvent | TokenEvent | CitationEvent | DoneEvent | ErrorEvent:
-    """The wire model of a domain event (validated against the documented schema)."""
-    return ANSWER_EVENT_ADAPTER.validate_python(event_to_dict(event))
+WireEvent = RetrievalEvent | TokenEvent | CitationEvent | DoneEvent | ErrorEvent
 
 
-def wire_dict(event: DomainEvent) -> dict[str, Any]:
-    """The JSON-ready dict of a domain event, as both transports send it."""
+def chunk_out(chunk: Chunk) -> ChunkOut:
+    """The wire form of a chunk."""
+    return ChunkOut(**chunk.to_dict())
+
+
+def _token(token: domain.TokenLogprob) -> TokenLogprobOut:
+    return TokenLogprobOut(
+        token=token.token,
+        logprob=None if math.isnan(token.logprob) else token.logprob,
+        top=[(alt, lp) for alt, lp in token.top],
+    )
+
+
+def _citation(event: domain.CitationEvent) -> CitationEvent:
+    return CitationEvent(
+        n=event.n,
+        chunk_id=event.chunk_id,
+        document_id=event.document_id,
+        path=event.path,
+        title=event.title,
+        page=event.page,
+        start=event.start,
+        end=event.end,
+        snippet=event.snippet,
+        inferred=event.inferred,
+    )
+
+
+def _retrieval(event: domain.RetrievalEvent) -> RetrievalEvent:
+    return RetrievalEvent(
+        round=event.round,
+        query=event.query,
+        reason=event.reason,
+        elapsed_ms=event.elapsed_ms,
+        trigger=None if event.trigger is None else [_token(t) for t in event.trigger],
+        chunk_ids=[sc.chunk.id for sc in event.chunks],
+        chunks=[
+            RetrievedChunk(
+                chunk=chunk_out(sc.chunk),
+                score=sc.score,
+                rank=sc.rank,
+                n=event.numbers[i] if i < len(event.numbers) else None,
+            )
+            for i, sc in enumerate(event.chunks)
+        ],
+    )
+
+
+def to_wire(event: domain.AnswerEvent) -> WireEvent:
+    """The wire model of a domain answer event."""
+    if isinstance(event, domain.TokenEvent):
+        return TokenEvent(text=event.text)
+    if isinstance(event, domain.CitationEvent):
+        return _citation(event)
+    if isinstance(event, domain.RetrievalEvent):
+        return _retrieval(event)
+    if isinstance(event, domain.ErrorEvent):
+        return ErrorEvent(code=event.code, message=event.message, retryable=event.retryable)
+    return DoneEvent(
+        answer=event.answer,
+        citations=[_citation(c) for c in event.citations],
+        retrievals=[_retrieval(r) for r in event.retrievals],
+        usage=Usage(
+            prompt_tokens=event.usage.prompt_tokens,
+            completion_tokens=event.usage.completion_tokens,
+            total_tokens=event.usage.total_tokens,
+        ),
+        timings=dict(event.timings),
+        mode=event.mode,
+        finish_reason=event.finish_reason,
+    )
+
+
+def wire_dict(event: domain.AnswerEvent) -> dict[str, Any]:
+    """The JSON-ready dict of a domain event, as every transport sends it."""
     return to_wire(event).model_dump(mode="json")

@@ -7,6 +7,7 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from app.schemas.common import CollectionName, Page, Request, Text
+from core.db.models import IngestJob
 
 
 class JobCreate(Request):
@@ -56,6 +57,28 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     heartbeat_at: datetime | None
+
+    @classmethod
+    def from_row(cls, job: IngestJob, collection: str) -> JobOut:
+        """The wire form of a job row (the API and ``rag jobs --json`` both print this)."""
+        return cls(
+            id=job.id,
+            collection=collection,
+            root_path=job.root_path,
+            prune=job.prune,
+            status=job.status,
+            progress=job.progress,
+            attempts=job.attempts,
+            files=JobFiles(**job.file_counts()),
+            chunks_added=job.chunks_added,
+            chunks_removed=job.chunks_removed,
+            error=job.error,
+            errors=[JobError(path=e.get("path", ""), reason=e.get("reason", "")) for e in job.errors or []],
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            heartbeat_at=job.heartbeat_at,
+        )
 
 
 class JobList(BaseModel):

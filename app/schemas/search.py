@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, StringConstraints
 
 from app.schemas.common import CollectionName, Request, Text
+from retrieval.types import ScoredChunk
 
 
 class SearchFilters(Request):
@@ -61,6 +62,26 @@ class HitOut(BaseModel):
     start: int
     end: int
     text: str
+
+    @classmethod
+    def from_scored(cls, hit: ScoredChunk) -> HitOut:
+        """The wire form of a search result (the API and ``rag search --json`` both print this)."""
+        c = hit.chunk
+        return cls(
+            rank=hit.rank,
+            score=hit.score,
+            dense=LegOut(rank=hit.dense.rank, score=hit.dense.score) if hit.dense else None,
+            sparse=LegOut(rank=hit.sparse.rank, score=hit.sparse.score) if hit.sparse else None,
+            chunk_id=c.id,
+            document_id=c.document_id,
+            collection=c.collection,
+            path=c.path,
+            title=c.title,
+            page=c.page,
+            start=c.start,
+            end=c.end,
+            text=c.text,
+        )
 
 
 class OptionsOut(BaseModel):

@@ -22,7 +22,6 @@ from typing import Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.llm import answer_defaults, generation_params
 from app.observability import Metrics
 from app.schemas.ask import AskRequest
 from app.schemas.events import wire_dict
@@ -30,7 +29,8 @@ from app.services import conversations
 from app.services import search as search_service
 from app.services.errors import AnswerFailed, InvalidInput
 from app.services.keys import Principal
-from app.settings import Settings
+from core.settings import Settings
+from core.wiring import AnswerDefaults, generation_params
 from generation.client import LLMClient, aclosing_iter
 from generation.rag import AnswerMode, answer
 from generation.types import AnswerEvent, ChatMessage, DoneEvent, ErrorEvent, GenerationParams, TokenEvent
@@ -113,7 +113,7 @@ async def run(
     *,
     retriever: Retriever,
     llm: LLMClient,
-    settings: Settings,
+    defaults: AnswerDefaults,
     metrics: Metrics,
     transport: Transport,
 ) -> AsyncIterator[AnswerEvent]:
@@ -135,7 +135,7 @@ async def run(
             history=plan.history,
             filters=SearchFilters(collections=plan.collections, path_prefix=plan.path_prefix),
             search_options=plan.search_options,
-            **{**answer_defaults(settings).kwargs(), "k": plan.k},
+            **defaults.kwargs(k=plan.k),
         )
         async with aclosing_iter(events) as stream:
             async for event in stream:

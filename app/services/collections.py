@@ -15,10 +15,10 @@ from pathlib import Path
 from sqlalchemy import Select, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db.base import utcnow
-from app.db.models import Collection, Document, IngestJob
 from app.services.errors import Conflict, Forbidden, InvalidInput, NotFound
 from app.services.keys import Principal
+from core.db.base import utcnow
+from core.db.models import Collection, Document, IngestJob
 from ingest.queue import InvalidCollectionName, check_collection_name
 from retrieval.store import IndexStore
 

@@ -14,11 +14,11 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db.base import utcnow
-from app.db.models import Collection, Conversation, Message
 from app.services import collections as collections_service
 from app.services.errors import NotFound
 from app.services.keys import Principal
+from core.db.base import utcnow
+from core.db.models import Collection, Conversation, Message
 from generation.types import ChatMessage, DoneEvent
 
 _TITLE_CHARS = 80

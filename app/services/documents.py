@@ -22,13 +22,14 @@ from typing import BinaryIO, Literal
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db.models import Document
 from app.services import collections as collections_service
 from app.services.errors import InvalidInput, NotFound, PayloadTooLarge
 from app.services.keys import Principal
+from core.db.models import Document
 from ingest import queue
 from ingest.indexer import reconcile
-from ingest.loaders import loader_for
+from ingest.loaders import loader_for, supported_extensions
+from ingest.pipeline import sha256_file
 from retrieval.store import IndexStore
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -83,7 +84,7 @@ def safe_filename(raw: str, index: int) -> str:
     if loader_for(name) is None:
         raise InvalidInput(
             f"unsupported file type {PurePosixPath(name).suffix or '(none)'!r} for {name!r}; "
-            "supported: .txt .text .md .markdown .html .htm .pdf",
+            f"supported: {' '.join(supported_extensions())}",
             field=field,
         )
     return name
@@ -91,11 +92,7 @@ def safe_filename(raw: str, index: int) -> str:
 
 def _sha256_file(path: Path) -> str | None:
     try:
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            while block := fh.read(_COPY_CHUNK):
-                digest.update(block)
-        return digest.hexdigest()
+        return sha256_file(path)
     except FileNotFoundError:
         return None
 

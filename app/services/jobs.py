@@ -15,10 +15,10 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db.models import Collection, IngestJob
 from app.services import collections as collections_service
 from app.services.errors import Forbidden, InvalidInput, NotFound
 from app.services.keys import Principal
+from core.db.models import Collection, IngestJob
 from ingest import queue
 
 

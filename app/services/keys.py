@@ -20,9 +20,9 @@ from datetime import timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db.base import utcnow
-from app.db.models import ApiKey
 from app.services.errors import InvalidInput, NotFound, Unauthorized
+from core.db.base import utcnow
+from core.db.models import ApiKey
 from ingest.queue import InvalidCollectionName, check_collection_name
 
 TOKEN_PREFIX = "rag_"

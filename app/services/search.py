@@ -15,11 +15,11 @@ from dataclasses import dataclass, replace
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db.models import Collection
 from app.observability import Metrics
 from app.services.collections import valid_name
 from app.services.errors import InvalidInput, NotFound
 from app.services.keys import Principal
+from core.db.models import Collection
 from retrieval.store import IndexStore
 from retrieval.types import (
     FusionMethod,

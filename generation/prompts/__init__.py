@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Protocol
 
+from generation.markers import strip_citations
 from generation.types import ChatMessage
 from retrieval.types import Chunk
 
@@ -53,7 +54,6 @@ __all__ = [
     "normalize_whitespace",
     "render_chatml",
     "source_header",
-    "strip_citations",
     "user_message",
 ]
 
@@ -70,7 +70,6 @@ ANSWER_REMINDER = "Answer briefly from the sources and cite them like [1]."
 
 NO_SOURCES = "Sources: none found."
 
-_CITATION_RE = re.compile(r"[ \t]*\[\d{1,3}(?:[ \t]*[,;\-–][ \t]*\d{1,3})*\]")
 _SPACES_RE = re.compile(r"[ \t\f\v\u00a0]+")
 _BLANK_LINES_RE = re.compile(r"\n[ \t]*(?:\n[ \t]*)+")
 
@@ -79,11 +78,6 @@ def normalize_whitespace(text: str) -> str:
     """Collapse runs of spaces and of blank lines (PDF extraction is full of both); strip the ends."""
     text = _SPACES_RE.sub(" ", text.replace("\r\n", "\n").replace("\r", "\n"))
     return _BLANK_LINES_RE.sub("\n\n", text).strip()
-
-
-def strip_citations(text: str) -> str:
-    """Remove ``[n]``/``[n, m]``/``[n-m]`` markers (and the spaces before them) from ``text``."""
-    return _CITATION_RE.sub("", text)
 
 
 def source_header(n: int, chunk: Chunk) -> str:

@@ -50,6 +50,7 @@ __all__ = [
     "TextLoader",
     "default_loaders",
     "loader_for",
+    "supported_extensions",
 ]
 
 
@@ -99,3 +100,8 @@ def loader_for(path: Path | str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Loade
     apart from ``max_bytes`` and safe to share between threads.
     """
     return _default_registry(max_bytes).for_path(path)
+
+
+def supported_extensions() -> tuple[str, ...]:
+    """The extensions the built-in loaders read (lowercase, with the dot, sorted): for messages and docs."""
+    return tuple(sorted(_default_registry(DEFAULT_MAX_BYTES).extensions))

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from app.db.engine import create_engine, create_sessionmaker
-from app.db.models import Chunk as ChunkRow
-from app.db.models import Document, IngestJob
-from app.settings import Settings
+from core.db.engine import create_engine, create_sessionmaker
+from core.db.models import Chunk as ChunkRow
+from core.db.models import Document, IngestJob
+from core.settings import Settings
 from retrieval.store import IndexStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

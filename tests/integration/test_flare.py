@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from app.llm import generation_params
+from core.wiring import generation_params
 from generation.flare import FlareParams, SentenceJudgement
 from generation.rag import answer
 from generation.types import AnswerEvent, DoneEvent, ErrorEvent, RetrievalEvent, TokenEvent

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from app.llm import generation_params
+from core.wiring import generation_params
 from generation.backends.openai_compat import OpenAICompatClient
 from generation.rag import answer
 from generation.types import (

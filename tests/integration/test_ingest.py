@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from app.db.models import Chunk as ChunkRow
-from app.db.models import Collection, Document
+from core.db.models import Chunk as ChunkRow
+from core.db.models import Collection, Document
 from ingest.worker import IngestContext, build_ingest_context, enqueue_path, run_job
 from retrieval.hybrid import HybridRetriever
 from retrieval.types import SearchFilters, SearchOptions

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from alembic import command
 
-from app.db.migrate import alembic_config, upgrade
+from core.db.migrate import alembic_config, upgrade
 
 pytestmark = [pytest.mark.integration]
 

@@ -9,10 +9,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from app.db.base import utcnow
-from app.db.engine import create_engine, create_sessionmaker
-from app.db.migrate import aupgrade
-from app.db.models import IngestJob
+from core.db.base import utcnow
+from core.db.engine import create_engine, create_sessionmaker
+from core.db.migrate import aupgrade
+from core.db.models import IngestJob
 from ingest import queue
 
 pytestmark = [pytest.mark.integration]
@@ -64,3 +64,20 @@ def test_collection_names_are_checked() -> None:
         with pytest.raises(queue.InvalidCollectionName):
             queue.check_collection_name(bad)
     assert queue.check_collection_name("manuals-v2.1_en") == "manuals-v2.1_en"
+
+
+@pytest.mark.parametrize("name", ["a..b", "..", ".x", "a/b"])
+async def test_the_queue_refuses_names_the_index_store_refuses(database_url: str, name: str) -> None:
+    # Regression: the queue accepted "a..b"; the worker's reconcile then crashed on it at start-up.
+    from retrieval.types import validate_collection_name
+
+    with pytest.raises(ValueError):
+        validate_collection_name(name)
+    await aupgrade(database_url)
+    engine = create_engine(database_url)
+    try:
+        async with create_sessionmaker(engine)() as session:
+            with pytest.raises(queue.InvalidCollectionName):
+                await queue.get_or_create_collection(session, name)
+    finally:
+        await engine.dispose()

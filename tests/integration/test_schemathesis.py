@@ -19,7 +19,7 @@ from schemathesis.generation import GenerationMode
 from starlette.testclient import TestClient
 
 from app.main import create_app
-from app.settings import Settings
+from core.settings import Settings
 from tests.unit.api_support import CORPUS, Api, default_responder
 from tests.unit.fakes_llm import FakeLLM
 from tests.unit.fakes_retrieval import HashEmbedder

@@ -19,11 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
-from app.llm import generation_params
+from core.wiring import generation_params
 from generation.backends.openai_compat import OpenAICompatClient
 from generation.errors import ContextTooLong, LLMUnavailable
 from generation.rag import answer
-from generation.serving.launcher import find_free_port
 from generation.types import (
     ChatMessage,
     CitationEvent,
@@ -34,6 +33,7 @@ from generation.types import (
     StreamDelta,
     TokenEvent,
 )
+from serving.launcher import find_free_port
 from tests.answer_stack import answer_stack
 from tests.corpus_factory import write_corpus
 from tests.llamacpp_server import LLAMACPP_N_CTX

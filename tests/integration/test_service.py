@@ -25,9 +25,9 @@ from openai import AsyncOpenAI, NotFoundError
 
 from app.main import create_app
 from app.services import keys
-from app.settings import Settings
-from generation.serving.launcher import find_free_port
+from core.settings import Settings
 from ingest.worker import build_ingest_context, enqueue_path, run_job
+from serving.launcher import find_free_port
 from tests.corpus_factory import Corpus, write_corpus
 from tests.llm_server import LLMServerInfo
 

@@ -18,12 +18,12 @@ import pytest
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
-from app.db.models import Chunk as ChunkRow
-from app.db.models import Document
 from app.main import create_app
 from app.resources import Resources
 from app.services import keys
-from app.settings import Settings
+from core.db.models import Chunk as ChunkRow
+from core.db.models import Document
+from core.settings import Settings
 from ingest import queue
 from ingest.indexer import reconcile, vector_to_bytes
 from tests.unit.fakes_llm import FakeCall, FakeLLM

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from app.evaluation.answers import citation_precision, exact_match, load_items, normalize_answer, rouge_l, token_f1
-from app.evaluation.beir import load_dataset
-from app.evaluation.calibration import calibrate, quantile
+from evaluation.answers import citation_precision, exact_match, load_items, normalize_answer, rouge_l, token_f1
+from evaluation.beir import load_dataset
+from evaluation.calibration import calibrate, quantile
 
 pytestmark = pytest.mark.unit
 

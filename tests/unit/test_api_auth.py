@@ -12,7 +12,7 @@ import pytest
 from openai import NotFoundError, OpenAI
 from pydantic import ValidationError
 
-from app.settings import Settings
+from core.settings import Settings
 from tests.unit.api_support import Api, make_api, sse_events  # noqa: F401
 
 pytestmark = pytest.mark.unit
@@ -155,7 +155,7 @@ def test_keys_are_stored_hashed(api: Api) -> None:
     token = header["Authorization"].removeprefix("Bearer ")
     from sqlalchemy import select
 
-    from app.db.models import ApiKey
+    from core.db.models import ApiKey
 
     async def rows() -> list[ApiKey]:
         async with api.resources.sessionmaker() as session:
@@ -182,7 +182,9 @@ def test_keys_cli(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
 
     from typer.testing import CliRunner
 
-    from app.cli import app as cli
+    from app.cli import build_app
+
+    cli = build_app()
 
     monkeypatch.setenv("RAG_DATA_DIR", str(tmp_path / "data"))
     runner = CliRunner()

@@ -47,6 +47,17 @@ def test_invalid_names_are_422_with_the_field(api: Api) -> None:
     assert api.client.post("/v1/collections", json={"name": "ok", "extra": 1}).status_code == 422
 
 
+@pytest.mark.parametrize("name", ["a..b", "x..", "..", ".hidden", "a/b", "a" * 129])
+def test_names_the_index_store_refuses_are_refused_by_the_api(api: Api, name: str) -> None:
+    # Regression: the API accepted "a..b", which the index store refuses as a directory name; the
+    # first reconcile of that collection then raised inside the worker and the API.
+    r = api.client.post("/v1/collections", json={"name": name})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["fields"][0]["field"] == "body.name"
+    assert api.client.post("/v1/search", json={"query": "q", "collection": name}).status_code in (404, 422)
+    assert name not in [c["name"] for c in api.client.get("/v1/collections").json()["collections"]]
+
+
 def test_upload_list_get_and_identical_reupload_is_a_noop(api: Api) -> None:
     c = api.client
     c.post("/v1/collections", json={"name": "up"})

@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
-from app.db.engine import create_engine, create_sessionmaker
 from app.observability import JsonFormatter, request_id_var
-from app.schemas.events import ANSWER_EVENT_ADAPTER
+from app.schemas.events import ANSWER_EVENT_ADAPTER, wire_dict
+from core.db.engine import create_engine, create_sessionmaker
 from generation.types import (
     CitationEvent,
     DoneEvent,
@@ -19,7 +19,6 @@ from generation.types import (
     TokenEvent,
     TokenLogprob,
     Usage,
-    event_to_dict,
 )
 from retrieval.types import LegScore, ScoredChunk
 from tests.unit.api_support import CORPUS, Api, make_api  # noqa: F401
@@ -106,7 +105,7 @@ def test_openapi_documents_the_event_union(api: Api) -> None:
     assert api.client.get("/docs").status_code == 200
 
 
-def test_the_wire_schema_mirrors_generation_events() -> None:
+def test_every_domain_event_has_a_valid_wire_form() -> None:
     chunk = make_chunk(7, "Use os.path.join.", path="/p.md")
     scored = ScoredChunk(chunk=chunk, score=0.5, rank=1, dense=LegScore(1, 0.9), sparse=None)
     retrieval = RetrievalEvent(
@@ -131,9 +130,12 @@ def test_the_wire_schema_mirrors_generation_events() -> None:
         finish_reason="stop",
     )
     for event in (retrieval, TokenEvent("Use"), citation, done, ErrorEvent("llm_timeout", "slow", True)):
-        wire = event_to_dict(event)
-        model = ANSWER_EVENT_ADAPTER.validate_python(wire)
-        assert model.model_dump(mode="json") == json.loads(json.dumps(wire)), event.type
+        wire = wire_dict(event)
+        assert wire["type"] == event.type
+        model = ANSWER_EVENT_ADAPTER.validate_python(json.loads(json.dumps(wire)))  # what a client parses
+        assert model.model_dump(mode="json") == wire, event.type
+    assert wire_dict(retrieval)["trigger"][0]["logprob"] is None  # NaN is not JSON
+    assert "chunk" not in wire_dict(citation)  # the retrieval event carried the chunk's text
 
 
 def test_cors_when_configured(make_api: Callable[..., Api]) -> None:  # noqa: F811

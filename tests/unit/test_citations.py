@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from generation.citations import CitationTracker, best_snippet, infer_citations, parse_marker
+from generation.citations import CitationTracker, best_snippet, infer_citations
+from generation.markers import parse_marker
 from generation.types import CitationEvent
 from retrieval.types import Chunk
 from tests.unit.fakes_llm import make_chunk, split_tokens

@@ -2,7 +2,7 @@
 
 What can be checked here is checked against the project itself: the compose file is valid Compose (the
 ``compose-spec`` validator), its services wait on the right conditions of services that define those
-health checks, every ``RAG_*`` variable is a real :class:`~app.settings.Settings` field and the whole
+health checks, every ``RAG_*`` variable is a real :class:`~core.settings.Settings` field and the whole
 environment builds valid settings, every command the images run parses against the real ``rag`` CLI,
 ``alembic upgrade head`` migrates a database as the ``migrate`` service runs it, and hadolint lints the
 Dockerfiles. Building the images and starting the stack need a Docker engine and a GPU (docs/deploy.md).
@@ -138,10 +138,10 @@ def parse_rag(args: list[str]) -> tuple[str, dict[str, Any]]:
     """
     from typer.main import get_command
 
-    from app.cli import app
+    from app.cli import build_app
 
     assert args and args[0] == "rag", args
-    command: Any = get_command(app)
+    command: Any = get_command(build_app())
     rest = list(args[1:])
     path = ["rag"]
     while hasattr(command, "commands"):
@@ -164,7 +164,7 @@ def settings_field(var: str) -> Any:
     """The Settings field that ``RAG_A__B`` sets (``settings.a.b``); raises KeyError if there is none."""
     from pydantic import BaseModel
 
-    from app.settings import Settings
+    from core.settings import Settings
 
     assert var.startswith("RAG_"), var
     model: type[BaseModel] = Settings
@@ -317,7 +317,7 @@ def test_healthz_answers_without_the_lifespan(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
     from app.main import create_app
-    from app.settings import Settings
+    from core.settings import Settings
 
     app = create_app(Settings(_env_file=None, data_dir=tmp_path))
     response = TestClient(app).get("/healthz")  # no `with`: the lifespan (database, models) does not run
@@ -376,7 +376,7 @@ def test_rag_env_vars_are_settings_fields(
 def test_compose_environment_builds_valid_settings(
     services: dict[str, Any], monkeypatch: pytest.MonkeyPatch, app_df: list[Instruction]
 ) -> None:
-    from app.settings import Settings
+    from core.settings import Settings
 
     for key in list(os.environ):
         if key.startswith("RAG_"):

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from app.schemas.events import wire_dict
 from generation.flare import (
     FlareParams,
     LookAhead,
@@ -20,9 +21,10 @@ from generation.flare import (
     judged_tokens,
     low_confidence_spans,
     masked_query,
-    sentence_end,
+    reconcile_tokens,
 )
-from generation.rag import ANSWER_MODES, _reconcile, answer
+from generation.rag import ANSWER_MODES, answer
+from generation.sentences import sentence_end
 from generation.types import (
     AnswerEvent,
     CitationEvent,
@@ -34,7 +36,6 @@ from generation.types import (
     StreamDelta,
     TokenEvent,
     TokenLogprob,
-    event_to_dict,
 )
 from retrieval.types import ScoredChunk
 from tests.unit.fakes_llm import FakeLLM, FakeRetriever, assistant_prefix, make_chunk
@@ -234,7 +235,7 @@ async def test_low_confidence_token_triggers_retrieval_with_masked_query() -> No
     assert second.trigger is not None
     assert [(t.token, round(t.prob, 2)) for t in second.trigger] == [(" Louvre", 0.1), (" Rome", 0.4)]
     assert [sc.chunk.id for sc in second.chunks] == [3] and second.numbers == (2,)  # numbering continues
-    wire = event_to_dict(second)
+    wire = wire_dict(second)
     assert wire["trigger"][0]["token"] == " Louvre" and wire["chunk_ids"] == [3]
     # The sources were replaced: the regeneration prompt shows the Louvre, not France.
     regen = llm.calls[1].prompt
@@ -390,7 +391,7 @@ async def test_closing_the_answer_closes_the_look_ahead() -> None:
 
 
 def test_calibrated_file_overrides_builtin_defaults(make_settings: Any, tmp_path: Path) -> None:
-    from app.llm import answer_defaults, flare_defaults, flare_defaults_path, save_flare_defaults
+    from core.wiring import answer_defaults, flare_defaults, flare_defaults_path, save_flare_defaults
 
     settings = make_settings(llm={"model": "smollm2-135m-instruct"})
     assert flare_defaults(settings) == default_flare_params("smollm2-135m-instruct")
@@ -434,16 +435,16 @@ class LaggingLLM(FakeLLM):
 
 def test_reconcile_tokens_with_held_back_text() -> None:
     tokens = [TokenLogprob("Hi", SURE), TokenLogprob(" there", SURE), TokenLogprob(".", SURE)]
-    assert _reconcile("Hi there.", tokens, (), cut=False) == ("Hi there.", tuple(tokens))
+    assert reconcile_tokens("Hi there.", tokens, (), cut=False) == ("Hi there.", tuple(tokens))
     # Cut by us while the server held "re." back: the tokens say what was generated.
-    assert _reconcile("Hi the", tokens, (), cut=True) == ("Hi there.", tuple(tokens))
+    assert reconcile_tokens("Hi the", tokens, (), cut=True) == ("Hi there.", tuple(tokens))
     # Finished by itself with a stop string trimmed from the text: the tokens are trimmed too.
-    text, kept = _reconcile("Hi th", tokens, (), cut=False)
+    text, kept = reconcile_tokens("Hi th", tokens, (), cut=False)
     assert text == "Hi th" and [t.token for t in kept] == ["Hi", " th"]
     # Spellings that do not add up: each delta's text goes to its tokens (a late tail to the last).
     raw = [TokenLogprob("bytes:\\xc3", SURE), TokenLogprob("!", SURE)]
     by_delta = (TokenLogprob("é", SURE),)
-    assert _reconcile("é!", raw, by_delta, cut=False) == ("é!", (TokenLogprob("é!", SURE),))
+    assert reconcile_tokens("é!", raw, by_delta, cut=False) == ("é!", (TokenLogprob("é!", SURE),))
 
 
 async def test_flare_judges_the_right_tokens_when_the_server_holds_text_back() -> None:

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from generation.serving.prepare import (  # noqa: E402  (after the torch check)
+from serving.prepare import (  # noqa: E402  (after the torch check)
     QuantSpec,
     dequantize,
     pack_awq,

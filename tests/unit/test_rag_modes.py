@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import pytest
 
+from app.schemas.events import wire_dict
 from generation.errors import LLMUnavailable
 from generation.rag import answer, continuation_query
 from generation.types import (
@@ -19,7 +20,6 @@ from generation.types import (
     GenerationParams,
     RetrievalEvent,
     TokenEvent,
-    event_to_dict,
 )
 from retrieval.types import Chunk, IndexCorruptError
 from tests.unit.fakes_llm import FakeCall, FakeLLM, FakeRetriever, assistant_prefix, make_chunk, split_tokens
@@ -119,7 +119,7 @@ async def test_events_serialize_to_json_ready_dicts() -> None:
     llm = FakeLLM()
     llm.enqueue_text("Paris [1].")
     events = await run(answer("Capital?", retriever=FakeRetriever([PARIS]), llm=llm, params=PARAMS))
-    wire = [event_to_dict(e) for e in events]
+    wire = [wire_dict(e) for e in events]
     json.dumps(wire)
     assert [w["type"] for w in wire] == ["retrieval", "token", "citation", "token", "token", "done"]
     assert wire[0]["chunks"][0]["n"] == 1

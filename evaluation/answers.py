@@ -31,15 +31,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.evaluation.beir import Dataset
-from app.evaluation.retrieval import materialize_dataset, scratch_collection
-from app.llm import answer_defaults, build_llm_client, generation_params
-from app.settings import Settings
+from core.settings import Settings
+from core.wiring import answer_defaults, build_llm_client, build_retriever, generation_params
+from evaluation.beir import Dataset
+from evaluation.retrieval import materialize_dataset, scratch_collection
 from generation.flare import FlareParams, SentenceJudgement
-from generation.prompts import NO_ANSWER, strip_citations
+from generation.markers import strip_citations
+from generation.prompts import NO_ANSWER
 from generation.rag import AnswerMode, answer
 from generation.types import DoneEvent, ErrorEvent
-from ingest.worker import IngestContext, build_ingest_context, enqueue_path, run_job, search_defaults
+from ingest.worker import IngestContext, build_ingest_context, enqueue_path, run_job
 from retrieval.hybrid import HybridRetriever
 from retrieval.types import SearchFilters
 
@@ -188,7 +189,7 @@ async def open_scratch_collection(
     except BaseException:
         await ctx.aclose()
         raise
-    retriever = HybridRetriever(ctx.store, ctx.embedder, defaults=search_defaults(settings))
+    retriever = build_retriever(settings, ctx.store, ctx.embedder)
     return ScratchCollection(ctx, collection, mapping, retriever)
 
 
@@ -299,7 +300,7 @@ async def evaluate_answers(
         questions: How many questions (first by ``_id``); ``None``: all.
         max_tokens: Answer length cap (default: ``llm.max_tokens``).
         k: Chunks per retrieval (default: ``llm.k``).
-        flare: ``flare`` mode parameters (default: the served model's, :func:`app.llm.flare_defaults`).
+        flare: ``flare`` mode parameters (default: the served model's, :func:`core.wiring.flare_defaults`).
         observer: ``flare`` mode: sees every judged look-ahead sentence.
         progress: Called after each question with (done, total, result).
 
@@ -312,11 +313,7 @@ async def evaluate_answers(
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     items = await asyncio.to_thread(load_items, dataset, questions)
     defaults = answer_defaults(settings)
-    kwargs = defaults.kwargs()
-    if k is not None:
-        kwargs["k"] = k
-    if flare is not None:
-        kwargs["flare"] = flare
+    kwargs = defaults.kwargs(k=k, flare=flare)
     params = generation_params(settings, max_tokens=max_tokens)
     filters = SearchFilters(collections=(scratch.collection,))
     report = AnswerEvalReport(

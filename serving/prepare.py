@@ -2,8 +2,8 @@
 
 Run once, under the ``.venv-llm`` interpreter (it imports torch, transformers and gguf)::
 
-    .venv-llm/bin/python generation/serving/prepare.py --gguf PATH --out DIR [--format w8a8|gptq|awq]
-    .venv-llm/bin/python -m generation.serving.prepare ...   # the same, from the repository root
+    .venv-llm/bin/python serving/prepare.py --gguf PATH --out DIR [--format w8a8|gptq|awq]
+    .venv-llm/bin/python -m serving.prepare ...   # the same, from the repository root
 
 vLLM cannot load GGUF on the CPU, but it has CPU kernels for INT8 W8A8 (compressed-tensors: int8
 weights per output channel, int8 activations quantized per token at run time; oneDNN) and for 4-bit
@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     import torch
 
-logger = logging.getLogger("generation.serving.prepare")
+logger = logging.getLogger("serving.prepare")
 
 QuantFormat = Literal["w8a8", "gptq", "awq"]
 Algorithm = Literal["gptq", "rtn"]
@@ -123,8 +123,11 @@ CALIBRATION_PROMPTS = (
 )
 
 
-class PrepareError(Exception):
-    """The model could not be prepared (bad input, unsupported shape, failed check)."""
+class QuantizationError(Exception):
+    """The model could not be quantized (bad input, unsupported shape, failed check).
+
+    Internal to this script (it runs under another interpreter); the app sees a failed prepare as
+    :class:`serving.launcher.QuantizationError` with the exit status."""
 
 
 @dataclass(frozen=True)
@@ -241,7 +244,7 @@ def quantize_groups(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     out_f, in_f = w.shape
     g = spec.group_size
     if in_f % g:
-        raise PrepareError(f"in_features {in_f} is not a multiple of the group size {g}")
+        raise QuantizationError(f"in_features {in_f} is not a multiple of the group size {g}")
     maxq = (1 << spec.bits) - 1
     x = w.detach().to(torch.float32).reshape(out_f, in_f // g, g)
     tiny = torch.finfo(torch.float32).tiny
@@ -509,7 +512,7 @@ def gptq_quantize(
     try:
         u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except RuntimeError as e:  # not positive definite even after dampening
-        raise PrepareError(f"GPTQ: Hessian not positive definite ({e}); try --algorithm rtn") from e
+        raise QuantizationError(f"GPTQ: Hessian not positive definite ({e}); try --algorithm rtn") from e
 
     qf = torch.empty_like(wf)
     for i1 in range(0, n_in, block):
@@ -647,14 +650,14 @@ def write_quantized(
     roundtrip: dict[str, torch.Tensor] = {}
     modules = _quantized_modules(model)
     if not modules:
-        raise PrepareError("found no decoder projections to quantize")
+        raise QuantizationError("found no decoder projections to quantize")
     sq_err = sq_norm = 0.0
     for name, module in modules:
         w = module.weight.detach().to(torch.float32)
         packed, expected = _quantize_layer(name, w, spec, hessians)
         back = unpack_layer(packed, spec)
         if not torch.equal(back, expected):
-            raise PrepareError(f"{name}: packed tensors do not round-trip")
+            raise QuantizationError(f"{name}: packed tensors do not round-trip")
         sq_err += float((back - w).pow(2).sum())
         sq_norm += float(w.pow(2).sum())
         roundtrip[f"{name}.weight"] = back
@@ -683,10 +686,10 @@ def _quantize_layer(
     out_f, in_f = w.shape
     if out_f % 32 or in_f % spec.group_size:
         # vLLM's CPU kernel wants multiples of 32 on both sides and whole groups.
-        raise PrepareError(f"{name}: shape {tuple(w.shape)} does not fit group size {spec.group_size}")
+        raise QuantizationError(f"{name}: shape {tuple(w.shape)} does not fit group size {spec.group_size}")
     if spec.algorithm == "gptq":
         if hessians is None or name not in hessians:
-            raise PrepareError(f"{name}: no calibration Hessian for GPTQ")
+            raise QuantizationError(f"{name}: no calibration Hessian for GPTQ")
         q, scales, zeros = gptq_quantize(w, hessians[name], spec)
     else:
         q, scales, zeros = quantize_groups(w, spec)
@@ -756,10 +759,10 @@ def prepare(
     the two under vLLM); it is written on every run that does work and is not part of the no-op check.
 
     Raises:
-        PrepareError: the GGUF is missing or a shape/round-trip check failed.
+        QuantizationError: the GGUF is missing or a shape/round-trip check failed.
     """
     if not gguf.is_file():
-        raise PrepareError(f"GGUF file not found: {gguf}")
+        raise QuantizationError(f"GGUF file not found: {gguf}")
     gguf, out = gguf.resolve(), out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     source_sha256 = sha256_file(gguf)
@@ -785,7 +788,7 @@ def prepare(
             model, tokenizer = load_gguf(gguf, torch.float32)
             t_load = time.monotonic() - started
             if not getattr(tokenizer, "chat_template", None):
-                raise PrepareError("the GGUF carried no chat template")
+                raise QuantizationError("the GGUF carried no chat template")
             model.config.save_pretrained(str(tmp))
             model.generation_config.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
@@ -859,7 +862,7 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m generation.serving.prepare",
+        prog="python -m serving.prepare",
         description="Convert a GGUF decoder into an INT8 W8A8 (or 4-bit GPTQ/AWQ) checkpoint for vLLM's CPU build.",
     )
     parser.add_argument("--gguf", type=Path, required=True, help="the .gguf file")
@@ -897,7 +900,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bf16_out=args.bf16_out,
             threads=args.threads,
         )
-    except PrepareError as e:
+    except QuantizationError as e:
         logger.error("%s", e)
         return 1
     print(out)

@@ -12,7 +12,7 @@ Nothing here imports torch or vLLM at import time.
 
 from __future__ import annotations
 
-from generation.serving.launcher import (
+from serving.launcher import (
     DEFAULT_MODEL_DIRNAME,
     DEFAULT_SERVED_NAME,
     LauncherError,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from app.evaluation.beir import Dataset, materialize
+from evaluation.beir import Dataset, materialize
 from retrieval.fusion import Fused, Legs, rrf, weighted
 from retrieval.hybrid import HybridRetriever
 from retrieval.metrics import evaluate, run_from_rankings

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from app.settings import Settings
-from generation.serving.launcher import (
+from core.settings import Settings
+from serving.launcher import (
     ManagedServer,
     default_model_dir,
     fetch_models,

@@ -1,0 +1,217 @@
+"""``rag eval retrieval`` and ``rag eval answers``: measure quality on BEIR-layout datasets.
+
+Both ingest the dataset's corpus through the real pipeline into a scratch collection (incremental,
+so a second run reuses it) and score it with :mod:`evaluation`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+from rich.table import Table
+
+from app.cli.common import JsonOpt, VerboseOpt, console, err_console, fail, load_settings, setup_logging
+from core.settings import Settings
+
+DatasetOpt = Annotated[Path, typer.Option("--dataset", "-d", help="A BEIR-layout dataset folder.")]
+QuestionsOpt = Annotated[
+    int | None, typer.Option("--questions", "-n", min=1, help="Use the first N questions by id (default: all).")
+]
+MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", min=1, help="Answer length cap in tokens.")]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``rag eval`` group to the root ``rag`` app."""
+    group = typer.Typer(no_args_is_help=True, help="Measure retrieval and answer quality on BEIR-layout datasets.")
+    group.command("retrieval")(retrieval)
+    group.command("answers")(answers)
+    app.add_typer(group, name="eval")
+
+
+def load_dataset_or_fail(path: Path) -> Any:
+    """The BEIR dataset at ``path``, or a clean error exit saying what is missing."""
+    from evaluation.beir import DatasetError, load_dataset
+
+    try:
+        return load_dataset(path)
+    except DatasetError as e:
+        fail(str(e))
+
+
+def retrieval(
+    dataset: DatasetOpt,
+    as_json: JsonOpt = False,
+    sweep: Annotated[bool, typer.Option("--sweep", help="Also score a grid of fusion parameters.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Ingest a BEIR dataset into a scratch collection and report nDCG@10, Recall@10/100, MRR@10 per mode."""
+    setup_logging(verbose)
+    settings = load_settings()
+    data = load_dataset_or_fail(dataset)
+    report, sweep_rows = asyncio.run(_eval_retrieval(settings, data, sweep=sweep, quiet=as_json))
+    if as_json:
+        out = report.as_json()
+        if sweep_rows:
+            out["sweep"] = [{"fusion": name, **metrics} for name, metrics in sweep_rows]
+        typer.echo(json.dumps(out, indent=2))
+        return
+    table = Table(title=f"retrieval · {data.name} · {report.queries} queries")
+    table.add_column("mode")
+    for col in ("nDCG@10", "Recall@10", "Recall@100", "MRR@10", "ms/query"):
+        table.add_column(col, justify="right")
+    for name, m in report.results.items():
+        table.add_row(
+            name,
+            f"{m['ndcg@10']:.4f}",
+            f"{m['recall@10']:.4f}",
+            f"{m['recall@100']:.4f}",
+            f"{m['mrr@10']:.4f}",
+            f"{report.seconds[name]:.1f}",
+        )
+    console.print(table)
+    if sweep_rows:
+        st = Table(title="fusion sweep (same legs, best first)")
+        st.add_column("fusion")
+        for col in ("nDCG@10", "Recall@10", "Recall@100", "MRR@10"):
+            st.add_column(col, justify="right")
+        for name, m in sweep_rows:
+            st.add_row(name, *(f"{m[k]:.4f}" for k in ("ndcg@10", "recall@10", "recall@100", "mrr@10")))
+        console.print(st)
+
+
+async def _eval_retrieval(settings: Settings, data: Any, *, sweep: bool, quiet: bool) -> tuple[Any, list[Any]]:
+    from core.wiring import build_retriever, search_defaults
+    from evaluation.retrieval import (
+        RetrievalEvaluator,
+        default_grid,
+        materialize_dataset,
+        mode_options,
+        scratch_collection,
+    )
+    from ingest.worker import build_ingest_context, enqueue_path, run_job
+
+    collection = scratch_collection(data)
+    folder, mapping = await asyncio.to_thread(materialize_dataset, data, settings.data_dir, collection)
+    ctx = await build_ingest_context(settings)
+    try:
+        job_id, _ = await enqueue_path(ctx.sessionmaker, folder, collection=collection)
+        if not quiet:
+            err_console.print(f"ingesting {len(mapping)} passages into collection {collection} (incremental)…")
+        summary = await run_job(ctx, job_id)
+        if summary is not None and not quiet:
+            err_console.print(f"ingested: {summary.files} in {summary.seconds:.1f}s")
+        retriever = build_retriever(settings, ctx.store, ctx.embedder)
+        evaluator = RetrievalEvaluator(retriever, data, collection, mapping)
+        report = await asyncio.to_thread(evaluator.evaluate, mode_options(search_defaults(settings)))
+        rows: list[Any] = []
+        if sweep:
+            legs = await asyncio.to_thread(evaluator.legs, 300)
+            rows = await asyncio.to_thread(evaluator.sweep, legs, default_grid())
+        return report, rows
+    finally:
+        await ctx.aclose()
+
+
+def answers(
+    dataset: DatasetOpt,
+    mode: Annotated[
+        Literal["single", "interval", "flare"], typer.Option("--mode", "-m", help="single | interval | flare")
+    ] = "single",
+    questions: QuestionsOpt = None,
+    as_json: JsonOpt = False,
+    max_tokens: MaxTokensOpt = None,
+    k: Annotated[int | None, typer.Option("--k", "-k", min=1, help="Chunks per retrieval.")] = None,
+    theta: Annotated[float | None, typer.Option(help="flare: θ (default: the model's).")] = None,
+    query_mode: Annotated[Literal["masked", "question"] | None, typer.Option(help="flare: masked | question.")] = None,
+    save: Annotated[Path | None, typer.Option("--save", help="Also write the JSON report to this file.")] = None,
+) -> None:
+    """Answer a BEIR-layout QA dataset's questions and score EM, F1, ROUGE-L, citation precision, rounds, latency.
+
+    The gold answer of each question is the text of its relevant passages in qrels; they are also
+    the gold citations. ``--questions N`` takes the first N questions by id (the same for every mode).
+    """
+    setup_logging(False)
+    settings = load_settings()
+    data = load_dataset_or_fail(dataset)
+    try:
+        out = asyncio.run(_eval_answers(settings, data, mode, questions, max_tokens, k, theta, query_mode, as_json))
+    except ValueError as e:
+        fail(str(e))
+    if save is not None:
+        save.parent.mkdir(parents=True, exist_ok=True)
+        save.write_text(json.dumps(out, indent=2), encoding="utf-8")
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    m = out["metrics"]
+    table = Table(title=f"answers · {data.name} · {mode} · {m['questions']} questions · {out['seconds']:.0f}s")
+    for col in ("EM", "F1", "ROUGE-L", "cit. prec.", "cited", "gold in ctx", "retrievals", "latency p50 s", "errors"):
+        table.add_column(col, justify="right")
+
+    def f(value: Any, spec: str = ".3f") -> str:
+        return "-" if value is None else format(value, spec)
+
+    table.add_row(
+        f(m["exact_match"]),
+        f(m["f1"]),
+        f(m["rouge_l"]),
+        f(m["citation_precision"]),
+        f(m["cited_rate"], ".0%"),
+        f(m["gold_in_context"], ".0%"),
+        f(m["retrievals_per_question"], ".2f"),
+        f(None if m["latency_ms_p50"] is None else m["latency_ms_p50"] / 1000, ".1f"),
+        str(m["errors"]),
+    )
+    console.print(table)
+
+
+async def _eval_answers(
+    settings: Settings,
+    data: Any,
+    mode: Literal["single", "interval", "flare"],
+    questions: int | None,
+    max_tokens: int | None,
+    k: int | None,
+    theta: float | None,
+    query_mode: Literal["masked", "question"] | None,
+    quiet: bool,
+) -> dict[str, Any]:
+    from core.wiring import flare_defaults
+    from evaluation.answers import evaluate_answers, open_scratch_collection, summarize_flare
+    from generation.flare import SentenceJudgement
+
+    flare = flare_defaults(settings).with_overrides(theta=theta, query_mode=query_mode)
+    judgements: list[SentenceJudgement] = []
+
+    def progress(done: int, total: int, result: Any) -> None:
+        if not quiet:
+            err_console.print(
+                f"  {done}/{total} {result.qid}: F1 {result.f1:.2f} retrievals {result.retrievals} "
+                f"{result.latency_ms / 1000:.1f}s{' ' + result.error if result.error else ''}",
+                highlight=False,
+            )
+
+    scratch = await open_scratch_collection(settings, data, log=None if quiet else err_console.print)
+    try:
+        report = await evaluate_answers(
+            settings,
+            data,
+            scratch,
+            mode=mode,
+            questions=questions,
+            max_tokens=max_tokens,
+            k=k,
+            flare=flare,
+            observer=judgements.append,
+            progress=progress,
+        )
+    finally:
+        await scratch.aclose()
+    out = report.as_json()
+    if mode == "flare":
+        out["flare"] = summarize_flare(judgements)
+    return out

@@ -1,0 +1,183 @@
+"""``rag ingest``, ``rag jobs``, ``rag worker``: putting documents into collections."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from app.cli.common import JsonOpt, VerboseOpt, console, err_console, fail, load_settings, setup_logging, short_path
+from core.settings import Settings
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the root ``rag`` app."""
+    app.command()(ingest)
+    app.command()(jobs)
+    app.command()(worker)
+
+
+def ingest(
+    path: Annotated[Path, typer.Argument(help="A folder (ingested recursively) or a single file.")],
+    collection: Annotated[str, typer.Option("--collection", "-c", help="Target collection.")] = "default",
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Run now in this process, or only enqueue.")] = True,
+    prune: Annotated[
+        bool, typer.Option("--prune/--no-prune", help="Delete documents whose files left the folder.")
+    ] = True,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Ingest a folder or file into a collection (incremental: unchanged files are skipped)."""
+    from ingest.queue import QueueError
+
+    setup_logging(verbose)
+    settings = load_settings()
+    if not path.exists():
+        fail(f"{path} does not exist")
+    try:
+        summary = asyncio.run(_ingest(settings, path, collection, wait=wait, prune=prune, quiet=as_json))
+    except (QueueError, FileNotFoundError) as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    elif "files" in summary:
+        _print_summary(summary)
+    else:
+        console.print(f"queued job [bold]{summary['job_id']}[/] for collection [bold]{summary['collection']}[/]")
+    if summary.get("status") == "failed":
+        raise typer.Exit(1)
+
+
+async def _ingest(
+    settings: Settings, path: Path, collection: str, *, wait: bool, prune: bool, quiet: bool
+) -> dict[str, Any]:
+    from core.wiring import open_database
+    from ingest.worker import build_ingest_context, enqueue_path, run_job
+
+    if not wait:
+        db = await open_database(settings)
+        try:
+            job_id, name = await enqueue_path(db.sessionmaker, path, collection=collection, prune=prune)
+        finally:
+            await db.aclose()
+        return {"job_id": job_id, "status": "queued", "collection": name}
+
+    ctx = await build_ingest_context(settings)
+    try:
+        job_id, _name = await enqueue_path(ctx.sessionmaker, path, collection=collection, prune=prune)
+        if quiet:
+            summary = await run_job(ctx, job_id)
+        else:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            with Progress(
+                TextColumn("[bold]ingesting"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[current]}", style="dim"),
+                console=err_console,
+                transient=True,
+            ) as progress:
+                task = progress.add_task("ingest", total=None, current="")
+
+                def on_progress(done: int, total: int, path: str, outcome: str) -> None:
+                    progress.update(task, completed=done, total=total, current=Path(path).name[:40])
+
+                summary = await run_job(ctx, job_id, on_progress=on_progress)
+        if summary is None:
+            return {"job_id": job_id, "status": "queued", "collection": collection}
+        return summary.as_json()
+    finally:
+        await ctx.aclose()
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    files, chunks = summary["files"], summary["chunks"]
+    table = Table(title=f"job {summary['job_id']} · {summary['collection']} · {summary['status']}")
+    for col in ("new", "changed", "unchanged", "deleted", "failed", "skipped"):
+        table.add_column(col, justify="right")
+    table.add_row(*(str(files[c]) for c in ("new", "changed", "unchanged", "deleted", "failed", "skipped")))
+    console.print(table)
+    console.print(
+        f"chunks: +{chunks['added']} -{chunks['removed']} = {chunks['total']} in collection · {summary['seconds']:.1f}s"
+    )
+    if summary["errors"]:
+        errors = Table(title="failed files", show_lines=False)
+        errors.add_column("path", overflow="fold")
+        errors.add_column("reason", overflow="fold")
+        for err in summary["errors"][:50]:
+            errors.add_row(err["path"], err["reason"])
+        console.print(errors)
+        if len(summary["errors"]) > 50:
+            console.print(f"... and {len(summary['errors']) - 50} more (rag jobs --json)")
+
+
+def jobs(
+    limit: Annotated[int, typer.Option(help="Most recent N jobs.", min=1)] = 20,
+    as_json: JsonOpt = False,
+) -> None:
+    """List ingestion jobs, newest first (the same records as ``GET /v1/jobs``)."""
+    rows = asyncio.run(_jobs(load_settings(), limit))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="ingest jobs")
+    for col in ("id", "collection", "status", "progress", "new", "chg", "same", "del", "fail"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("root", overflow="fold")
+    table.add_column("error", overflow="fold")
+    for r in rows:
+        files = r["files"]
+        table.add_row(
+            str(r["id"]),
+            r["collection"],
+            r["status"],
+            f"{r['progress'] * 100:.0f}%",
+            *(str(files[k]) for k in ("new", "changed", "unchanged", "deleted", "failed")),
+            short_path(r["root_path"]),
+            (r["error"] or "")[:60],
+        )
+    console.print(table)
+
+
+async def _jobs(settings: Settings, limit: int) -> list[dict[str, Any]]:
+    from app.schemas.jobs import JobOut
+    from app.services.jobs import list_jobs
+    from app.services.keys import ANONYMOUS_ADMIN
+    from core.wiring import open_database
+
+    db = await open_database(settings)
+    try:
+        async with db.sessionmaker() as session:
+            rows, _total = await list_jobs(session, ANONYMOUS_ADMIN, limit=limit)
+            return [JobOut.from_row(job, name).model_dump(mode="json") for job, name in rows]
+    finally:
+        await db.aclose()
+
+
+def worker(
+    once: Annotated[bool, typer.Option("--once", help="Exit when the queue is empty.")] = False,
+    verbose: VerboseOpt = True,
+) -> None:
+    """Run the ingestion worker: claim queued jobs and process them."""
+    from ingest.worker import run_worker
+
+    setup_logging(verbose)
+    settings = load_settings()
+
+    async def main() -> int:
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await run_worker(settings, once=once, stop=stop)
+
+    ran = asyncio.run(main())
+    err_console.print(f"worker stopped after {ran} job(s)")
