@@ -1,9 +1,10 @@
-"""One validated configuration for both processes (API and worker).
+"""One validated configuration for every process (API, worker, CLI), one section per concern.
 
 Every field is set from the environment with the ``RAG_`` prefix and ``__`` between
-sections, e.g. ``RAG_DATABASE__URL`` or ``RAG_EMBEDDING__DTYPE``. Library packages
-never read the environment: the composition roots (``app/resources.py``,
-``ingest/worker.py``, ``app/cli.py``) turn these settings into constructor arguments.
+sections, e.g. ``RAG_DATABASE__URL`` or ``RAG_EMBEDDING__DTYPE``, or from ``.env``. Library
+packages never read the environment: :mod:`core.wiring` turns these settings into constructor
+arguments for every composition root (``app/resources.py``, ``ingest/worker.py``, ``app/cli/``,
+``evaluation/``).
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ MODEL_DEFAULTS: dict[str, FlareParams] = {
     # far less sure of itself and needed θ=0.03.)
     "smollm2-135m-instruct": FlareParams(theta=0.312, beta=0.156, lookahead_tokens=64, max_rounds=3),
 }
-"""Defaults per served model name; a calibrated file in the data dir takes precedence (``app/llm.py``)."""
+"""Defaults per served model name; a calibrated file in the data dir takes precedence (``core/wiring.py``)."""
 
 
 def default_flare_params(model: str) -> FlareParams:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.table import Table
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.cli.common import JsonOpt, console, err_console, fail, load_settings
 from core.settings import Settings
+
+if TYPE_CHECKING:  # the vLLM image runs `rag llm` without the service's dependencies
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 T = TypeVar("T")
 
