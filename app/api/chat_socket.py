@@ -28,6 +28,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from app.api import answering
 from app.api.deps import principal_for_token
 from app.api.errors import error_event
+from app.api.input_limits import BadInput, check_json_depth, decode_utf8
 from app.resources import Resources
 from app.schemas.events import wire_dict
 from app.schemas.websocket import ClientMessage, WsAsk, WsAuth, WsCancel, WsPing
@@ -96,15 +97,25 @@ class ChatSocket:
             await asyncio.gather(pinger, *tasks, return_exceptions=True)
             self.resources.metrics.websockets_open.dec()
 
-    async def _receive(self) -> str | None:
-        """The next text (or UTF-8 bytes) message; ``None`` when the client has gone."""
+    async def _receive(self) -> str | BadInput | None:
+        """The next text (or UTF-8 bytes) message; ``None`` when the client has gone.
+
+        A message that cannot be read as JSON text (not UTF-8, nested too deep) comes back as the
+        :class:`BadInput` that says why, so the loop answers it with an ``error`` event.
+        """
         message = await self.ws.receive()
         if message["type"] == "websocket.disconnect":
             return None
-        if message.get("text") is not None:
-            return str(message["text"])
-        data = message.get("bytes") or b""
-        return data.decode("utf-8", errors="replace")
+        try:
+            if message.get("text") is not None:
+                text = str(message["text"])
+                check_json_depth(text.encode("utf-8", "surrogatepass"))
+                return text
+            data = message.get("bytes") or b""
+            check_json_depth(data)
+            return decode_utf8(data)
+        except BadInput as e:
+            return e
 
     async def _authenticate(self) -> Principal | None:
         token = bearer_token(self.ws)
@@ -116,7 +127,7 @@ class ChatSocket:
             if raw is None:
                 return None
             try:
-                first = _CLIENT_MESSAGE.validate_json(raw)
+                first = None if isinstance(raw, BadInput) else _CLIENT_MESSAGE.validate_json(raw)
             except ValidationError:
                 first = None
             if not isinstance(first, WsAuth):
@@ -150,6 +161,9 @@ class ChatSocket:
             raw = await self._receive()
             if raw is None:
                 return
+            if isinstance(raw, BadInput):
+                await self.send(_error("invalid_message", f"invalid message: {raw}"))
+                continue
             try:
                 message = _CLIENT_MESSAGE.validate_json(raw)
             except ValidationError as e:

@@ -2,8 +2,8 @@
 
 * :class:`RequestContext`: request id (``X-Request-ID`` taken when sane, else generated, and
   echoed), one structured log line per request, request count and latency by route template.
-* :class:`BodyLimit`: refuses oversized bodies by their ``Content-Length`` before they are read
-  (413), and multipart uploads without one (411).
+* :class:`BodyLimit`: bounded bodies whatever their framing (413 at the limit, chunked or not),
+  JSON that is UTF-8 and not absurdly nested (400), multipart uploads with a length (411).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.input_limits import BadInput, check_json_depth, decode_utf8
 from app.observability import Metrics, request_id_var
 
 logger = logging.getLogger("app.access")
@@ -94,11 +95,21 @@ class RequestContext:
             request_id_var.reset(token)
 
 
-class BodyLimit:
-    """Refuse request bodies over the limit before reading them.
+class _BodyTooLarge(Exception):
+    """Raised from ``receive`` once a body passes its limit (caught by :class:`BodyLimit`)."""
 
-    Multipart uploads must state their ``Content-Length`` (every HTTP client does for a
-    form upload), so the limit holds without reading the body first.
+
+class BodyLimit:
+    """Bounded request bodies, whatever their framing.
+
+    * A declared ``Content-Length`` over the limit is refused before anything is read (413).
+    * A body without one (chunked) is counted as it arrives and refused (413) as soon as it passes
+      the limit: reading stops there, so a 200 MiB chunked body costs at most the limit in memory.
+    * JSON bodies (and bodies without a content type, which FastAPI reads as JSON) must be UTF-8
+      and nest at most :data:`~app.api.input_limits.MAX_JSON_DEPTH` levels; anything else is a 400
+      with a message, not a reset connection or a recursion failure.
+    * Multipart uploads must state their ``Content-Length`` (every HTTP client does for a form
+      upload), so their limit holds before the first byte (411 otherwise).
     """
 
     # Multipart framing (boundaries, part headers) adds a little to the files' own bytes; the
@@ -111,6 +122,11 @@ class BodyLimit:
         self.max_upload_bytes = max_upload_mb * 1024 * 1024 + self.FRAMING_ALLOWANCE
         self.max_json_bytes = max_json_bytes
 
+    def _too_large(self, multipart: bool) -> str:
+        if multipart:
+            return f"the upload is larger than the limit of {self.max_upload_mb} MB (RAG_API__MAX_UPLOAD_MB)"
+        return f"the request body is larger than {self.max_json_bytes // (1024 * 1024)} MB"
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
             await self.app(scope, receive, send)
@@ -119,20 +135,76 @@ class BodyLimit:
         multipart = content_type.startswith("multipart/")
         limit = self.max_upload_bytes if multipart else self.max_json_bytes
         length = _header(scope, b"content-length")
-        if length is None or not length.isdigit():
-            if multipart and _header(scope, b"transfer-encoding") is not None:
-                await _reject(send, 411, "length_required", "uploads must state their Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await _reject(send, 413, "payload_too_large", self._too_large(multipart))
+            return
+        if (length is None or not length.isdigit()) and multipart and _header(scope, b"transfer-encoding"):
+            await _reject(send, 411, "length_required", "uploads must state their Content-Length")
+            return
+        if not content_type or "json" in content_type:
+            await self._json(scope, receive, send, limit)
+            return
+        await self._counted(scope, receive, send, limit, multipart)
+
+    async def _json(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        """Read the whole JSON body (FastAPI would anyway), check it, then hand it on."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before the body was complete
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _reject(send, 413, "payload_too_large", self._too_large(False))
                 return
-            await self.app(scope, receive, send)
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(parts)
+        try:
+            decode_utf8(body)
+            check_json_depth(body)
+        except BadInput as e:
+            await _reject(send, 400, "invalid_body", str(e))
             return
-        if int(length) > limit:
-            if multipart:
-                message = f"the upload is larger than the limit of {self.max_upload_mb} MB (RAG_API__MAX_UPLOAD_MB)"
-            else:
-                message = f"the request body is larger than {self.max_json_bytes // (1024 * 1024)} MB"
-            await _reject(send, 413, "payload_too_large", message)
-            return
-        await self.app(scope, receive, send)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _counted(self, scope: Scope, receive: Receive, send: Send, limit: int, multipart: bool) -> None:
+        """Pass the body through, refusing it once more than ``limit`` bytes have arrived."""
+        size = 0
+        started = False
+
+        async def counting() -> Message:
+            nonlocal size
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting, tracking)
+        except _BodyTooLarge:
+            if started:
+                raise
+            await _reject(send, 413, "payload_too_large", self._too_large(multipart))
 
 
 async def _reject(send: Send, status: int, code: str, message: str) -> None:

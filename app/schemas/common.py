@@ -13,6 +13,12 @@ def _no_nul(value: str) -> str:
     # PostgreSQL text cannot hold NUL; refusing it here keeps both backends alike.
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
+    try:
+        # JSON may spell a lone surrogate ("\ud800"): a str Python holds but no encoder, database
+        # or tokenizer can take; refused here instead of failing deep inside a request (was a 500).
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
     return value
 
 
@@ -23,7 +29,7 @@ CollectionName = Annotated[
 (:func:`retrieval.types.validate_collection_name`, the rule the index store applies)."""
 
 Text = Annotated[str, AfterValidator(_no_nul)]
-"""Free text stored or echoed by the service (no NUL characters)."""
+"""Free text stored or echoed by the service (no NUL characters, no lone surrogates)."""
 
 Question = Annotated[str, StringConstraints(min_length=1, max_length=20_000), AfterValidator(_no_nul)]
 

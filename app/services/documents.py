@@ -33,6 +33,10 @@ from ingest.pipeline import sha256_file
 from retrieval.store import IndexStore
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Browsers and HTTP clients percent-encode control characters and quotes in a multipart file name
+# (WHATWG: "\n" is sent as "%0A"); decoded before the checks, so "a\nb.md" is refused as such
+# instead of being stored as "a%0Ab.md".
+_ENCODED_CONTROL = re.compile(r"%(0[0-9A-Fa-f]|1[0-9A-Fa-f]|7[Ff]|22)")
 _COPY_CHUNK = 1 << 20
 MAX_NAME_BYTES = 200
 
@@ -74,6 +78,7 @@ def safe_filename(raw: str, index: int) -> str:
     characters and unsupported extensions are refused.
     """
     field = f"body.files[{index}]"
+    raw = _ENCODED_CONTROL.sub(lambda m: chr(int(m.group(1), 16)), raw)
     name = PurePosixPath(unicodedata.normalize("NFC", raw).replace("\\", "/")).name.strip()
     if not name or name in {".", ".."} or _CONTROL.search(name):
         raise InvalidInput(f"invalid file name {raw!r}", field=field)
