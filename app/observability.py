@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -146,8 +147,28 @@ class TimedEmbedder:
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 
 
+# Credentials that can reach a log line: an API key in a query string (browsers' websockets send
+# ``?api_key=``; uvicorn logs the websocket's path with it), a bearer header echoed in an error,
+# or a token itself. Every log line goes through :func:`redact_secrets`.
+_SECRET_PATTERNS = (
+    re.compile(r"(?i)((?:api_key|api-key|apikey|token|access_token)=)[^&\s\"']+"),
+    re.compile(r"(?i)(bearer\s+)[^\s\"',]+"),
+    re.compile(r"()\brag_[A-Za-z0-9_-]{8,}"),
+)
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with API keys and bearer tokens replaced by ``[REDACTED]``."""
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(r"\1[REDACTED]", text)
+    return text
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, request id, ``extra`` fields."""
+    """One JSON object per line: time, level, logger, message, request id, ``extra`` fields.
+
+    The whole line passes through :func:`redact_secrets`: no credential reaches a log.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -164,7 +185,7 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return redact_secrets(json.dumps(out, default=str, ensure_ascii=False))
 
 
 def configure_logging(level: str = "info") -> None:

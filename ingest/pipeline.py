@@ -100,6 +100,23 @@ class JobSummary:
         }
 
 
+class PathChangedError(Exception):
+    """A job's folder resolves somewhere else than when the job was queued (a symlink swap)."""
+
+
+def _is_utf8_name(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # os.walk hands undecodable bytes over as lone surrogates
+        return False
+    return True
+
+
+def _printable(path: Path) -> str:
+    """``path`` for messages: undecodable bytes shown as U+FFFD."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def iter_files(root: Path) -> Iterator[FileEntry]:
     """Regular files under ``root`` (or ``root`` itself), sorted, skipping hidden names.
 
@@ -258,7 +275,19 @@ class IngestPipeline:
         loop = asyncio.get_running_loop()
         if not root.exists():
             raise FileNotFoundError(f"{root} does not exist")
-        entries = await loop.run_in_executor(self._prep_pool, lambda: list(iter_files(root)))
+        # The path was resolved (and, for the API, checked against the allowed roots) when the job
+        # was queued. If it resolves elsewhere now, something was swapped for a symbolic link in
+        # between: never follow it out.
+        real = await loop.run_in_executor(self._prep_pool, root.resolve)
+        if real != root:
+            raise PathChangedError(
+                f"{root} now resolves to {real}: a symbolic link was put in its place after the job was "
+                "queued; it is not followed"
+            )
+        listed = await loop.run_in_executor(self._prep_pool, lambda: list(iter_files(root)))
+        # A name that is not valid UTF-8 cannot be stored or shown; that file fails, the rest goes on.
+        entries = [e for e in listed if _is_utf8_name(e.path)]
+        misnamed = [e for e in listed if not _is_utf8_name(e.path)]
         prefix = str(root) if root.is_file() else str(root).rstrip(os.sep) + os.sep
         async with self._sessionmaker() as session:
             rows = await session.execute(
@@ -269,7 +298,13 @@ class IngestPipeline:
             known = {p: (s, j) for p, s, j in rows if p == str(root) or p.startswith(prefix)}
             job = await session.get(IngestJob, job_id)
             assert job is not None
-            job.files_total = len(entries)
+            job.files_total = len(listed)
+            if misnamed and job.attempts <= 1:  # a retried job counted them in its first attempt
+                job.files_failed = len(misnamed)
+                job.errors = [
+                    {"path": _printable(e.path), "reason": "the file name is not valid UTF-8; rename the file"}
+                    for e in misnamed[:MAX_RECORDED_ERRORS]
+                ]
             await session.commit()
 
         supported = [e for e in entries if loader_for(e.path) is not None]

@@ -6,6 +6,7 @@ Each test runs on both databases (the ``database_url`` fixture is parametrized).
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -220,3 +221,42 @@ async def test_searches_during_reindex_see_whole_versions(ctx: IngestContext, co
     assert searches > 0
     assert len(versions) >= 2  # the reader saw the index change under it
     await assert_consistent(ctx, "docs")
+
+
+async def test_a_folder_swapped_for_a_symlink_after_queueing_is_not_followed(
+    ctx: IngestContext, tmp_path: Path
+) -> None:
+    # Issue 17: the path was checked when the job was queued, not when the worker ran it; a folder
+    # replaced by a link to elsewhere in between was followed and the outside file became searchable.
+    inside = tmp_path / "allowed" / "docs"
+    inside.mkdir(parents=True)
+    (inside / "ok.md").write_text("# Fine\nNothing secret here.", encoding="utf-8")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.md").write_text("# Secret\nThe launch code is 0000.", encoding="utf-8")
+    job_id, _ = await enqueue_path(ctx.sessionmaker, inside, collection="swap")
+    shutil.rmtree(inside)
+    inside.symlink_to(outside, target_is_directory=True)
+    summary = await run_job(ctx, job_id)
+    assert summary is not None and summary.status == "failed"
+    async with ctx.sessionmaker() as session:
+        paths = list(await session.scalars(select(Document.path)))
+    assert not any("secret" in p for p in paths)
+    snap = ctx.store.load("swap")
+    assert snap is None or not any("launch code" in c.text for c in snap.chunks.values())
+
+
+async def test_a_file_name_that_is_not_utf8_fails_alone(ctx: IngestContext, tmp_path: Path) -> None:
+    # Issue 17: one such name failed the whole folder job (0 files ingested).
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "good.md").write_text("# Good\nThe good file is ingested.", encoding="utf-8")
+    bad = os.fsencode(str(folder)) + b"/caf\xe9.md"  # Latin-1 bytes: not a UTF-8 name
+    fd = os.open(bad, os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"# Bad name\nThe content is fine.")
+    os.close(fd)
+    summary = await ingest(ctx, folder, collection="names")
+    assert summary["status"] == "succeeded"
+    assert summary["files"]["new"] == 1 and summary["files"]["failed"] == 1
+    assert "UTF-8" in summary["errors"][0]["reason"] and "caf\ufffd.md" in summary["errors"][0]["path"]
+    assert await assert_consistent(ctx, "names") >= 1
