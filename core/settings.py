@@ -183,6 +183,9 @@ class AuthSettings(BaseModel):
     The service refuses to start with auth off while ``server.host`` is not a loopback address."""
     touch_every_seconds: float = 60.0
     """How often a key's ``last_used_at`` is written (at most), to keep writes off the hot path."""
+    recheck_seconds: float = Field(default=5.0, gt=0)
+    """How often an open websocket checks its API key again: a revoked key's sockets are closed
+    (code 1008, after an ``unauthorized`` error event) within this time."""
 
 
 class ServerSettings(BaseModel):

@@ -65,6 +65,7 @@ class ChatSocket:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._send_lock = asyncio.Lock()
         self._last_sent = asyncio.get_running_loop().time()
+        self._revoked = False
 
     async def send(self, message: dict[str, Any]) -> None:
         """Send one JSON message (serialized: tasks share the socket)."""
@@ -80,16 +81,28 @@ class ChatSocket:
         await self.ws.accept()
         self.resources.metrics.websockets_open.inc()
         pinger = asyncio.create_task(self._ping())
+        watcher: asyncio.Task[None] | None = None
         try:
-            principal = await self._authenticate()
-            if principal is None:
+            authenticated = await self._authenticate()
+            if authenticated is None:
                 return
+            principal, token = authenticated
             await self.send({"type": "ready", "principal": principal.name})
+            if self.settings.auth.enabled:
+                watcher = asyncio.create_task(self._watch_key(token, asyncio.current_task()))
             await self._loop(principal)
         except WebSocketDisconnect:
             pass
+        except asyncio.CancelledError:
+            if not self._revoked:
+                raise  # cancelled from outside, not by a revoked key
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
         finally:
             pinger.cancel()
+            if watcher is not None:
+                watcher.cancel()
             tasks = list(self.tasks.values())
             for task in tasks:
                 task.cancel()
@@ -117,7 +130,23 @@ class ChatSocket:
         except BadInput as e:
             return e
 
-    async def _authenticate(self) -> Principal | None:
+    async def _watch_key(self, token: str | None, connection: asyncio.Task[Any] | None) -> None:
+        """Check the key again every ``auth.recheck_seconds``; once it is revoked (or deleted), send
+        an ``unauthorized`` error, close the socket with 1008 and cancel the connection's work."""
+        while True:
+            await asyncio.sleep(self.settings.auth.recheck_seconds)
+            try:
+                await principal_for_token(self.resources, token)
+            except Unauthorized as e:
+                self._revoked = True
+                await self._refuse("unauthorized", e.message)
+                if connection is not None:
+                    connection.cancel()
+                return
+            except Exception:  # the database blinked: keep the socket, check again next time
+                logger.warning("could not re-check a websocket's API key", exc_info=True)
+
+    async def _authenticate(self) -> tuple[Principal, str | None] | None:
         token = bearer_token(self.ws)
         if self.settings.auth.enabled and token is None:
             try:
@@ -135,7 +164,7 @@ class ChatSocket:
                 return None
             token = first.api_key
         try:
-            return await principal_for_token(self.resources, token)
+            return await principal_for_token(self.resources, token), token
         except Unauthorized as e:
             await self._refuse("unauthorized", e.message)
             return None

@@ -169,3 +169,27 @@ def test_auth_by_header_query_or_first_message(make_api: Callable[..., Api]) -> 
         assert ws.receive_json()["code"] == "unauthorized"
         with pytest.raises(WebSocketDisconnect):
             ws.receive_json()
+
+
+def test_revoking_a_key_closes_its_open_websockets(make_api: Callable[..., Api]) -> None:  # noqa: F811
+    # Issue 17: REST refused a revoked key at once, but sockets opened with it kept working.
+    from app.services import keys
+
+    api = make_api(auth={"enabled": True, "recheck_seconds": 0.2})
+    api.seed("docs", CORPUS)
+    header = api.key("mallory", ["docs"])
+    with api.client.websocket_connect("/v1/chat", headers=header) as ws:
+        assert ws.receive_json()["type"] == "ready"
+
+        async def revoke() -> None:
+            async with api.resources.sessionmaker() as session:
+                await keys.revoke_key(session, "mallory")
+                await session.commit()
+
+        api.run(revoke)
+        refused = ws.receive_json()
+        assert refused["type"] == "error" and refused["code"] == "unauthorized" and "revoked" in refused["message"]
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 1008
+    assert api.client.get("/v1/collections", headers=header).status_code == 401
