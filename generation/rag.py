@@ -250,8 +250,8 @@ async def answer(
         logger.warning("answer failed", extra={"code": exc.code, "mode": mode, "error": str(exc)})
         yield ErrorEvent(code=exc.code, message=str(exc), retryable=exc.retryable)
     except RetrievalError as exc:
-        logger.warning("answer failed in retrieval", extra={"mode": mode, "error": str(exc)})
-        yield ErrorEvent(code="retrieval_error", message=str(exc), retryable=False)
+        logger.warning("answer failed in retrieval", extra={"mode": mode, "code": exc.code, "error": str(exc)})
+        yield ErrorEvent(code=exc.code, message=str(exc), retryable=exc.retryable)
     except Exception:
         # A bug, not a condition: log it with its traceback, and still end the stream with an
         # error event so the client is never left with a silently truncated answer.

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from core.db.models import Chunk as ChunkRow
 from core.db.models import Collection, Document
 from retrieval.store import IndexStore, Snapshot
-from retrieval.types import Chunk
+from retrieval.types import Chunk, IndexCorruptError
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +93,20 @@ async def _load_chunks(
 async def reconcile(
     sessionmaker: async_sessionmaker[AsyncSession], store: IndexStore, collection_name: str
 ) -> ReconcileResult:
-    """Make the collection's current index snapshot hold exactly the database's chunks."""
-    snapshot: Snapshot | None = await asyncio.to_thread(store.load, collection_name)
+    """Make the collection's current index snapshot hold exactly the database's chunks.
+
+    A snapshot that cannot be read (:class:`~retrieval.types.IndexCorruptError`) is replaced by a
+    new version built from scratch from the database, which holds every chunk and its vector:
+    one corrupt file never stops ingestion, and searches of the collection work again once the
+    new version is published.
+    """
+    try:
+        snapshot: Snapshot | None = await asyncio.to_thread(store.load, collection_name)
+    except IndexCorruptError as e:
+        logger.error(
+            "index unreadable; rebuilding it from the database", extra={"collection": collection_name, "error": str(e)}
+        )
+        return await rebuild(sessionmaker, store, collection_name)
     have = {int(i) for i in snapshot.ids} if snapshot is not None else set()
     async with sessionmaker() as session:
         collection = await session.scalar(select(Collection).where(Collection.name == collection_name))
@@ -116,6 +128,27 @@ async def reconcile(
         extra={"collection": collection_name, "added": len(chunks), "removed": len(extra), "version": new.version},
     )
     return ReconcileResult(collection_name, len(chunks), len(extra), len(wanted), new.version)
+
+
+async def rebuild(
+    sessionmaker: async_sessionmaker[AsyncSession], store: IndexStore, collection_name: str
+) -> ReconcileResult:
+    """Publish a version of the collection built from scratch from the database's chunks and vectors."""
+    async with sessionmaker() as session:
+        collection = await session.scalar(select(Collection).where(Collection.name == collection_name))
+        if collection is None:
+            await asyncio.to_thread(store.drop, collection_name)
+            return ReconcileResult(collection_name, 0, 0, 0, None)
+        wanted = await _db_ids(session, collection.id)
+        chunks, vectors = await _load_chunks(session, collection, list(wanted))
+    if vectors.size == 0:
+        vectors = np.zeros((0, store.dimension), dtype=np.float32)
+    new = await asyncio.to_thread(store.publish, collection_name, add=chunks, vectors=vectors, from_scratch=True)
+    logger.warning(
+        "index rebuilt from the database",
+        extra={"collection": collection_name, "chunks": len(chunks), "version": new.version},
+    )
+    return ReconcileResult(collection_name, len(chunks), 0, len(wanted), new.version)
 
 
 async def reconcile_all(sessionmaker: async_sessionmaker[AsyncSession], store: IndexStore) -> list[ReconcileResult]:

@@ -38,6 +38,7 @@ from retrieval.store import IndexStore, Snapshot
 from retrieval.types import (
     Chunk,
     Embedder,
+    IndexCorruptError,
     IndexMismatchError,
     LegScore,
     ScoredChunk,
@@ -166,9 +167,20 @@ class HybridRetriever:
 
     def _snapshots(self, filters: SearchFilters | None) -> list[Snapshot]:
         if filters is None or filters.collections is None:
-            found = (self._store.load(name) for name in self._store.collections())
-            # A collection dropped between listing and loading is simply gone.
-            return [s for s in found if s is not None]
+            found: list[Snapshot] = []
+            for name in self._store.collections():
+                try:
+                    snapshot = self._store.load(name)
+                except IndexCorruptError as e:
+                    # A search of every collection serves the healthy ones; the store remembers the
+                    # broken one (IndexStore.unreadable) so the caller can name it.
+                    log.warning(
+                        "skipping a collection whose index is unreadable", extra={"collection": name, "error": str(e)}
+                    )
+                    continue
+                if snapshot is not None:  # a collection dropped between listing and loading is simply gone
+                    found.append(snapshot)
+            return found
         snapshots = []
         for name in dict.fromkeys(filters.collections):  # de-duplicated, order kept
             snapshot = self._store.load(name)

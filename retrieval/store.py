@@ -317,6 +317,7 @@ class IndexStore:
             "nprobe": nprobe,
         }
         self._cache: dict[str, Snapshot] = {}
+        self._unreadable: set[str] = set()
         self._load_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -390,7 +391,7 @@ class IndexStore:
     def _read_manifest(self, vdir: Path) -> Manifest:
         try:
             data = json.loads((vdir / "manifest.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # not JSON, or not UTF-8 at all
             raise IndexCorruptError(f"{vdir}: unreadable manifest: {e}") from e
         return Manifest.from_json(data)
 
@@ -417,7 +418,12 @@ class IndexStore:
         sparse_path = vdir / "sparse.npz"
         if not sparse_path.exists() and (vdir / "sparse.jsonl").exists():
             sparse_path = vdir / "sparse.jsonl"  # written before the postings format
-        sparse = SparseIndex.load(sparse_path)
+        try:
+            sparse = SparseIndex.load(sparse_path)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # a truncated or garbled file fails in numpy/zipfile in many ways
+            raise IndexCorruptError(f"{vdir}: unreadable sparse index: {e}") from e
         if sparse.tokenizer.options != manifest.tokenizer or sparse.params != manifest.bm25:
             raise IndexCorruptError(f"{vdir}: sparse index options differ from the manifest")
         chunks: dict[int, Chunk] = {}
@@ -485,11 +491,24 @@ class IndexStore:
         if not lock.acquire(blocking=cached is None):
             return cached  # another thread is loading the new version: serve the old one
         try:
-            return self._load_version(collection, version)
+            snapshot = self._load_version(collection, version)
         except UnknownCollectionError:
             return None  # dropped while we were loading it
+        except IndexCorruptError:
+            with self._guard:
+                self._unreadable.add(collection)
+            raise
         finally:
             lock.release()
+        if collection in self._unreadable:
+            with self._guard:
+                self._unreadable.discard(collection)
+        return snapshot
+
+    def unreadable(self) -> frozenset[str]:
+        """Collections whose live version failed to load the last time it was tried (until one loads)."""
+        with self._guard:
+            return frozenset(self._unreadable)
 
     # ------------------------------------------------------------------ writing
 

@@ -56,19 +56,36 @@ def validate_collection_name(name: str) -> str:
 
 
 class RetrievalError(Exception):
-    """Base class of every error raised by the retrieval package."""
+    """Base class of every error raised by the retrieval package.
+
+    ``code`` is the stable name callers report (API error codes, answer ``error`` events);
+    ``retryable`` says whether the same request may succeed later without anyone acting.
+    """
+
+    code = "retrieval_error"
+    retryable = False
 
 
 class IndexMismatchError(RetrievalError):
     """The index on disk was built with a different embedding model or dimension than configured."""
 
+    code = "index_mismatch"
+
 
 class IndexCorruptError(RetrievalError):
-    """A snapshot on disk is unreadable or its parts disagree with each other."""
+    """A snapshot on disk is unreadable or its parts disagree with each other.
+
+    Retryable: the worker rebuilds a corrupt collection from the database when it notices.
+    """
+
+    code = "index_corrupt"
+    retryable = True
 
 
 class UnknownCollectionError(RetrievalError):
     """A search named a collection for which no index exists."""
+
+    code = "not_found"
 
 
 @dataclass(frozen=True, slots=True)

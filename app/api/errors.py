@@ -17,7 +17,8 @@ request validation (pydantic)              422     ``fields``: location + messag
 ``LLMTimeout``                             504
 ``ContextTooLong``                         422     the question/history do not fit the model
 other ``LLMError``                         502     the model server misbehaved
-``IndexMismatchError``/``IndexCorruptError`` 503   the index needs an operator
+``IndexMismatchError``                      503   the index needs an operator (reindex)
+``IndexCorruptError``                       503     ``Retry-After``; the worker rebuilds it
 anything else                              500     logged with its traceback
 =========================================  ======  =====================================
 """
@@ -48,7 +49,7 @@ from app.services.errors import (
 from generation.errors import GenerationError, LLMUnavailable
 from generation.types import ErrorEvent
 from ingest.queue import InvalidCollectionName
-from retrieval.types import IndexCorruptError, IndexMismatchError, RetrievalError, UnknownCollectionError
+from retrieval.types import RetrievalError
 
 logger = logging.getLogger(__name__)
 
@@ -112,14 +113,8 @@ def describe(exc: BaseException) -> tuple[str, str, bool]:
         return "invalid_input", str(exc), False
     if isinstance(exc, GenerationError):
         return exc.code, str(exc), exc.retryable
-    if isinstance(exc, UnknownCollectionError):
-        return "not_found", str(exc), False
-    if isinstance(exc, IndexMismatchError):
-        return "index_mismatch", str(exc), False
-    if isinstance(exc, IndexCorruptError):
-        return "index_corrupt", str(exc), False
     if isinstance(exc, RetrievalError):
-        return "retrieval_error", str(exc), False
+        return exc.code, str(exc), exc.retryable
     return "internal_error", "internal error", False
 
 
@@ -179,6 +174,8 @@ def install(app: FastAPI, *, retry_after_seconds: int) -> None:
         if code == "llm_unavailable":
             hinted = exc.retry_after if isinstance(exc, LLMUnavailable) else None
             retry_after = hinted if hinted is not None else float(retry_after_seconds)
+        elif retryable and status_for(code) == 503:  # e.g. an index the worker is rebuilding
+            retry_after = float(retry_after_seconds)
         if status_for(code) >= 500:
             logger.warning("request failed", extra={"code": code, "error": message})
         return error_response(code, message, retryable=retryable, fields=fields, retry_after=retry_after)

@@ -102,3 +102,8 @@ class SearchResponse(BaseModel):
     collections: list[str] | None = Field(description="Collections searched; null: all of them (admin).")
     hits: list[HitOut]
     took_ms: float
+    unavailable: list[str] = Field(
+        default_factory=list,
+        description="Collections left out of a search that named none, because their index is unreadable "
+        "(the worker is rebuilding it). Naming such a collection is a 503 `index_corrupt`.",
+    )

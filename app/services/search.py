@@ -40,6 +40,8 @@ class SearchOutcome:
     options: SearchOptions
     collections: tuple[str, ...] | None
     took_ms: float
+    unavailable: tuple[str, ...] = ()
+    """Collections left out because their index is unreadable (the worker rebuilds them)."""
 
 
 def search_options(
@@ -75,7 +77,10 @@ async def scope(
         return None
     indexed = set(await asyncio.to_thread(store.collections))
     if requested is None:
-        return tuple(sorted(c for c in principal.collections if c in indexed))
+        # Naming nothing means "what you can read": a collection whose index is broken is left out
+        # (and reported) rather than failing the whole request.
+        broken = store.unreadable()
+        return tuple(sorted(c for c in principal.collections if c in indexed and c not in broken))
     names = list(dict.fromkeys(valid_name(c, field="collections") for c in requested))
     for name in names:
         if not principal.can_read(name):
@@ -122,4 +127,8 @@ async def search(
         raise InvalidInput(str(e)) from e
     elapsed = time.perf_counter() - started
     metrics.retrieval_latency.labels(leg=options.mode).observe(elapsed)
-    return SearchOutcome(hits, options, allowed, elapsed * 1000.0)
+    unavailable: tuple[str, ...] = ()
+    if collections is None:
+        visible = principal.visible(sorted(store.unreadable()))
+        unavailable = tuple(visible)
+    return SearchOutcome(hits, options, allowed, elapsed * 1000.0, unavailable)

@@ -21,7 +21,7 @@ from generation.types import (
     RetrievalEvent,
     TokenEvent,
 )
-from retrieval.types import Chunk, IndexCorruptError
+from retrieval.types import Chunk, IndexCorruptError, RetrievalError
 from tests.unit.fakes_llm import FakeCall, FakeLLM, FakeRetriever, assistant_prefix, make_chunk, split_tokens
 
 pytestmark = pytest.mark.unit
@@ -254,8 +254,11 @@ async def test_retriever_failure_becomes_an_error_event() -> None:
     )
     assert len(events) == 1
     assert isinstance(events[0], ErrorEvent)
-    assert events[0].code == "retrieval_error"
+    # The error's own code: a corrupt index is 503 index_corrupt everywhere (the worker rebuilds it).
+    assert events[0].code == "index_corrupt" and events[0].retryable
     assert llm.calls == []
+    other = await run(answer("Q?", retriever=FakeRetriever(error=RetrievalError("odd")), llm=llm, params=PARAMS))
+    assert isinstance(other[0], ErrorEvent) and other[0].code == "retrieval_error" and not other[0].retryable
 
 
 async def test_question_that_cannot_fit_becomes_context_too_long() -> None:

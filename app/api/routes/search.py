@@ -46,4 +46,5 @@ async def search_chunks(
         collections=list(outcome.collections) if outcome.collections is not None else None,
         hits=[HitOut.from_scored(h) for h in outcome.hits],
         took_ms=round(outcome.took_ms, 3),
+        unavailable=list(outcome.unavailable),
     )
