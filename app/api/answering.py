@@ -8,6 +8,7 @@ the ``done`` event arrives (before it is sent, so a client that reads the conver
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from app.api.streaming import EventPump
@@ -17,7 +18,7 @@ from app.services import answers
 from app.services.errors import AnswerFailed
 from app.services.keys import Principal
 from generation.client import aclosing_iter
-from generation.types import AnswerEvent, DoneEvent, ErrorEvent
+from generation.types import AnswerEvent, DoneEvent, ErrorEvent, RetrievalEvent
 
 
 async def prepare(resources: Resources, principal: Principal, request: AskRequest) -> answers.AskPlan:
@@ -59,27 +60,39 @@ async def events(
 async def open_stream(
     resources: Resources, plan: answers.AskPlan, *, transport: answers.Transport
 ) -> tuple[EventPump[AnswerEvent], list[AnswerEvent]]:
-    """Start an answer and wait (up to one ping interval) for its first event.
+    """Start an answer and wait (up to one ping interval) for its first event from the model.
 
-    An answer that fails before anything was generated (the model server is down, the question
-    does not fit the context window) is then reported with its HTTP status (``503`` with
-    ``Retry-After``, ``422``, ...) instead of a ``200`` stream holding a single error event.
+    Retrieval events come before the model is asked, so they are held back until the first token,
+    citation, ``done`` or ``error`` arrives. An answer that fails before anything was generated
+    (the model server is down, the question does not fit the context window) is then reported
+    with its HTTP status (``503`` with ``Retry-After``, ``422``, ...) instead of a ``200`` stream
+    holding a retrieval event and an error event.
 
     Returns:
         The running pump and the events already taken from it.
 
     Raises:
-        AnswerFailed: The first event is an error.
+        AnswerFailed: The answer failed before the model produced anything.
     """
     pump = EventPump(events(resources, plan, transport=transport)).start()
+    taken: list[AnswerEvent] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + resources.settings.api.sse_ping_seconds
     try:
-        first = await pump.get(resources.settings.api.sse_ping_seconds)
+        while True:
+            event = await pump.get(max(0.0, deadline - loop.time()))
+            if event is None:  # the model is slow: start streaming, pings keep the client waiting
+                return pump, taken
+            if isinstance(event, ErrorEvent):
+                await pump.aclose()
+                raise AnswerFailed(event.code, event.message, retryable=event.retryable)
+            taken.append(event)
+            if not isinstance(event, RetrievalEvent):
+                return pump, taken
     except StopAsyncIteration:
-        return pump, []
+        return pump, taken
+    except AnswerFailed:
+        raise
     except BaseException:
         await pump.aclose()
         raise
-    if isinstance(first, ErrorEvent):
-        await pump.aclose()
-        raise AnswerFailed(first.code, first.message, retryable=first.retryable)
-    return pump, [] if first is None else [first]

@@ -19,16 +19,19 @@ request validation (pydantic)              422     ``fields``: location + messag
 other ``LLMError``                         502     the model server misbehaved
 ``IndexMismatchError``                      503   the index needs an operator (reindex)
 ``IndexCorruptError``                       503     ``Retry-After``; the worker rebuilds it
+lost database connection, full disk         503     ``Retry-After``; ``database_unavailable``/``storage_full``
 anything else                              500     logged with its traceback
 =========================================  ======  =====================================
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 from typing import Any
 
+import sqlalchemy.exc
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -72,8 +75,29 @@ _STATUS_BY_CODE: dict[str, int] = {
     "index_mismatch": 503,
     "index_corrupt": 503,
     "retrieval_error": 500,
+    "database_unavailable": 503,
+    "storage_full": 503,
     "internal_error": 500,
 }
+
+_TRANSIENT_DB_ERRORS = (
+    sqlalchemy.exc.OperationalError,  # connection refused/reset, server shutting down, ...
+    sqlalchemy.exc.InterfaceError,  # the driver's connection is unusable
+    sqlalchemy.exc.InternalError,  # asyncpg's "cannot switch to state …" after a killed backend
+    sqlalchemy.exc.TimeoutError,  # no pooled connection became free in time
+)
+
+
+def transient(exc: BaseException) -> tuple[str, str] | None:
+    """``(code, message)`` when ``exc`` is a fault that goes away by itself (database, full disk)."""
+    if isinstance(exc, _TRANSIENT_DB_ERRORS) or (
+        isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated
+    ):
+        return "database_unavailable", "the database is unavailable right now; retry shortly"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "storage_full", "the server's storage is full; retry later or ask the operator"
+    return None
+
 
 _SERVICE_CODES: tuple[tuple[type[ServiceError], str], ...] = (
     (InvalidInput, "invalid_input"),
@@ -115,6 +139,9 @@ def describe(exc: BaseException) -> tuple[str, str, bool]:
         return exc.code, str(exc), exc.retryable
     if isinstance(exc, RetrievalError):
         return exc.code, str(exc), exc.retryable
+    fault = transient(exc)
+    if fault is not None:
+        return fault[0], fault[1], True
     return "internal_error", "internal error", False
 
 
@@ -174,11 +201,18 @@ def install(app: FastAPI, *, retry_after_seconds: int) -> None:
         if code == "llm_unavailable":
             hinted = exc.retry_after if isinstance(exc, LLMUnavailable) else None
             retry_after = hinted if hinted is not None else float(retry_after_seconds)
-        elif retryable and status_for(code) == 503:  # e.g. an index the worker is rebuilding
+        elif retryable and status_for(code) == 503:  # an index being rebuilt, a database that blinked
             retry_after = float(retry_after_seconds)
         if status_for(code) >= 500:
             logger.warning("request failed", extra={"code": code, "error": message})
         return error_response(code, message, retryable=retryable, fields=fields, retry_after=retry_after)
+
+    async def on_database(request: Request, exc: Exception) -> JSONResponse:
+        # Only a lost connection is transient; an integrity or programming error is a bug (500).
+        return await (on_domain(request, exc) if transient(exc) else on_unexpected(request, exc))
+
+    async def on_os_error(request: Request, exc: Exception) -> JSONResponse:
+        return await (on_domain(request, exc) if transient(exc) else on_unexpected(request, exc))
 
     async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
         logger.error("unhandled error", exc_info=exc)
@@ -186,6 +220,8 @@ def install(app: FastAPI, *, retry_after_seconds: int) -> None:
 
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    for cls in (ServiceError, GenerationError, RetrievalError, InvalidCollectionName):
+    for cls in (ServiceError, GenerationError, RetrievalError, InvalidCollectionName, *_TRANSIENT_DB_ERRORS):
         app.add_exception_handler(cls, on_domain)
+    app.add_exception_handler(sqlalchemy.exc.DBAPIError, on_database)
+    app.add_exception_handler(OSError, on_os_error)
     app.add_exception_handler(Exception, on_unexpected)

@@ -93,6 +93,16 @@ def test_model_server_down_is_503_with_retry_after(make_api: Callable[..., Api])
     assert api.client.post("/v1/search", json={"query": "paths"}).status_code == 200
 
 
+def test_model_server_dying_after_retrieval_is_still_503_before_the_stream(api: Api) -> None:
+    # Issue 17: the tokenizer answered (or was cached) and retrieval ran, then generation found the
+    # server gone: the stream had already started (200 + retrieval event + error event).
+    api.llm.enqueue_error(LLMUnavailable("cannot connect to the model server"), after=[])
+    r = api.client.post("/v1/ask/stream", json={"question": "paths?"})
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == str(api.settings.api.retry_after_seconds)
+    assert r.json()["error"]["code"] == "llm_unavailable"
+
+
 def test_failure_mid_stream_ends_with_an_error_event(api: Api) -> None:
     api.llm.enqueue_error(LLMTimeout("no byte for 120 s"), after=["Use", " os"])
     with api.client.stream("POST", "/v1/ask/stream", json={"question": "paths?"}) as r:

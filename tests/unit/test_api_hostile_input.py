@@ -94,3 +94,39 @@ def test_upload_names_with_control_characters_are_refused(api: Api, name: str) -
     r = api.client.post("/v1/collections/up/documents", files=[("files", (name, b"text", "text/markdown"))])
     assert r.status_code == 422, r.text
     assert api.client.get("/v1/collections/up/documents").json()["documents"] == []
+
+
+def test_a_lost_database_connection_is_503_with_retry_after(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue 17: a backend killed mid-query (asyncpg "cannot switch to state 15") answered 500.
+    import sqlalchemy.exc
+
+    from app.services import collections
+
+    async def lost(*_args: object, **_kwargs: object) -> None:
+        raise sqlalchemy.exc.InternalError("SELECT 1", {}, Exception("cannot switch to state 15"))
+
+    monkeypatch.setattr(collections, "list_visible", lost)
+    r = api.client.get("/v1/collections")
+    assert r.status_code == 503, r.text
+    assert r.json()["error"] == {
+        "code": "database_unavailable",
+        "message": "the database is unavailable right now; retry shortly",
+        "retryable": True,
+    }
+    assert r.headers["retry-after"] == str(api.settings.api.retry_after_seconds)
+
+
+def test_a_full_disk_during_an_upload_is_503_and_keeps_nothing(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from app.services import documents
+
+    def full(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    api.client.post("/v1/collections", json={"name": "up"})
+    monkeypatch.setattr(documents, "_stage", full)
+    r = api.client.post("/v1/collections/up/documents", files=[("files", ("a.md", b"# A\ntext", "text/markdown"))])
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "storage_full" and "retry-after" in r.headers
+    assert api.client.get("/v1/collections/up/documents").json()["documents"] == []
