@@ -19,7 +19,7 @@ from starlette.requests import HTTPConnection
 
 from app.resources import Resources
 from app.services import keys
-from app.services.errors import Unauthorized
+from app.services.errors import Forbidden, Unauthorized
 
 
 def get_resources(conn: HTTPConnection) -> Resources:
@@ -75,3 +75,32 @@ PrincipalDep = Annotated[keys.Principal, Depends(get_principal)]
 
 RowId = Annotated[int, Path(ge=1, le=2**31 - 1, description="Row id.")]
 """A database id in a URL path (bounded: ids are 32-bit integer columns)."""
+
+
+async def get_admin(principal: PrincipalDep) -> keys.Principal:
+    """The principal, if it is an admin (every caller when auth is disabled).
+
+    Raises:
+        Forbidden: A key that is not an admin key.
+    """
+    if not principal.admin:
+        raise Forbidden("this endpoint needs an admin API key")
+    return principal
+
+
+AdminDep = Annotated[keys.Principal, Depends(get_admin)]
+"""An admin principal (``/metrics``, and the details of ``/readyz``)."""
+
+
+async def get_optional_principal(
+    resources: ResourcesDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> keys.Principal | None:
+    """The request's principal, or ``None`` when it sent no valid key (probes send none)."""
+    try:
+        return await principal_for_token(resources, credentials.credentials if credentials else None)
+    except Unauthorized:
+        return None
+
+
+OptionalPrincipalDep = Annotated[keys.Principal | None, Depends(get_optional_principal)]

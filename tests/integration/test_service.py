@@ -261,12 +261,15 @@ def test_search_over_http_and_its_latency(service: LiveServer, stack: dict[str, 
     )
 
 
-def test_readiness_and_metrics(service: LiveServer) -> None:
-    ready = httpx.get(f"{service.url}/readyz", timeout=30)
+def test_readiness_and_metrics(service: LiveServer, stack: dict[str, Any]) -> None:
+    admin = auth(stack["tokens"]["admin"])  # auth is on: the details and the metrics are an admin's
+    ready = httpx.get(f"{service.url}/readyz", headers=admin, timeout=30)
     assert ready.status_code == 200  # the model server is down: degraded, not unavailable
     assert ready.json()["status"] == "degraded" and ready.json()["checks"]["database"]["ok"]
     assert ready.json()["checks"]["index"]["detail"] == "2 collection(s) readable"
-    metrics = httpx.get(f"{service.url}/metrics", timeout=30).text
+    assert httpx.get(f"{service.url}/readyz", timeout=30).json() == {"status": "degraded", "checks": {}}
+    assert httpx.get(f"{service.url}/metrics", timeout=30).status_code == 401
+    metrics = httpx.get(f"{service.url}/metrics", headers=admin, timeout=30).text
     assert 'rag_ingest_jobs{status="succeeded"} 2.0' in metrics
 
 

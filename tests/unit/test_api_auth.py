@@ -13,7 +13,7 @@ from openai import NotFoundError, OpenAI
 from pydantic import ValidationError
 
 from core.settings import Settings
-from tests.unit.api_support import Api, make_api, sse_events  # noqa: F401
+from tests.unit.api_support import CORPUS, Api, make_api, sse_events  # noqa: F401
 
 pytestmark = pytest.mark.unit
 
@@ -200,3 +200,20 @@ def test_keys_cli(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     assert runner.invoke(cli, ["keys", "revoke", "alice"]).exit_code == 0
     assert json.loads(runner.invoke(cli, ["keys", "list", "--json"]).stdout)[0]["revoked_at"]
     assert runner.invoke(cli, ["keys", "revoke", "ghost"]).exit_code == 1
+
+
+def test_operational_endpoints_are_protected_when_auth_is_on(make_api: Callable[..., Api]) -> None:  # noqa: F811
+    # Issue 17: /metrics and /readyz's details were public.
+    api = make_api(auth={"enabled": True})
+    api.seed("docs", CORPUS)
+    admin = api.key("ops", admin=True)
+    reader = api.key("reader", ["docs"])
+    assert api.client.get("/healthz").status_code == 200
+    assert api.client.get("/metrics").status_code == 401
+    assert api.client.get("/metrics", headers=reader).status_code == 403
+    scraped = api.client.get("/metrics", headers=admin)
+    assert scraped.status_code == 200 and "rag_http_requests_total" in scraped.text
+    probe = api.client.get("/readyz")
+    assert probe.status_code == 200 and probe.json() == {"status": "ready", "checks": {}}
+    assert api.client.get("/readyz", headers=reader).json()["checks"] == {}
+    assert set(api.client.get("/readyz", headers=admin).json()["checks"]) >= {"database", "index"}
