@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.observability import Metrics, TimedEmbedder
+from app.services.admission import Admission, Gate, KeyLimits
 from core.settings import Settings
 from core.wiring import (
     AnswerDefaults,
@@ -55,6 +56,8 @@ class Resources:
     metrics: Metrics
     answer_defaults: AnswerDefaults
     """Answer keyword arguments from settings (the calibrated FLARE file is read once, here)."""
+    admission: Admission
+    """Concurrency gates and per-key limits (:mod:`app.services.admission`)."""
     leg_executor: ThreadPoolExecutor | None = None
     """Runs hybrid searches' BM25 legs (``RAG_RETRIEVAL__PARALLEL_LEGS``)."""
 
@@ -124,6 +127,34 @@ async def build_resources(
         llm_probe=llm_probe,
         metrics=metrics,
         answer_defaults=await asyncio.to_thread(answer_defaults, settings),
+        admission=build_admission(settings),
+    )
+
+
+def build_admission(settings: Settings) -> Admission:
+    """The API's gates and per-key limits from ``api`` settings."""
+    api = settings.api
+    retry = float(api.retry_after_seconds)
+    return Admission(
+        answers=Gate(
+            "answers",
+            capacity=api.max_concurrent_answers,
+            queue=api.answer_queue,
+            wait_seconds=api.queue_wait_seconds,
+            retry_after=retry,
+        ),
+        searches=Gate(
+            "searches",
+            capacity=api.max_concurrent_searches,
+            queue=api.search_queue,
+            wait_seconds=api.queue_wait_seconds,
+            retry_after=1.0,
+        ),
+        keys=KeyLimits(
+            per_minute=api.rate_limit_per_minute,
+            streams=api.max_streams_per_key,
+            storage_uri=api.rate_limit_storage,
+        ),
     )
 
 

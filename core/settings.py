@@ -220,6 +220,25 @@ class ApiSettings(BaseModel):
     """Questions one websocket may have in flight at once."""
     retry_after_seconds: int = Field(default=10, ge=1)
     """``Retry-After`` sent with 503 answers when the model server is unavailable."""
+    max_concurrent_answers: int = Field(default=4, ge=1)
+    """Answers generating at once (also the cap on connections to the model server). The default
+    suits the embedded CPU model server on 2 cores; a GPU vLLM takes many more (its ``max_num_seqs``)."""
+    max_concurrent_searches: int = Field(default=4, ge=1)
+    """Searches (query embedding + both legs) running at once."""
+    answer_queue: int = Field(default=8, ge=0)
+    """Answers that may wait for a free slot; more are refused at once (503 ``overloaded``)."""
+    search_queue: int = Field(default=32, ge=0)
+    """Searches that may wait for a free slot; more are refused at once (503 ``overloaded``)."""
+    queue_wait_seconds: float = Field(default=1.0, gt=0)
+    """Longest wait for a slot before a request is refused with ``Retry-After``."""
+    rate_limit_per_minute: int | None = Field(default=600, ge=1)
+    """Requests per minute per API key (REST calls, streams and websocket questions alike); over it:
+    429 ``rate_limited`` with ``Retry-After``. ``null``: no limit. Keys only (not the local anonymous user)."""
+    max_streams_per_key: int | None = Field(default=4, ge=1)
+    """Answers one API key may have running at once, over every transport; ``null``: no limit."""
+    rate_limit_storage: str = "memory://"
+    """Where the per-key windows are counted (``limits`` storage URI): ``memory://`` per process, or
+    ``redis://host:6379`` so that every API replica shares them."""
     answer_mode: Literal["single", "interval", "flare"] = "single"
     """Answer mode of requests that name none (``single``: retrieve once; ``interval``: re-retrieve
     every ``llm.interval_tokens`` generated tokens; ``flare``: re-retrieve when the model is unsure)."""

@@ -156,6 +156,7 @@ def build_llm_client(settings: Settings) -> OpenAICompatClient:
         api_key=llm.api_key.get_secret_value() if llm.api_key else None,
         timeout=httpx.Timeout(llm.timeout_seconds, connect=llm.connect_timeout_seconds),
         max_retries=llm.max_retries,
+        max_connections=settings.api.max_concurrent_answers,
     )
 
 

@@ -37,28 +37,36 @@ async def prepare(resources: Resources, principal: Principal, request: AskReques
 
 
 async def events(
-    resources: Resources, plan: answers.AskPlan, *, transport: answers.Transport
+    resources: Resources, plan: answers.AskPlan, principal: Principal, *, transport: answers.Transport
 ) -> AsyncIterator[AnswerEvent]:
-    """The answer's events; the turn is stored (new transaction) before ``done`` is yielded."""
-    stream = answers.run(
-        plan,
-        retriever=resources.retriever,
-        llm=resources.llm,
-        defaults=resources.answer_defaults,
-        metrics=resources.metrics,
-        transport=transport,
-    )
-    async with aclosing_iter(stream) as source:
-        async for event in source:
-            if isinstance(event, DoneEvent) and plan.conversation_id is not None:
-                async with resources.sessionmaker() as session:
-                    await answers.record_turn(session, plan, event)
-                    await session.commit()
-            yield event
+    """The answer's events; the turn is stored (new transaction) before ``done`` is yielded.
+
+    The answer holds one of its key's concurrent streams and one answer slot from the first event to
+    the last (:mod:`app.services.admission`); when neither is free in time the iterator raises
+    ``RateLimited`` or ``Overloaded`` before yielding anything.
+    """
+    admission = resources.admission
+    with admission.keys.stream(principal):
+        async with admission.answers.slot():
+            stream = answers.run(
+                plan,
+                retriever=resources.retriever,
+                llm=resources.llm,
+                defaults=resources.answer_defaults,
+                metrics=resources.metrics,
+                transport=transport,
+            )
+            async with aclosing_iter(stream) as source:
+                async for event in source:
+                    if isinstance(event, DoneEvent) and plan.conversation_id is not None:
+                        async with resources.sessionmaker() as session:
+                            await answers.record_turn(session, plan, event)
+                            await session.commit()
+                    yield event
 
 
 async def open_stream(
-    resources: Resources, plan: answers.AskPlan, *, transport: answers.Transport
+    resources: Resources, plan: answers.AskPlan, principal: Principal, *, transport: answers.Transport
 ) -> tuple[EventPump[AnswerEvent], list[AnswerEvent]]:
     """Start an answer and wait (up to one ping interval) for its first event from the model.
 
@@ -73,8 +81,10 @@ async def open_stream(
 
     Raises:
         AnswerFailed: The answer failed before the model produced anything.
+        Overloaded: No answer slot became free in time (503 with ``Retry-After``).
+        RateLimited: The key already has its concurrent streams running (429).
     """
-    pump = EventPump(events(resources, plan, transport=transport)).start()
+    pump = EventPump(events(resources, plan, principal, transport=transport)).start()
     taken: list[AnswerEvent] = []
     loop = asyncio.get_running_loop()
     deadline = loop.time() + resources.settings.api.sse_ping_seconds

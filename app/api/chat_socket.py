@@ -224,8 +224,9 @@ class ChatSocket:
 
     async def _answer(self, principal: Principal, ask: WsAsk) -> None:
         try:
+            self.resources.admission.keys.hit(principal)  # a question counts like a REST request
             plan = await answering.prepare(self.resources, principal, ask)
-            events = answering.events(self.resources, plan, transport="websocket")
+            events = answering.events(self.resources, plan, principal, transport="websocket")
             async with aclosing_iter(events) as stream:
                 async for event in stream:
                     await self.send({"id": ask.id, **wire_dict(event)})

@@ -64,11 +64,21 @@ async def principal_for_token(resources: Resources, token: str | None) -> keys.P
 
 
 async def get_principal(
+    conn: HTTPConnection,
     resources: ResourcesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> keys.Principal:
-    """The principal of the request's bearer token."""
-    return await principal_for_token(resources, credentials.credentials if credentials else None)
+    """The principal of the request's bearer token; counts the request against its key's rate.
+
+    Raises:
+        Unauthorized: Missing, unknown or revoked key (auth on).
+        RateLimited: The key used its requests of the minute (the ``RateLimit-*`` headers say so).
+    """
+    principal = await principal_for_token(resources, credentials.credentials if credentials else None)
+    state = resources.admission.keys.hit(principal)
+    if state is not None:
+        conn.scope.setdefault("state", {})["ratelimit"] = state  # RequestContext sends the headers
+    return principal
 
 
 PrincipalDep = Annotated[keys.Principal, Depends(get_principal)]

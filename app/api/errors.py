@@ -14,6 +14,8 @@ request validation (pydantic)              422     ``fields``: location + messag
 ``Conflict``                               409
 ``PayloadTooLarge``                        413
 ``LLMUnavailable``                         503     ``Retry-After``; retrieval keeps working
+``Overloaded`` (slots and queue full)      503     ``Retry-After``
+``RateLimited`` (the key's share used)     429     ``Retry-After``; ``RateLimit-*`` headers
 ``LLMTimeout``                             504
 ``ContextTooLong``                         422     the question/history do not fit the model
 other ``LLMError``                         502     the model server misbehaved
@@ -46,6 +48,7 @@ from app.services.errors import (
     InvalidInput,
     NotFound,
     PayloadTooLarge,
+    Refused,
     ServiceError,
     Unauthorized,
 )
@@ -76,6 +79,8 @@ _STATUS_BY_CODE: dict[str, int] = {
     "index_corrupt": 503,
     "retrieval_error": 500,
     "database_unavailable": 503,
+    "overloaded": 503,
+    "rate_limited": 429,
     "storage_full": 503,
     "internal_error": 500,
 }
@@ -132,7 +137,7 @@ def describe(exc: BaseException) -> tuple[str, str, bool]:
         for cls, code in _SERVICE_CODES:
             if isinstance(exc, cls):
                 return code, exc.message, False
-        return exc.code, exc.message, False
+        return exc.code, exc.message, bool(getattr(exc, "retryable", False))
     if isinstance(exc, InvalidCollectionName):
         return "invalid_input", str(exc), False
     if isinstance(exc, GenerationError):
@@ -169,7 +174,7 @@ def error_response(
     headers = dict(headers or {})
     if status == 401:
         headers.setdefault("WWW-Authenticate", "Bearer")
-    if status == 503 and retry_after is not None:
+    if status in (429, 503) and retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=status, headers=headers)
 
@@ -201,6 +206,8 @@ def install(app: FastAPI, *, retry_after_seconds: int) -> None:
         if code == "llm_unavailable":
             hinted = exc.retry_after if isinstance(exc, LLMUnavailable) else None
             retry_after = hinted if hinted is not None else float(retry_after_seconds)
+        elif isinstance(exc, Refused):  # overloaded (503) or rate limited (429): come back then
+            retry_after = exc.retry_after
         elif retryable and status_for(code) == 503:  # an index being rebuilt, a database that blinked
             retry_after = float(retry_after_seconds)
         if status_for(code) >= 500:

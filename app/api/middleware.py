@@ -61,6 +61,9 @@ class RequestContext:
                 status = int(message["status"])
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
+                ratelimit = scope.get("state", {}).get("ratelimit")
+                if ratelimit is not None:  # a key's request window (app.services.admission.RateState)
+                    headers.extend(ratelimit.headers())
                 message = {**message, "headers": headers}
             elif message["type"] == "websocket.accept":
                 status = 101

@@ -10,7 +10,10 @@ Exception tree::
     ├── Conflict                 the state forbids it (already exists, a job is running)
     ├── PayloadTooLarge          an upload over the limit
     ├── InvalidInput             a value the schema could not reject (``field`` names it)
-    └── AnswerFailed             an answer ended with an error event (``code``, ``retryable``)
+    ├── AnswerFailed             an answer ended with an error event (``code``, ``retryable``)
+    └── Refused                  not now: retry after ``retry_after`` seconds
+        ├── Overloaded           every slot and the short queue are full (503)
+        └── RateLimited          this key used its share (429)
 """
 
 from __future__ import annotations
@@ -73,3 +76,26 @@ class AnswerFailed(ServiceError):
         super().__init__(message)
         self.code = code
         self.retryable = retryable
+
+
+class Refused(ServiceError):
+    """The request is fine but cannot be served now; the same request may succeed ``retry_after`` s later."""
+
+    code = "refused"
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Overloaded(Refused):
+    """Every answer (or search) slot is busy and the short queue in front of them is full."""
+
+    code = "overloaded"
+
+
+class RateLimited(Refused):
+    """The API key used its request rate or its concurrent streams."""
+
+    code = "rate_limited"

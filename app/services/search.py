@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.observability import Metrics
+from app.services.admission import Gate
 from app.services.collections import valid_name
 from app.services.errors import InvalidInput, NotFound
 from app.services.keys import Principal
@@ -101,6 +102,7 @@ async def search(
     retriever: Retriever,
     store: IndexStore,
     metrics: Metrics,
+    gate: Gate,
     query: str,
     k: int,
     collections: Sequence[str] | None,
@@ -112,15 +114,17 @@ async def search(
     Raises:
         NotFound: A requested collection is missing or outside the principal's scope.
         InvalidInput: Invalid options.
+        Overloaded: Every search slot is busy and the queue is full.
     """
     allowed = await scope(session, principal, store, collections)
     started = time.perf_counter()
     if allowed is not None and not allowed:
         return SearchOutcome([], options, allowed, 0.0)
     try:
-        hits = await retriever.search(
-            query, k=k, filters=SearchFilters(collections=allowed, path_prefix=path_prefix), options=options
-        )
+        async with gate.slot():  # bounded: beyond the slots and the short queue, refused (503) at once
+            hits = await retriever.search(
+                query, k=k, filters=SearchFilters(collections=allowed, path_prefix=path_prefix), options=options
+            )
     except UnknownCollectionError as e:  # dropped between the scope check and the search
         raise NotFound(str(e)) from e
     except ValueError as e:

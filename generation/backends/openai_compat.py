@@ -296,6 +296,7 @@ class OpenAICompatClient:
         token_cache_size: Entries in the LRU cache of :meth:`count_tokens`.
         transport: An httpx transport (tests pass ``httpx.MockTransport``).
         headers: Extra headers sent with every request.
+        max_connections: Most connections open to the server at once (``None``: httpx's default, 100).
     """
 
     def __init__(
@@ -312,6 +313,7 @@ class OpenAICompatClient:
         token_cache_size: int = 4096,
         transport: httpx.AsyncBaseTransport | None = None,
         headers: Mapping[str, str] | None = None,
+        max_connections: int | None = None,
     ) -> None:
         root = base_url.rstrip("/")
         if root.endswith("/v1"):
@@ -332,6 +334,11 @@ class OpenAICompatClient:
             timeout=timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout),
             transport=transport,
             headers=all_headers,
+            # A request beyond the cap waits for a connection (bounded by the pool timeout) rather
+            # than opening the model server's 71st: its slots are the scarce thing.
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+            if max_connections
+            else httpx.Limits(),
         )
         self._tokenize_route: tuple[str, _TokenizeShape] | None = None
         self._tokenize_unsupported = False

@@ -34,7 +34,7 @@ async def ask(body: AskRequest, principal: PrincipalDep, resources: ResourcesDep
     (chunk ids, paths, pages, character spans, snippets), every retrieval round, timings and usage.
     With `conversation_id`, the conversation's history is used and the turn is stored."""
     plan = await answering.prepare(resources, principal, body)
-    done = await answers.collect(answering.events(resources, plan, transport="rest"))
+    done = await answers.collect(answering.events(resources, plan, principal, transport="rest"))
     wire = to_wire(done)
     return AskResponse.model_validate({**wire.model_dump(exclude={"type"}), "conversation_id": plan.conversation_id})
 
@@ -67,7 +67,7 @@ async def ask_stream(body: AskRequest, principal: PrincipalDep, resources: Resou
     """The answer as it is generated. Each event is `event: <type>` + `data: <json>`; the stream
     always ends with a `done` or an `error` event. Closing the connection stops the generation."""
     plan = await answering.prepare(resources, principal, body)
-    pump, first = await answering.open_stream(resources, plan, transport="sse")
+    pump, first = await answering.open_stream(resources, plan, principal, transport="sse")
     return SSEResponse(
         pump,
         encode=_frame,

@@ -52,13 +52,13 @@ async def chat_completions(body: ChatCompletionRequest, principal: PrincipalDep,
         logger.info("ignored chat-completions fields", extra={"fields": ignored})
     plan = await answering.prepare(resources, principal, openai_compat.to_ask(body))
     if not body.stream:
-        done = await answers.collect(answering.events(resources, plan, transport="openai"))
+        done = await answers.collect(answering.events(resources, plan, principal, transport="openai"))
         result = openai_compat.completion(done, model=body.model)
         return Response(result.model_dump_json(), media_type="application/json")
     encoder = openai_compat.ChunkEncoder(
         model=body.model, include_usage=bool(body.stream_options and body.stream_options.include_usage)
     )
-    pump, first = await answering.open_stream(resources, plan, transport="openai")
+    pump, first = await answering.open_stream(resources, plan, principal, transport="openai")
 
     def on_error(exc: BaseException) -> bytes:
         return openai_compat.error_frame(error_event(exc))

@@ -33,6 +33,7 @@ async def search_chunks(
         retriever=resources.retriever,
         store=resources.store,
         metrics=resources.metrics,
+        gate=resources.admission.searches,
         query=body.query,
         k=body.k,
         collections=body.filters.collections,
