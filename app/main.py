@@ -6,6 +6,7 @@ its lifespan builds :class:`~app.resources.Resources` and closes them. Nothing h
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from pydantic import TypeAdapter
 from app.api import errors
 from app.api.middleware import BodyLimit, RequestContext
 from app.api.routes import ask, chat, collections, conversations, documents, health, jobs, openai, search
+from app.observability import watch_loop_lag
 from app.resources import LLMProbe, build_resources
 from app.schemas.events import ANSWER_EVENT_ADAPTER
 from app.schemas.openai import ChatCompletionChunk
@@ -86,9 +88,11 @@ def create_app(
         resources = await build_resources(settings, embedder=embedder, llm=llm, llm_probe=llm_probe)
         app.state.resources = resources
         app.state.metrics = resources.metrics
+        lag = asyncio.create_task(watch_loop_lag(resources.metrics), name="loop-lag")
         try:
             yield
         finally:
+            lag.cancel()
             await resources.aclose()
 
     app = FastAPI(

@@ -11,6 +11,7 @@ Nothing here is configured at import time; ``rag serve`` calls :func:`configure_
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -98,6 +99,15 @@ class Metrics:
         )
         self.ingest_progress = Gauge(
             "rag_ingest_running_progress", "Mean progress (0-1) of running ingestion jobs.", registry=r
+        )
+        self.loop_lag = Histogram(
+            "rag_event_loop_lag_seconds",
+            "How late the event loop woke a 100 ms timer: time the loop was blocked by something.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
+        self.loop_lag_max = Gauge(
+            "rag_event_loop_lag_max_seconds", "Largest event-loop lag of the last 10 to 20 seconds.", registry=r
         )
 
     def render(self) -> bytes:
@@ -203,3 +213,23 @@ def configure_logging(level: str = "info") -> None:
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     for noisy in ("sentence_transformers", "transformers", "httpx", "httpcore", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+async def watch_loop_lag(metrics: Metrics, *, interval: float = 0.1, window: float = 10.0) -> None:
+    """Measure event-loop lag until cancelled: sleep ``interval`` and record how late the wake-up came.
+
+    A late wake-up means something held the loop (synchronous I/O, a large JSON encode, GIL-heavy
+    work in a thread): the delay every other request on the loop suffered at that moment.
+    """
+    loop = asyncio.get_running_loop()
+    worst = previous = 0.0
+    window_started = loop.time()
+    while True:
+        before = loop.time()
+        await asyncio.sleep(interval)
+        lag = max(0.0, loop.time() - before - interval)
+        metrics.loop_lag.observe(lag)
+        worst = max(worst, lag)
+        metrics.loop_lag_max.set(max(worst, previous))  # a new worst shows at once
+        if loop.time() - window_started >= window:
+            previous, worst, window_started = worst, 0.0, loop.time()

@@ -81,6 +81,25 @@ def test_metrics(api: Api) -> None:
     assert 'rag_ingest_jobs{status="queued"} 0.0' in text
 
 
+def test_event_loop_lag_is_measured(api: Api) -> None:
+    import re
+    import time
+
+    async def block() -> None:
+        time.sleep(0.3)  # noqa: ASYNC251 - on purpose: what a blocking call does to the loop
+
+    api.run(block)
+    for _ in range(40):
+        text = api.client.get("/metrics").text
+        count = re.search(r"^rag_event_loop_lag_seconds_count (\S+)$", text, re.M)
+        worst = re.search(r"^rag_event_loop_lag_max_seconds (\S+)$", text, re.M)
+        if count and worst and float(worst.group(1)) >= 0.2:
+            break
+        time.sleep(0.05)
+    assert count is not None and float(count.group(1)) > 0
+    assert worst is not None and float(worst.group(1)) >= 0.2
+
+
 def test_json_logs_carry_the_request_id() -> None:
     record = logging.LogRecord("app.x", logging.INFO, __file__, 1, "hello %s", ("world",), None)
     record.collection = "docs"
