@@ -75,6 +75,10 @@ class IngestSettings(BaseModel):
     """During a long job, publish a new index version at most this often (searches see progress)."""
     allowed_roots: list[Path] = Field(default_factory=list)
     """Folders the API may ingest from (the CLI may ingest anything its user can read)."""
+    nice: int = Field(default=10, ge=0, le=19)
+    """CPU priority the ingestion processes (``rag worker``, ``rag ingest``) lower themselves by
+    (Unix ``nice``): embedding a folder must not starve the API's event loop on a small machine.
+    0 keeps the normal priority."""
 
 
 class RetrievalSettings(BaseModel):

@@ -57,3 +57,14 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def short_path(path: str, width: int = 48) -> str:
     """``path`` shortened from the left to ``width`` characters (the file name is what identifies it)."""
     return path if len(path) <= width else "…" + path[-(width - 1) :]
+
+
+def lower_priority(increment: int) -> None:
+    """Make this process yield the CPU to others (``os.nice``); a no-op where unsupported or 0."""
+    import os
+
+    if increment > 0 and hasattr(os, "nice"):
+        try:
+            os.nice(increment)
+        except OSError:  # not permitted: keep going at the normal priority
+            logging.getLogger(__name__).warning("could not lower the process priority")

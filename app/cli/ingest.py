@@ -10,7 +10,17 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from app.cli.common import JsonOpt, VerboseOpt, console, err_console, fail, load_settings, setup_logging, short_path
+from app.cli.common import (
+    JsonOpt,
+    VerboseOpt,
+    console,
+    err_console,
+    fail,
+    load_settings,
+    lower_priority,
+    setup_logging,
+    short_path,
+)
 from core.settings import Settings
 
 
@@ -38,6 +48,7 @@ def ingest(
     settings = load_settings()
     if not path.exists():
         fail(f"{path} does not exist")
+    lower_priority(settings.ingest.nice)
     try:
         summary = asyncio.run(_ingest(settings, path, collection, wait=wait, prune=prune, quiet=as_json))
     except (QueueError, FileNotFoundError) as e:
@@ -169,6 +180,7 @@ def worker(
 
     setup_logging(verbose)
     settings = load_settings()
+    lower_priority(settings.ingest.nice)
 
     async def main() -> int:
         import signal
