@@ -67,7 +67,10 @@ def test_terminated_database_backends_never_give_500(
         asyncio.run(loop())
 
     statuses: dict[int, int] = {}
-    with TestClient(create_app(settings, embedder=HashEmbedder(), llm=FakeLLM(responder=default_responder)), raise_server_exceptions=False) as c:
+    with TestClient(
+        create_app(settings, embedder=HashEmbedder(), llm=FakeLLM(responder=default_responder)),
+        raise_server_exceptions=False,
+    ) as c:
         _seed(c)
         thread = threading.Thread(target=killer, daemon=True)
         thread.start()
@@ -118,7 +121,10 @@ def test_a_full_disk_during_an_upload_is_503_and_recovers(small_disk: Path, tmp_
     settings = make_settings(
         f"sqlite+aiosqlite:///{tmp_path / 'rag.db'}", data_dir=small_disk / "data", api={"max_upload_mb": 16}
     )
-    with TestClient(create_app(settings, embedder=HashEmbedder(), llm=FakeLLM(responder=default_responder)), raise_server_exceptions=False) as c:
+    with TestClient(
+        create_app(settings, embedder=HashEmbedder(), llm=FakeLLM(responder=default_responder)),
+        raise_server_exceptions=False,
+    ) as c:
         c.post("/v1/collections", json={"name": "up"})
         big = os.urandom(5 * 1024 * 1024)  # more than the disk holds
         r = c.post("/v1/collections/up/documents", files=[("files", ("big.txt", big, "text/plain"))])

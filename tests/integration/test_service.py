@@ -82,6 +82,8 @@ class UpstreamProxy:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="upstream-proxy", daemon=True)
         self.listen_port = 0
+        self.down = False
+        self.live: set[asyncio.StreamWriter] = set()
 
     @property
     def url(self) -> str:
@@ -94,8 +96,26 @@ class UpstreamProxy:
                 await writer.drain()
         writer.close()
 
+    def kill(self) -> None:
+        """Behave like a model server that died: cut every connection, refuse new ones."""
+
+        def cut() -> None:
+            self.down = True
+            for writer in list(self.live):
+                writer.transport.abort()
+
+        self.loop.call_soon_threadsafe(cut)
+
+    def revive(self) -> None:
+        """Accept connections again (the model server is back)."""
+        self.loop.call_soon_threadsafe(setattr, self, "down", False)
+
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self.down:
+            client_w.transport.abort()
+            return
         up_r, up_w = await asyncio.open_connection(self.host, self.port)
+        self.live.update((client_w, up_w))
         upstream = asyncio.ensure_future(self._pipe_up(client_r, up_w))
         streaming, tail = False, b""
         try:
@@ -122,6 +142,7 @@ class UpstreamProxy:
             upstream.cancel()
             up_w.close()
             client_w.close()
+            self.live.difference_update((client_w, up_w))
 
     def __enter__(self) -> UpstreamProxy:
         self.thread.start()
@@ -408,6 +429,44 @@ async def test_disconnect_mid_answer_frees_the_upstream_request(
     started = time.perf_counter()
     await upstream.wait_released(aborted, within=5)
     record("sse_disconnect_to_upstream_closed_ms", {"ms": round((time.perf_counter() - started) * 1000, 1)})
+
+
+@pytest.mark.llm
+async def test_model_server_killed_mid_stream_then_back(
+    llm_service: LiveServer, stack: dict[str, Any], upstream: UpstreamProxy
+) -> None:
+    # Issue 17's fault list: the model server dies while answers stream. SSE and websocket end with an
+    # error event (never a hang or a silent end), a new ask is a 503 with Retry-After before any stream,
+    # and answers work again once the server is back.
+    headers = auth(stack["tokens"]["a"])
+    try:
+        async with (
+            httpx.AsyncClient(base_url=llm_service.url, headers=headers, timeout=300) as client,
+            client.stream("POST", "/v1/ask/stream", json=LONG) as r,
+        ):
+            assert r.status_code == 200
+            kinds = []
+            async for _, data in sse(r):
+                kinds.append(data["type"])
+                if kinds.count("token") == 3:
+                    upstream.kill()
+            assert kinds[-1] == "error", kinds[-5:]
+        async with websockets.connect(
+            llm_service.url.replace("http", "ws") + "/v1/chat", additional_headers=headers
+        ) as ws:
+            assert json.loads(await ws.recv())["type"] == "ready"
+            await ws.send(json.dumps({"type": "ask", "id": "down", **LONG}))
+            while (message := json.loads(await ws.recv()))["type"] not in ("done", "error"):
+                pass
+            assert message["type"] == "error" and message["retryable"], message
+        async with httpx.AsyncClient(base_url=llm_service.url, headers=headers, timeout=300) as client:
+            refused = await client.post("/v1/ask/stream", json=LONG)
+            assert refused.status_code == 503 and "retry-after" in refused.headers, refused.text
+    finally:
+        upstream.revive()
+    async with httpx.AsyncClient(base_url=llm_service.url, headers=headers, timeout=300) as client:
+        back = await client.post("/v1/ask", json={**LONG, "max_tokens": 16})
+        assert back.status_code == 200, back.text
 
 
 @pytest.mark.llm
