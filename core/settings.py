@@ -71,6 +71,9 @@ class IngestSettings(BaseModel):
     """A running job whose heartbeat is older than this is considered abandoned and is retried."""
     poll_seconds: float = 1.0
     """How often an idle worker looks for queued jobs."""
+    check_indexes_seconds: float = Field(default=60.0, gt=0)
+    """How often an idle worker checks every collection's index against the database (and rebuilds
+    one whose snapshot became unreadable)."""
     publish_every_seconds: float = 30.0
     """During a long job, publish a new index version at most this often (searches see progress)."""
     allowed_roots: list[Path] = Field(default_factory=list)

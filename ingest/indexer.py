@@ -91,7 +91,7 @@ async def _load_chunks(
 
 
 async def reconcile(
-    sessionmaker: async_sessionmaker[AsyncSession], store: IndexStore, collection_name: str
+    sessionmaker: async_sessionmaker[AsyncSession], store: IndexStore, collection_name: str, *, verify: bool = False
 ) -> ReconcileResult:
     """Make the collection's current index snapshot hold exactly the database's chunks.
 
@@ -101,6 +101,8 @@ async def reconcile(
     new version is published.
     """
     try:
+        if verify:  # the files on disk, not the copy this process loaded earlier
+            await asyncio.to_thread(store.check, collection_name)
         snapshot: Snapshot | None = await asyncio.to_thread(store.load, collection_name)
     except IndexCorruptError as e:
         logger.error(
@@ -151,9 +153,14 @@ async def rebuild(
     return ReconcileResult(collection_name, len(chunks), 0, len(wanted), new.version)
 
 
-async def reconcile_all(sessionmaker: async_sessionmaker[AsyncSession], store: IndexStore) -> list[ReconcileResult]:
-    """Reconcile every collection known to the database or the store (worker start-up repair)."""
+async def reconcile_all(
+    sessionmaker: async_sessionmaker[AsyncSession], store: IndexStore, *, verify: bool = False
+) -> list[ReconcileResult]:
+    """Reconcile every collection known to the database or the store (worker start-up repair).
+
+    With ``verify``, each live version's files are checked on disk first (:meth:`IndexStore.check`).
+    """
     async with sessionmaker() as session:
         names = set(await session.scalars(select(Collection.name)))
     names |= set(await asyncio.to_thread(store.collections))
-    return [await reconcile(sessionmaker, store, name) for name in sorted(names)]
+    return [await reconcile(sessionmaker, store, name, verify=verify) for name in sorted(names)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,13 @@ async def run_job(ctx: IngestContext, job_id: int, *, on_progress: ProgressCallb
     return await ctx.pipeline.run(job.id, on_progress=on_progress)
 
 
+async def _repair(ctx: IngestContext, message: str) -> None:
+    """Reconcile every collection with the database (rebuilding unreadable ones); log what changed."""
+    for r in await reconcile_all(ctx.sessionmaker, ctx.store, verify=True):
+        if r.added or r.removed:
+            logger.warning(message, extra={"collection": r.collection, "added": r.added, "removed": r.removed})
+
+
 async def run_worker(
     settings: Settings,
     *,
@@ -122,13 +130,8 @@ async def run_worker(
     stop = stop or asyncio.Event()
     ran = 0
     try:
-        repaired = await reconcile_all(ctx.sessionmaker, ctx.store)
-        for r in repaired:
-            if r.added or r.removed:
-                logger.warning(
-                    "index repaired at start-up",
-                    extra={"collection": r.collection, "added": r.added, "removed": r.removed},
-                )
+        await _repair(ctx, "index repaired at start-up")
+        checked = time.monotonic()
         while not stop.is_set():
             async with ctx.sessionmaker() as session:
                 job = await queue.claim(
@@ -139,6 +142,11 @@ async def run_worker(
             if job is None:
                 if once:
                     break
+                if time.monotonic() - checked >= settings.ingest.check_indexes_seconds:
+                    # A snapshot corrupted while the worker idles (disk, operator) is rebuilt
+                    # without waiting for a restart or a job of that collection.
+                    await _repair(ctx, "index repaired")
+                    checked = time.monotonic()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=settings.ingest.poll_seconds)
                 continue

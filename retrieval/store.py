@@ -47,6 +47,7 @@ import re
 import secrets
 import shutil
 import threading
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -504,6 +505,44 @@ class IndexStore:
             with self._guard:
                 self._unreadable.discard(collection)
         return snapshot
+
+    def check(self, collection: str) -> None:
+        """A cheap on-disk check of the live version, bypassing the in-memory cache.
+
+        Reads ``CURRENT`` and the manifest, checks that every part exists and is not empty, that
+        the postings archive's directory is readable and that the last chunk line parses. It does
+        not load the indexes (that is :meth:`load`); it catches what disks and operators do to
+        files: truncation, garbage, deletion.
+
+        Raises:
+            IndexCorruptError: The live version is damaged.
+        """
+        version = self._read_current(collection)
+        if version is None:
+            return
+        vdir = self._dir(collection) / "versions" / version
+        try:
+            manifest = self._read_manifest(vdir)
+            if manifest.version != version or manifest.collection != collection:
+                raise IndexCorruptError(f"{vdir}: the manifest describes another version")
+            parts = [vdir / "dense.faiss", vdir / "chunks.jsonl"]
+            sparse = vdir / "sparse.npz"
+            if sparse.exists():
+                with zipfile.ZipFile(sparse) as archive:
+                    archive.namelist()
+            elif not (vdir / "sparse.jsonl").exists():
+                parts.append(sparse)
+            for part in parts:
+                if part.stat().st_size == 0 and manifest.chunk_count:
+                    raise IndexCorruptError(f"{part} is empty")
+            if manifest.chunk_count:
+                with (vdir / "chunks.jsonl").open("rb") as f:
+                    f.seek(max(0, (vdir / "chunks.jsonl").stat().st_size - 65536))
+                    Chunk.from_dict(json.loads(f.read().splitlines()[-1]))
+        except IndexCorruptError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as e:
+            raise IndexCorruptError(f"{vdir}: {type(e).__name__}: {e}") from e
 
     def unreadable(self) -> frozenset[str]:
         """Collections whose live version failed to load the last time it was tried (until one loads)."""

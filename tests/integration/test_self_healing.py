@@ -77,3 +77,36 @@ async def test_a_corrupt_snapshot_is_reported_served_around_and_rebuilt(
         assert set(ctx.store.load("broken").chunks) == before  # type: ignore[union-attr]
     finally:
         await ctx.aclose()
+
+
+async def test_an_idle_worker_rebuilds_a_snapshot_corrupted_while_it_runs(
+    make_settings: Any, embedder: Any, tmp_path: Path
+) -> None:
+    import asyncio
+
+    settings = make_settings(ingest={"check_indexes_seconds": 0.2, "poll_seconds": 0.05})
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.md").write_text("# A\nThe ferry leaves at noon.\n", encoding="utf-8")
+    ctx = await build_ingest_context(settings, embedder=embedder)
+    try:
+        job_id, _ = await enqueue_path(ctx.sessionmaker, folder, collection="idle")
+        await run_job(ctx, job_id)
+    finally:
+        await ctx.aclose()
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(settings, stop=stop))
+    try:
+        await asyncio.sleep(1.0)  # the worker is up and idle
+        cdir = settings.index_dir / "idle"
+        version = (cdir / "CURRENT").read_text(encoding="utf-8").strip()
+        _garble_manifest(cdir / "versions" / version)
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if (cdir / "CURRENT").read_text(encoding="utf-8").strip() != version:
+                break
+        else:
+            raise AssertionError("the idle worker did not rebuild the corrupt snapshot")
+    finally:
+        stop.set()
+        await worker
