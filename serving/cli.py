@@ -23,6 +23,7 @@ from serving.launcher import (
     ManagedServer,
     PrepareError,
     QuantFormat,
+    bind_address,
     default_model_dir,
     fetch_models,
     find_packaged_gguf,
@@ -57,8 +58,10 @@ FormatOpt = Annotated[
     str, typer.Option("--format", help="w8a8 (INT8, default), or 4-bit gptq (symmetric) or awq (zero points).")
 ]
 GroupOpt = Annotated[int, typer.Option("--group-size", help="4-bit: input channels per scale (multiple of 32).")]
-HostOpt = Annotated[str | None, typer.Option("--host", help="Interface to bind / to probe (default: llm.host).")]
-PortOpt = Annotated[int | None, typer.Option("--port", help="Port to bind / to probe (default: llm.port).")]
+HostOpt = Annotated[
+    str | None, typer.Option("--host", help="Interface to bind / to probe (default: llm.base_url's host).")
+]
+PortOpt = Annotated[int | None, typer.Option("--port", help="Port to bind / to probe (default: llm.base_url's port).")]
 NameOpt = Annotated[
     str | None, typer.Option("--model-name", help="Served model id, what clients send (default: llm.model).")
 ]
@@ -169,8 +172,13 @@ def serve(
     """Serve the model through vLLM's OpenAI-compatible API in the foreground (Ctrl-C stops it)."""
     settings = _settings()
     venv = venv or settings.llm.venv
-    host = host or settings.llm.host
-    port = port or settings.llm.port
+    try:
+        default_host, default_port = bind_address(settings.llm.base_url)
+    except ValueError as e:
+        _fail(f"RAG_LLM__BASE_URL: {e}")
+        return
+    host = host or default_host
+    port = port or default_port
     model_name = model_name or settings.llm.model or DEFAULT_SERVED_NAME
     target = model_dir if model_dir is not None else default_model_dir(data_dir or settings.data_dir)
     try:
@@ -244,7 +252,8 @@ def status(
     """Ask a running server which models it serves (GET /v1/models); exit 1 if it does not answer."""
     settings = _settings()
     if base_url is None and (host is not None or port is not None):
-        base_url = f"http://{host or settings.llm.host}:{port or settings.llm.port}"
+        default_host, default_port = bind_address(settings.llm.base_url)
+        base_url = f"http://{host or default_host}:{port or default_port}"
     url = base_url or settings.llm.base_url
     try:
         models = fetch_models(url, timeout=timeout)
