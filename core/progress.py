@@ -204,6 +204,14 @@ class Progress:
                 self._task, completed=self._done, total=self._total, rates=self._rates_text(), current=self._current
             )
 
+    def echo(self, text: str) -> None:
+        """Write a line of someone else's output (a child process's log) without breaking the bar."""
+        if self._bar is not None:
+            self._bar.console.print(text, markup=False, highlight=False)
+            return
+        with contextlib.suppress(OSError, ValueError):
+            print(text, file=self.stream, flush=True)
+
     def tick(self) -> None:
         """Write a plain line if ``interval`` seconds passed since the last one (the ticker calls this)."""
         if self._bar is not None or self._stop.is_set():
