@@ -59,7 +59,7 @@ from serving.launcher import (
 USUALLY = {
     "llm": "25-40 s",
     "worker": "a second",
-    "api": "10-30 s (loads the embedding model and the index)",
+    "api": "10-30 s: it loads the embedding model and the index",
 }
 
 
@@ -201,8 +201,8 @@ def wait_ready(
             last = f"/readyz: {body.get('status')}"
         except urllib.error.HTTPError as e:
             last = f"/readyz: HTTP {e.code}"
-        except (OSError, ValueError) as e:
-            last = f"/readyz: {type(e).__name__}"
+        except (OSError, ValueError):
+            last = "/readyz: not answering yet"
         if progress is not None:
             progress.update(current=last)
         if time.monotonic() > deadline:
