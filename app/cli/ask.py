@@ -63,8 +63,6 @@ def ask(
     ``--json`` prints the answer's ``done`` event exactly as the API sends it. The FLARE options
     (--theta, --beta, --lookahead, --max-rounds, --query-mode) run the answer in this process.
     """
-    from core.wiring import flare_defaults
-
     setup_logging(verbose)
     settings = load_settings()
     tuned = any(v is not None for v in (theta, beta, lookahead, max_rounds, query_mode))
@@ -79,6 +77,9 @@ def ask(
         if as_json:
             typer.echo(json.dumps(done, indent=2))
         return
+    # Imported here: core.wiring pulls SQLAlchemy and Alembic (~1 s), which the API path never needs.
+    from core.wiring import flare_defaults
+
     try:
         flare = flare_defaults(settings).with_overrides(
             theta=theta, beta=beta, lookahead_tokens=lookahead, max_rounds=max_rounds, query_mode=query_mode
