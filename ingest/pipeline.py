@@ -49,9 +49,12 @@ MAX_RECORDED_ERRORS = 1000
 
 
 class ProgressCallback(Protocol):
-    """Called after every file: files done, files total, the file's path, and its outcome."""
+    """Called after every file: files done, files total, the file's path, its outcome, and the
+    chunks it added (0 for unchanged and failed files). Changed files are reported when their
+    batch is written, so ``done`` moves in steps; a reporter that must speak at fixed intervals
+    (:class:`core.progress.Progress`) repeats the last state in between."""
 
-    def __call__(self, done: int, total: int, path: str, outcome: str) -> None: ...
+    def __call__(self, done: int, total: int, path: str, outcome: str, *, chunks: int = 0) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,7 +344,7 @@ class IngestPipeline:
                 await self._flush(job_id, collection_id, batch, done, len(entries), unchanged)
                 if on_progress:
                     for p in batch:
-                        on_progress(done, len(entries), str(p.entry.path), _outcome(p))
+                        on_progress(done, len(entries), str(p.entry.path), _outcome(p), chunks=_added(p))
                 batch, batch_pieces, unchanged = [], 0, 0
                 if time.monotonic() - last_publish > self._publish_every:
                     await reconcile(self._sessionmaker, self._store, collection_name)
@@ -350,7 +353,7 @@ class IngestPipeline:
             await self._flush(job_id, collection_id, batch, done, len(entries), unchanged)
             if on_progress:
                 for p in batch:
-                    on_progress(done, len(entries), str(p.entry.path), _outcome(p))
+                    on_progress(done, len(entries), str(p.entry.path), _outcome(p), chunks=_added(p))
         if prune and root.is_dir():
             gone = [path for path in known if path not in seen]
             await self._prune(job_id, collection_id, gone)
@@ -468,6 +471,10 @@ class IngestPipeline:
 
 def _outcome(p: Prepared) -> str:
     return "failed" if p.error is not None else p.outcome
+
+
+def _added(p: Prepared) -> int:
+    return 0 if p.error is not None else len(p.pieces)
 
 
 def summarize(job: IngestJob, collection: str, total_chunks: int, seconds: float) -> JobSummary:

@@ -7,15 +7,18 @@ A composition root: an option left out takes its value from :class:`~core.settin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
+from collections import deque
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, get_args
+from typing import Annotated, TextIO, get_args
 
 import typer
 
+from core.progress import Progress
 from core.settings import Settings
 from serving.launcher import (
     DEFAULT_SERVED_NAME,
@@ -23,6 +26,7 @@ from serving.launcher import (
     ManagedServer,
     PrepareError,
     QuantFormat,
+    bind_address,
     default_model_dir,
     fetch_models,
     find_packaged_gguf,
@@ -31,6 +35,9 @@ from serving.launcher import (
     serve_command,
     serve_env,
 )
+
+#: What preparing usually takes on a 2-core machine (said when it starts).
+PREPARE_USUALLY = "3-5 min the first time, then a few seconds"
 
 app = typer.Typer(
     name="llm",
@@ -57,8 +64,10 @@ FormatOpt = Annotated[
     str, typer.Option("--format", help="w8a8 (INT8, default), or 4-bit gptq (symmetric) or awq (zero points).")
 ]
 GroupOpt = Annotated[int, typer.Option("--group-size", help="4-bit: input channels per scale (multiple of 32).")]
-HostOpt = Annotated[str | None, typer.Option("--host", help="Interface to bind / to probe (default: llm.host).")]
-PortOpt = Annotated[int | None, typer.Option("--port", help="Port to bind / to probe (default: llm.port).")]
+HostOpt = Annotated[
+    str | None, typer.Option("--host", help="Interface to bind / to probe (default: llm.base_url's host).")
+]
+PortOpt = Annotated[int | None, typer.Option("--port", help="Port to bind / to probe (default: llm.base_url's port).")]
 NameOpt = Annotated[
     str | None, typer.Option("--model-name", help="Served model id, what clients send (default: llm.model).")
 ]
@@ -95,21 +104,44 @@ def run_prepare(
     fmt: QuantFormat = "w8a8",
     group_size: int = 64,
     force: bool = False,
+    log: TextIO | None = None,
+    progress: Progress | None = None,
 ) -> Path:
-    """Run the prepare step under the vLLM virtualenv's interpreter (its output goes to stderr).
+    """Run the prepare step under the vLLM virtualenv's interpreter; returns the checkpoint's folder.
+
+    Its log lines go to ``log`` when given, else to stderr (through ``progress``, so they do not
+    break a progress bar); each also becomes ``progress``'s current item. Without a ``progress``
+    one is made: the step takes minutes the first time, and a log must not sit silent.
 
     Raises:
         LLMEnvironmentMissing: no ``venv`` interpreter or no packaged GGUF.
-        PrepareError: the step failed.
+        PrepareError: the step failed (the message ends with its last log lines).
     """
     python = llm_python(venv)
     source = gguf if gguf is not None else find_packaged_gguf(venv)
     cmd = prepare_command(python, source, model_dir, fmt=fmt, group_size=group_size, force=force)
-    # stdout carries only the result path; progress and the quality numbers are logged to stderr.
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, check=False)
-    if proc.returncode != 0:
-        raise PrepareError(f"prepare exited with status {proc.returncode}", returncode=proc.returncode)
-    lines = proc.stdout.strip().splitlines()
+    with contextlib.ExitStack() as stack:
+        if progress is None:
+            progress = stack.enter_context(Progress("llm prepare", unit=None, usually=PREPARE_USUALLY))
+        tail: deque[str] = deque(maxlen=20)
+        # stdout carries only the result path; progress and the quality numbers are logged to stderr.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+        assert proc.stdout is not None and proc.stderr is not None
+        for line in proc.stderr:
+            text = line.rstrip()
+            tail.append(text)
+            if log is not None:
+                log.write(line)
+                log.flush()
+            else:
+                progress.echo(text)
+            if text.strip():
+                progress.update(current=text.strip()[-120:])
+        out = proc.stdout.read()
+        rc = proc.wait()
+        if rc != 0:
+            raise PrepareError(f"prepare exited with status {rc}\n" + "\n".join(tail), returncode=rc)
+    lines = out.strip().splitlines()
     return Path(lines[-1]) if lines else model_dir
 
 
@@ -169,8 +201,13 @@ def serve(
     """Serve the model through vLLM's OpenAI-compatible API in the foreground (Ctrl-C stops it)."""
     settings = _settings()
     venv = venv or settings.llm.venv
-    host = host or settings.llm.host
-    port = port or settings.llm.port
+    try:
+        default_host, default_port = bind_address(settings.llm.base_url)
+    except ValueError as e:
+        _fail(f"RAG_LLM__BASE_URL: {e}")
+        return
+    host = host or default_host
+    port = port or default_port
     model_name = model_name or settings.llm.model or DEFAULT_SERVED_NAME
     target = model_dir if model_dir is not None else default_model_dir(data_dir or settings.data_dir)
     try:
@@ -244,7 +281,8 @@ def status(
     """Ask a running server which models it serves (GET /v1/models); exit 1 if it does not answer."""
     settings = _settings()
     if base_url is None and (host is not None or port is not None):
-        base_url = f"http://{host or settings.llm.host}:{port or settings.llm.port}"
+        default_host, default_port = bind_address(settings.llm.base_url)
+        base_url = f"http://{host or default_host}:{port or default_port}"
     url = base_url or settings.llm.base_url
     try:
         models = fetch_models(url, timeout=timeout)

@@ -49,7 +49,9 @@ __all__ = [
     "PrepareError",
     "QuantFormat",
     "ServerStartError",
+    "bind_address",
     "default_model_dir",
+    "describe_listener",
     "fetch_models",
     "find_free_port",
     "find_packaged_gguf",
@@ -114,6 +116,25 @@ class ServerStartError(LauncherError):
 
 # --------------------------------------------------------------------------------------------------
 # where things are
+
+
+def bind_address(base_url: str) -> tuple[str, int]:
+    """The ``(host, port)`` an embedded server must bind so that ``base_url`` reaches it.
+
+    ``llm.base_url`` is the one setting naming the model server; deriving the bind address from it
+    means a client and the server it starts can never disagree. A URL without a port gets the
+    scheme's (80/443).
+
+    Raises:
+        ValueError: ``base_url`` is not an ``http(s)://host[:port]`` URL.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s)://host[:port] URL: {base_url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.hostname, port
 
 
 def default_model_dir(data_dir: Path) -> Path:
@@ -325,6 +346,33 @@ def fetch_models(base_url: str, *, timeout: float = 5.0) -> list[str]:
         return [str(m["id"]) for m in body["data"]]
     except (KeyError, TypeError) as e:
         raise ValueError(f"unexpected /v1/models body: {body!r}") from e
+
+
+def describe_listener(port: int) -> str | None:
+    """Which process listens on TCP ``port`` on this machine: ``pid N, up 3m05s: <command line>``.
+
+    ``None`` when none is found or the system does not say (another user's process without root,
+    a server on another machine). Used to tell a user *which* model server ``rag run`` adopted.
+    """
+    import psutil
+
+    try:
+        pids = {
+            c.pid
+            for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid
+        }
+        if not pids:
+            return None
+        proc = psutil.Process(min(pids))
+        up = time.time() - proc.create_time()
+        command = " ".join(proc.cmdline()) or proc.name()
+    except (psutil.Error, OSError):
+        return None
+    if len(command) > 200:
+        command = command[:199] + "…"
+    minutes, seconds = divmod(int(up), 60)
+    return f"pid {proc.pid}, up {minutes}m{seconds:02d}s: {command}"
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:

@@ -1,7 +1,7 @@
 """Translation between the OpenAI chat-completions protocol and answer events.
 
 Model names: ``rag`` (every collection the key may read), ``rag:<collection>``, or
-``rag:<collection>:<mode>``; the extra body fields ``collection`` and ``mode`` do the same for
+``rag:<collection>:<mode>``; the extra body fields ``collections`` and ``mode`` do the same for
 clients that cannot choose a model name freely. The last user message is the question, the
 earlier user/assistant messages are the history (system messages are ignored: the service
 has its own instruction). Citations stay in the content as ``[n]`` and come as a structured
@@ -64,10 +64,12 @@ def to_ask(body: ChatCompletionRequest) -> AskRequest:
         InvalidInput: No final user message, or conflicting collection/mode.
     """
     collection, mode = parse_model(body.model)
-    if body.collection is not None:
-        if collection is not None and collection != body.collection:
-            raise InvalidInput("the model name and `collection` name different collections", field="body.collection")
-        collection = body.collection
+    collections = [collection] if collection is not None else None
+    requested = body.requested()
+    if requested is not None:
+        if collections is not None and collections != requested:
+            raise InvalidInput("the model name and `collections` name different collections", field="body.collections")
+        collections = requested
     if body.mode is not None:
         if mode is not None and mode != body.mode:
             raise InvalidInput("the model name and `mode` name different modes", field="body.mode")
@@ -77,7 +79,7 @@ def to_ask(body: ChatCompletionRequest) -> AskRequest:
         raise InvalidInput("the last message must be a non-empty user message (the question)", field="body.messages")
     data: dict[str, Any] = {
         "question": turns[-1].text(),
-        "collection": collection,
+        "collections": collections,
         "mode": mode,
         "k": body.k,
         "history": [{"role": m.role, "content": m.text()} for m in turns[:-1]],

@@ -10,6 +10,7 @@ module             commands
 =================  ==========================================================
 ``ingest``         ``rag ingest``, ``rag jobs``, ``rag worker``
 ``search``         ``rag search``
+``remote``         (no command) the API client ``ask``/``search``/``jobs`` use when the API is up
 ``ask``            ``rag ask``
 ``evaluate``       ``rag eval retrieval``, ``rag eval answers``
 ``flare``          ``rag flare calibrate``
@@ -43,8 +44,9 @@ def build_app() -> typer.Typer:
 
 def main() -> None:
     """Console-script entry point (``rag``)."""
-    from app.cli.common import err_console
+    from app.cli.common import err_console, quiet_model_loading
 
+    quiet_model_loading(not {"--verbose", "-v"} & set(sys.argv[1:]))
     try:
         build_app()()
     except KeyboardInterrupt:

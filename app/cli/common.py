@@ -8,18 +8,29 @@ objects through :mod:`core.wiring`, and turns domain errors into one red line an
 from __future__ import annotations
 
 import logging
-from typing import Annotated, NoReturn
+import os
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
 
 from core.settings import Settings
 
+if TYPE_CHECKING:
+    from app.cli.remote import ApiClient, ApiError
+
 console = Console()
 err_console = Console(stderr=True)
 
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+LocalOpt = Annotated[
+    bool,
+    typer.Option(
+        "--local",
+        help="Run in this process (loads the model and index) even when the API at server.host:port is up.",
+    ),
+]
 
 # Libraries that report recoverable oddities (pypdf/fontTools on real-world PDFs) or progress bars
 # (model loading) as warnings; a user sees them with --verbose only.
@@ -36,8 +47,17 @@ def load_settings(**sections: dict[str, object]) -> Settings:
         fail("; ".join(str(err["msg"]).removeprefix("Value error, ") for err in e.errors()))
 
 
+def quiet_model_loading(quiet: bool = True) -> None:
+    """Turn off Hugging Face's progress bars (``Loading weights: 100%…``) unless the user asked
+    for details. Must run before transformers is imported: it reads the switch once, at import."""
+    if quiet:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def setup_logging(verbose: bool) -> None:
-    """Plain log lines on stderr: INFO with ``--verbose``, else warnings of our own code only."""
+    """Plain log lines on stderr: INFO with ``--verbose``, else warnings of our own code only (and
+    no model-loading progress bars)."""
+    quiet_model_loading(not verbose)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -55,8 +75,38 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def short_path(path: str, width: int = 48) -> str:
-    """``path`` shortened from the left to ``width`` characters (the file name is what identifies it)."""
-    return path if len(path) <= width else "…" + path[-(width - 1) :]
+    """``path`` shortened from the left to ``width`` characters (the file name is what identifies it).
+
+    The file name itself is never cut, even when it alone is longer than ``width``.
+    """
+    if len(path) <= width:
+        return path
+    name = path.rsplit("/", 1)[-1]
+    keep = max(width - 1, len(name))
+    return "…" + path[-keep:]
+
+
+def path_width(console_width: int, fixed: int, share: float = 0.5, floor: int = 24) -> int:
+    """How many characters a path column gets in a table ``console_width`` wide whose other
+    fixed-width columns and borders take ``fixed``: ``share`` of what is left, at least ``floor``."""
+    return max(floor, int((console_width - fixed) * share))
+
+
+def api_client(settings: Settings, *, local: bool) -> ApiClient | None:
+    """The running API's client for a command that can use one (``None``: run in-process)."""
+    if local:
+        return None
+    from app.cli.remote import connect
+
+    return connect(settings)
+
+
+def api_failure(e: ApiError, settings: Settings) -> NoReturn:
+    """Exit with the API's error, and what to do about a missing or refused key."""
+    hint = ""
+    if e.status in (401, 403) and settings.cli.api_key is None:
+        hint = f" (the API at {settings.api_url} wants a key: set RAG_CLI__API_KEY, or pass --local)"
+    fail(f"{e}{hint}")
 
 
 def lower_priority(increment: int) -> None:

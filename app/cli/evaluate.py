@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from app.cli.common import JsonOpt, VerboseOpt, console, err_console, fail, load_settings, setup_logging
+from core.progress import Progress
 from core.settings import Settings
 
 DatasetOpt = Annotated[Path, typer.Option("--dataset", "-d", help="A BEIR-layout dataset folder.")]
@@ -99,18 +100,23 @@ async def _eval_retrieval(settings: Settings, data: Any, *, sweep: bool, quiet: 
     ctx = await build_ingest_context(settings)
     try:
         job_id, _ = await enqueue_path(ctx.sessionmaker, folder, collection=collection)
-        if not quiet:
-            err_console.print(f"ingesting {len(mapping)} passages into collection {collection} (incremental)…")
-        summary = await run_job(ctx, job_id)
-        if summary is not None and not quiet:
-            err_console.print(f"ingested: {summary.files} in {summary.seconds:.1f}s")
+        # Progress on stderr whatever --json does with stdout: a bar on a terminal, lines elsewhere.
+        with Progress(f"eval ingest {collection}", unit="files", rates=("chunks",)) as progress:
+
+            def on_progress(done: int, total: int, path: str, outcome: str, *, chunks: int = 0) -> None:
+                progress.update(done, total=total, chunks=chunks)
+
+            await run_job(ctx, job_id, on_progress=on_progress)
         retriever = build_retriever(settings, ctx.store, ctx.embedder)
         evaluator = RetrievalEvaluator(retriever, data, collection, mapping)
-        report = await asyncio.to_thread(evaluator.evaluate, mode_options(search_defaults(settings)))
-        rows: list[Any] = []
-        if sweep:
-            legs = await asyncio.to_thread(evaluator.legs, 300)
-            rows = await asyncio.to_thread(evaluator.sweep, legs, default_grid())
+        with Progress("eval retrieval", unit=None, usually="a few seconds per mode") as progress:
+            progress.update(current="hybrid, dense and sparse over every query")
+            report = await asyncio.to_thread(evaluator.evaluate, mode_options(search_defaults(settings)))
+            rows: list[Any] = []
+            if sweep:
+                progress.update(current="fusion sweep")
+                legs = await asyncio.to_thread(evaluator.legs, 300)
+                rows = await asyncio.to_thread(evaluator.sweep, legs, default_grid())
         return report, rows
     finally:
         await ctx.aclose()
@@ -187,28 +193,31 @@ async def _eval_answers(
     flare = flare_defaults(settings).with_overrides(theta=theta, query_mode=query_mode)
     judgements: list[SentenceJudgement] = []
 
+    reporter = Progress(f"eval answers {mode}", unit="questions")
+
     def progress(done: int, total: int, result: Any) -> None:
+        reporter.update(done, total=total, current=result.qid)
         if not quiet:
-            err_console.print(
+            reporter.echo(
                 f"  {done}/{total} {result.qid}: F1 {result.f1:.2f} retrievals {result.retrievals} "
-                f"{result.latency_ms / 1000:.1f}s{' ' + result.error if result.error else ''}",
-                highlight=False,
+                f"{result.latency_ms / 1000:.1f}s{' ' + result.error if result.error else ''}"
             )
 
     scratch = await open_scratch_collection(settings, data, log=None if quiet else err_console.print)
     try:
-        report = await evaluate_answers(
-            settings,
-            data,
-            scratch,
-            mode=mode,
-            questions=questions,
-            max_tokens=max_tokens,
-            k=k,
-            flare=flare,
-            observer=judgements.append,
-            progress=progress,
-        )
+        with reporter:
+            report = await evaluate_answers(
+                settings,
+                data,
+                scratch,
+                mode=mode,
+                questions=questions,
+                max_tokens=max_tokens,
+                k=k,
+                flare=flare,
+                observer=judgements.append,
+                progress=progress,
+            )
     finally:
         await scratch.aclose()
     out = report.as_json()

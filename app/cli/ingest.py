@@ -12,7 +12,10 @@ from rich.table import Table
 
 from app.cli.common import (
     JsonOpt,
+    LocalOpt,
     VerboseOpt,
+    api_client,
+    api_failure,
     console,
     err_console,
     fail,
@@ -50,7 +53,7 @@ def ingest(
         fail(f"{path} does not exist")
     lower_priority(settings.ingest.nice)
     try:
-        summary = asyncio.run(_ingest(settings, path, collection, wait=wait, prune=prune, quiet=as_json))
+        summary = asyncio.run(_ingest(settings, path, collection, wait=wait, prune=prune))
     except (QueueError, FileNotFoundError) as e:
         fail(str(e))
     if as_json:
@@ -63,9 +66,8 @@ def ingest(
         raise typer.Exit(1)
 
 
-async def _ingest(
-    settings: Settings, path: Path, collection: str, *, wait: bool, prune: bool, quiet: bool
-) -> dict[str, Any]:
+async def _ingest(settings: Settings, path: Path, collection: str, *, wait: bool, prune: bool) -> dict[str, Any]:
+    from core.progress import Progress
     from core.wiring import open_database
     from ingest.worker import build_ingest_context, enqueue_path, run_job
 
@@ -77,34 +79,25 @@ async def _ingest(
             await db.aclose()
         return {"job_id": job_id, "status": "queued", "collection": name}
 
-    ctx = await build_ingest_context(settings)
-    try:
-        job_id, _name = await enqueue_path(ctx.sessionmaker, path, collection=collection, prune=prune)
-        if quiet:
-            summary = await run_job(ctx, job_id)
-        else:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    # Progress goes to stderr whatever stdout is (--json included): a bar on a terminal, a plain
+    # line every few seconds in a pipe or a log file. It starts before the embedding model loads
+    # (several seconds) so that a log never sits silent.
+    with Progress("ingest", unit="files", rates=("chunks",)) as progress:
+        progress.update(current="loading the embedding model")
+        ctx = await build_ingest_context(settings)
+        try:
+            job_id, _name = await enqueue_path(ctx.sessionmaker, path, collection=collection, prune=prune)
+            progress.update(current="listing files")
 
-            with Progress(
-                TextColumn("[bold]ingesting"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[current]}", style="dim"),
-                console=err_console,
-                transient=True,
-            ) as progress:
-                task = progress.add_task("ingest", total=None, current="")
+            def on_progress(done: int, total: int, path: str, outcome: str, *, chunks: int = 0) -> None:
+                progress.update(done, total=total, current=Path(path).name, chunks=chunks)
 
-                def on_progress(done: int, total: int, path: str, outcome: str) -> None:
-                    progress.update(task, completed=done, total=total, current=Path(path).name[:40])
-
-                summary = await run_job(ctx, job_id, on_progress=on_progress)
-        if summary is None:
-            return {"job_id": job_id, "status": "queued", "collection": collection}
-        return summary.as_json()
-    finally:
-        await ctx.aclose()
+            summary = await run_job(ctx, job_id, on_progress=on_progress)
+        finally:
+            await ctx.aclose()
+    if summary is None:
+        return {"job_id": job_id, "status": "queued", "collection": collection}
+    return summary.as_json()
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -131,17 +124,57 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def jobs(
     limit: Annotated[int, typer.Option(help="Most recent N jobs.", min=1)] = 20,
     as_json: JsonOpt = False,
+    local: LocalOpt = False,
 ) -> None:
-    """List ingestion jobs, newest first (the same records as ``GET /v1/jobs``)."""
-    rows = asyncio.run(_jobs(load_settings(), limit))
+    """List ingestion jobs, newest first (the same records as ``GET /v1/jobs``).
+
+    Asks the running API when one answers, else reads the database itself (``--local`` forces it).
+    """
+    from app.cli.remote import ApiError
+
+    settings = load_settings()
+    client = api_client(settings, local=local)
+    if client is not None:
+        try:
+            with client:
+                rows = client.jobs(limit)
+        except ApiError as e:
+            api_failure(e, settings)
+    else:
+        rows = asyncio.run(_jobs(settings, limit))
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title="ingest jobs")
-    for col in ("id", "collection", "status", "progress", "new", "chg", "same", "del", "fail"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("root", overflow="fold")
-    table.add_column("error", overflow="fold")
+    console.print(jobs_table(rows, width=console.width))
+    for line in jobs_errors(rows):
+        console.print(line, markup=False, highlight=False)
+
+
+def jobs_table(rows: list[dict[str, Any]], *, width: int) -> Table:
+    """Jobs (``JobOut`` wire form) as a table ``width`` characters wide.
+
+    Id, status and the root path's last part are never cut: the collection and the file counts
+    wrap when space runs out, the root path is shortened from the left, and a failed job's error
+    goes under the table (``jobs_errors``), where it can be read whole.
+    """
+    table = Table(title="ingest jobs", caption="files: new/changed/unchanged/deleted/failed")
+    table.add_column("id", no_wrap=True, justify="right")
+    table.add_column("collection", overflow="fold")
+    table.add_column("status", no_wrap=True)
+    table.add_column("done", no_wrap=True, justify="right")
+    table.add_column("files", overflow="fold")
+    table.add_column("root", no_wrap=True)
+
+    def longest(key: str, default: int) -> int:
+        return max((len(str(r[key])) for r in rows), default=default)
+
+    files_width = len("1200/3/10000/0/12")
+    # 6 columns: 7 rules and 12 spaces of padding; "done" is 4 wide.
+    frame = 19 + longest("id", 2) + longest("status", 9) + 4
+    budget = width - frame - longest("collection", 10) - files_width
+    if budget < 24:  # then the collection and the counts wrap rather than the root's name go
+        budget = width - frame - min(12, longest("collection", 10)) - 10
+    budget = max(16, budget)
     for r in rows:
         files = r["files"]
         table.add_row(
@@ -149,11 +182,15 @@ def jobs(
             r["collection"],
             r["status"],
             f"{r['progress'] * 100:.0f}%",
-            *(str(files[k]) for k in ("new", "changed", "unchanged", "deleted", "failed")),
-            short_path(r["root_path"]),
-            (r["error"] or "")[:60],
+            "/".join(str(files[k]) for k in ("new", "changed", "unchanged", "deleted", "failed")),
+            short_path(r["root_path"], budget),
         )
-    console.print(table)
+    return table
+
+
+def jobs_errors(rows: list[dict[str, Any]]) -> list[str]:
+    """``job N: <error>`` for every listed job that has one (printed under the table, unwrapped)."""
+    return [f"job {r['id']}: {r['error']}" for r in rows if r.get("error")]
 
 
 async def _jobs(settings: Settings, limit: int) -> list[dict[str, Any]]:

@@ -1,14 +1,32 @@
-"""``rag search``: hybrid search from the command line, with each leg's rank per hit."""
+"""``rag search``: hybrid search from the command line, with each leg's rank per hit.
+
+Through the running API when one answers (:mod:`app.cli.remote`), else in-process (``--local``
+forces it); both print the same table, and ``--json`` prints the API's ``SearchResponse`` either way.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+import time
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.table import Table
 
-from app.cli.common import JsonOpt, console, fail, load_settings, setup_logging, short_path
+from app.cli.common import (
+    JsonOpt,
+    LocalOpt,
+    VerboseOpt,
+    api_client,
+    api_failure,
+    console,
+    fail,
+    load_settings,
+    path_width,
+    setup_logging,
+    short_path,
+)
+from core.settings import Settings
 
 ModeOpt = Annotated[
     Literal["hybrid", "dense", "sparse"] | None, typer.Option(help="hybrid | dense | sparse (default: configured).")
@@ -32,47 +50,93 @@ def search(
     k: Annotated[int, typer.Option("--k", "-k", min=1, help="Number of results.")] = 10,
     path_prefix: Annotated[str | None, typer.Option(help="Only chunks of documents under this path.")] = None,
     as_json: JsonOpt = False,
+    local: LocalOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Hybrid search over ingested collections; shows where each leg ranked every hit."""
-    from app.schemas.search import HitOut
+    from app.cli.remote import ApiError
+
+    setup_logging(verbose)
+    settings = load_settings()
+    client = api_client(settings, local=local)
+    if client is not None:
+        body: dict[str, Any] = {"query": query, "k": k, "mode": mode, "fusion": fusion, "alpha": alpha}
+        if collection:
+            body["collections"] = collection
+        if path_prefix is not None:
+            body["filters"] = {"path_prefix": path_prefix}
+        try:
+            with client:
+                result = client.search({key: v for key, v in body.items() if v is not None})
+        except ApiError as e:
+            api_failure(e, settings)
+    else:
+        result = _search_local(settings, query, collection, mode, fusion, alpha, k, path_prefix)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    console.print(hits_table(result, width=console.width))
+    if not result["hits"]:
+        console.print("no results (is the collection ingested? rag ingest PATH -c NAME)")
+
+
+def _search_local(
+    settings: Settings,
+    query: str,
+    collection: list[str] | None,
+    mode: Literal["hybrid", "dense", "sparse"] | None,
+    fusion: Literal["rrf", "weighted"] | None,
+    alpha: float | None,
+    k: int,
+    path_prefix: str | None,
+) -> dict[str, Any]:
+    from app.schemas.search import SearchResponse
     from app.services.search import search_options
     from core.wiring import build_retriever, load_embedder, open_store, search_defaults
     from retrieval.types import RetrievalError, SearchFilters
 
-    setup_logging(False)
-    settings = load_settings()
     embedder = load_embedder(settings, threads=1)
     store = open_store(settings, model_id=embedder.model_id, dimension=embedder.dimension)
     options = search_options(search_defaults(settings), mode=mode, fusion=fusion, alpha=alpha)
-    filters = SearchFilters(collections=tuple(collection) if collection else None, path_prefix=path_prefix)
+    names = list(dict.fromkeys(collection)) if collection else None
+    filters = SearchFilters(collections=tuple(names) if names else None, path_prefix=path_prefix)
+    started = time.perf_counter()
     try:
         hits = build_retriever(settings, store, embedder).search_sync(query, k=k, filters=filters, options=options)
     except (RetrievalError, ValueError) as e:
         fail(str(e))
-    if as_json:
-        body = {
-            "query": query,
-            "options": {"mode": options.mode, "fusion": options.fusion, "alpha": options.alpha, "depth": options.depth},
-            "hits": [HitOut.from_scored(h).model_dump(mode="json") for h in hits],
-        }
-        typer.echo(json.dumps(body))
-        return
-    table = Table(title=f"{query!r} · {options.mode}" + (f" · {options.fusion}" if options.mode == "hybrid" else ""))
+    took_ms = (time.perf_counter() - started) * 1000
+    return SearchResponse.build(query, options, names, hits, took_ms).model_dump(mode="json")
+
+
+def hits_table(result: dict[str, Any], *, width: int) -> Table:
+    """The hits of a ``SearchResponse`` (wire form) as a table ``width`` characters wide.
+
+    The source column is never cut: its path is shortened from the left to fit (the file name
+    stays whole) and the snippet takes what is left, wrapped.
+    """
+    options = result["options"]
+    title = f"{result['query']!r} · {options['mode']}" + (
+        f" · {options['fusion']}" if options["mode"] == "hybrid" else ""
+    )
+    table = Table(title=title)
     for col in ("#", "score", "dense", "bm25"):
         table.add_column(col, justify="right", no_wrap=True)
-    table.add_column("source", overflow="fold")
-    table.add_column("page", justify="right")
-    table.add_column("snippet", overflow="fold")
-    for h in hits:
+    table.add_column("source", no_wrap=True)
+    table.add_column("page", justify="right", no_wrap=True)
+    table.add_column("snippet", overflow="fold", ratio=1)
+    # Borders and padding of 7 columns (22) plus the numeric columns' widths (~21).
+    budget = path_width(width, 43)
+    for h in result["hits"]:
+        dense, sparse = h.get("dense"), h.get("sparse")
+        prefix = f"{h['collection']}:"
         table.add_row(
-            str(h.rank),
-            f"{h.score:.4f}",
-            str(h.dense.rank) if h.dense else "-",
-            str(h.sparse.rank) if h.sparse else "-",
-            f"{h.chunk.collection}:{short_path(h.chunk.path)}",
-            str(h.chunk.page) if h.chunk.page else "",
-            " ".join(h.chunk.text.split())[:160],
+            str(h["rank"]),
+            f"{h['score']:.4f}",
+            str(dense["rank"]) if dense else "-",
+            str(sparse["rank"]) if sparse else "-",
+            prefix + short_path(h["path"], max(8, budget - len(prefix))),
+            str(h["page"]) if h.get("page") else "",
+            " ".join(h["text"].split())[:160],
         )
-    console.print(table)
-    if not hits:
-        console.print("no results (is the collection ingested? rag ingest PATH -c NAME)")
+    return table

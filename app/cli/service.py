@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from app.cli.common import console, load_settings, setup_logging
+from app.cli.common import console, load_settings, quiet_model_loading, setup_logging
 
 
 def register(app: typer.Typer) -> None:
@@ -31,6 +31,7 @@ def serve(
     if port is not None:
         overrides["port"] = port
     settings = load_settings(server=overrides) if overrides else load_settings()
+    quiet_model_loading(settings.server.log_level != "debug")
     import uvicorn
 
     from app.main import create_app
@@ -49,14 +50,13 @@ def serve(
 
 
 def run() -> None:
-    """Start everything (what `make run` does): the model server, the ingestion worker and the API."""
-    from core.db.migrate import upgrade
+    """Start everything (what `make run` does): migrations, the model server, the ingestion worker and
+    the API; prints the URL once /readyz answers ok."""
     from serving.supervisor import run_stack
 
     setup_logging(False)
     settings = load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(settings.database_url)
     raise typer.Exit(run_stack(settings))
 
 

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
-from app.schemas.common import CollectionName, Question, Request, Text
+from app.schemas.common import CollectionsField, Question, Request, Text
 from app.schemas.events import CitationEvent, RetrievalEvent, Usage
 from app.schemas.search import SearchParams
 from generation.rag import AnswerMode
@@ -28,13 +28,10 @@ class GenerationOptions(Request):
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
 
 
-class AskRequest(GenerationOptions):
-    """A question to answer from a collection's documents."""
+class AskRequest(CollectionsField, GenerationOptions):
+    """A question to answer from the documents of the named collections (``collections``)."""
 
     question: Question
-    collection: CollectionName | None = Field(
-        default=None, description="Collection to answer from; omitted: every collection the key may read."
-    )
     mode: AnswerMode | None = Field(default=None, description="Answer mode: `single`, `interval` or `flare`.")
     k: int | None = Field(default=None, ge=1, le=50, description="Chunks retrieved per round.")
     path_prefix: Annotated[Text, StringConstraints(min_length=1, max_length=4096)] | None = None

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
 from retrieval.types import COLLECTION_NAME_PATTERN, validate_collection_name
 
@@ -28,6 +28,14 @@ CollectionName = Annotated[
 """1-128 letters, digits, ``_``, ``-`` or ``.``, starting with a letter or digit, no ``..``
 (:func:`retrieval.types.validate_collection_name`, the rule the index store applies)."""
 
+
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+Collections = Annotated[list[CollectionName], BeforeValidator(_one_or_many), Field(min_length=1, max_length=100)]
+"""One collection name or a list of them (``"manuals"`` is ``["manuals"]``), each a :data:`CollectionName`."""
+
 Text = Annotated[str, AfterValidator(_no_nul)]
 """Free text stored or echoed by the service (no NUL characters, no lone surrogates)."""
 
@@ -38,6 +46,38 @@ class Request(BaseModel):
     """Base of request bodies: unknown fields are an error (a typo must not be silently ignored)."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class CollectionsField(BaseModel):
+    """The one way every question and search names its collections: ``collections``, a name or a
+    list of names. ``collection`` (a single name) is the deprecated spelling, still accepted.
+
+    Consumers read :meth:`requested` (``None``: every collection the key may read).
+    """
+
+    collections: Collections | None = Field(
+        default=None,
+        description="A collection name or a list of names; omitted: every collection the key may read.",
+        examples=["manuals", ["manuals", "notes"]],
+    )
+    collection: CollectionName | None = Field(
+        default=None,
+        description="Deprecated: use `collections` (which also takes a single name).",
+        json_schema_extra={"deprecated": True},
+    )
+
+    @model_validator(mode="after")
+    def _one_spelling(self) -> Any:
+        if self.collection is not None and self.collections not in (None, [self.collection]):
+            raise ValueError("`collection` (deprecated) and `collections` name different collections; send only one")
+        return self
+
+    def requested(self) -> list[str] | None:
+        """The named collections without duplicates, in order; ``None`` when none was named."""
+        names = self.collections if self.collections is not None else None
+        if names is None and self.collection is not None:
+            names = [self.collection]
+        return list(dict.fromkeys(names)) if names is not None else None
 
 
 class FieldError(BaseModel):

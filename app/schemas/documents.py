@@ -38,19 +38,26 @@ class DocumentList(BaseModel):
 
 
 class UploadedFile(BaseModel):
-    """One file of an upload."""
+    """One file of an upload: stored, or rejected on its own (the others are still stored)."""
 
     filename: str
-    path: str = Field(description="Where the server keeps it (the document's path once ingested).")
-    size: int
-    sha256: str
-    status: Literal["new", "replaced", "unchanged"] = Field(
-        description="`unchanged`: same bytes as the stored file; nothing to ingest."
+    path: str | None = Field(
+        description="Where the server keeps it (the document's path once ingested); null if rejected."
     )
+    size: int | None = Field(description="Bytes stored; null if rejected.")
+    sha256: str | None = Field(description="Null if rejected.")
+    status: Literal["new", "replaced", "unchanged", "rejected"] = Field(
+        description="`unchanged`: same bytes as the stored file; nothing to ingest. "
+        "`rejected`: not stored, `error` says why (unsupported type, hidden or invalid name, a name twice)."
+    )
+    error: str | None = Field(default=None, description="Why the file was rejected.")
 
 
 class UploadResponse(BaseModel):
-    """The stored files and the ingestion job queued for them."""
+    """Every file's outcome, in the order sent, and the ingestion job queued for the stored ones.
+
+    An upload in which every file is rejected fails with 422 instead (nothing was done).
+    """
 
     collection: str
     files: list[UploadedFile]

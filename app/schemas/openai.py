@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from app.schemas.common import CollectionName, Text
+from app.schemas.common import CollectionsField, Text
 from app.schemas.events import CitationEvent
 from generation.rag import AnswerMode
 
@@ -50,11 +50,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(CollectionsField):
     """``POST /v1/chat/completions``: the last user message is the question.
 
-    The collection and answer mode come from the model name (``rag``, ``rag:<collection>``,
-    ``rag:<collection>:<mode>``) or from the extra fields ``collection`` and ``mode``.
+    The collections and answer mode come from the model name (``rag``, ``rag:<collection>``,
+    ``rag:<collection>:<mode>``) or from the extension fields ``collections`` (a name or a list;
+    ``collection`` is its deprecated spelling) and ``mode``.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -70,7 +71,6 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     n: int = Field(default=1, ge=1, le=1, description="Only one choice is supported.")
     user: str | None = None
-    collection: CollectionName | None = Field(default=None, description="Extension: the collection to answer from.")
     mode: AnswerMode | None = Field(default=None, description="Extension: the answer mode.")
     k: int | None = Field(default=None, ge=1, le=50, description="Extension: chunks retrieved per round.")
 

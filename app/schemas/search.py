@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from app.schemas.common import CollectionName, Request, Text
-from retrieval.types import ScoredChunk
+from app.schemas.common import Collections, CollectionsField, Request, Text
+from retrieval.types import ScoredChunk, SearchOptions
 
 
 class SearchFilters(Request):
     """What to search in."""
 
-    collections: Annotated[list[CollectionName], Field(max_length=100)] | None = Field(
-        default=None, description="Collections to search; omitted: every collection the key may read."
+    collections: Collections | None = Field(
+        default=None,
+        description="Deprecated: use the top-level `collections` (the same field as on every other route).",
+        json_schema_extra={"deprecated": True},
     )
     path_prefix: Annotated[Text, StringConstraints(min_length=1, max_length=4096)] | None = Field(
         default=None, description="Only chunks of documents whose path starts with this."
@@ -31,12 +34,26 @@ class SearchParams(Request):
     depth: int | None = Field(default=None, ge=1, le=1000, description="Candidates per leg before fusion.")
 
 
-class SearchRequest(SearchParams):
-    """A search."""
+class SearchRequest(CollectionsField, SearchParams):
+    """A search in the named collections (``collections``)."""
 
     query: Annotated[Text, StringConstraints(min_length=1, max_length=4000)]
     k: int = Field(default=10, ge=1, le=100, description="Number of results.")
     filters: SearchFilters = Field(default_factory=SearchFilters)
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> Any:
+        legacy = self.filters.collections
+        if legacy is not None and super().requested() not in (None, list(dict.fromkeys(legacy))):
+            raise ValueError("`filters.collections` (deprecated) and `collections` name different collections")
+        return self
+
+    def requested(self) -> list[str] | None:
+        """The named collections (top-level, or the deprecated ``filters.collections``), or ``None``."""
+        named = super().requested()
+        if named is None and self.filters.collections is not None:
+            named = list(dict.fromkeys(self.filters.collections))
+        return named
 
 
 class LegOut(BaseModel):
@@ -107,3 +124,24 @@ class SearchResponse(BaseModel):
         description="Collections left out of a search that named none, because their index is unreadable "
         "(the worker is rebuilding it). Naming such a collection is a 503 `index_corrupt`.",
     )
+
+    @classmethod
+    def build(
+        cls,
+        query: str,
+        options: SearchOptions,
+        collections: Sequence[str] | None,
+        hits: Sequence[ScoredChunk],
+        took_ms: float,
+        unavailable: Sequence[str] = (),
+    ) -> SearchResponse:
+        """The wire form of a search (``POST /v1/search`` and ``rag search --json`` both print it)."""
+        o = options
+        return cls(
+            query=query,
+            options=OptionsOut(mode=o.mode, fusion=o.fusion, alpha=o.alpha, rrf_k=o.rrf_k, depth=o.depth),
+            collections=list(collections) if collections is not None else None,
+            hits=[HitOut.from_scored(h) for h in hits],
+            took_ms=round(took_ms, 3),
+            unavailable=list(unavailable),
+        )

@@ -71,7 +71,7 @@ async def prepare(
         InvalidInput: ``history`` together with ``conversation_id``, or a collection that
             differs from the conversation's.
     """
-    collection = request.collection
+    requested = request.requested()
     history: list[ChatMessage] = [ChatMessage(role=m.role, content=m.content) for m in request.history or ()]
     if request.conversation_id is not None:
         if request.history:
@@ -79,13 +79,13 @@ async def prepare(
         _, conv_collection, history = await conversations.history(
             session, principal, request.conversation_id, last=settings.api.history_max_messages
         )
-        if collection is not None and collection != conv_collection:
+        if requested is not None and requested != [conv_collection]:
             raise InvalidInput(
                 f"conversation {request.conversation_id!r} is about collection {conv_collection!r}",
-                field="body.collection",
+                field="body.collections",
             )
-        collection = conv_collection
-    allowed = await search_service.scope(session, principal, store, None if collection is None else [collection])
+        requested = [conv_collection]
+    allowed = await search_service.scope(session, principal, store, requested)
     options = None
     if request.search is not None:
         s = request.search

@@ -40,7 +40,7 @@ _ENCODED_CONTROL = re.compile(r"%(0[0-9A-Fa-f]|1[0-9A-Fa-f]|7[Ff]|22)")
 _COPY_CHUNK = 1 << 20
 MAX_NAME_BYTES = 200
 
-UploadStatus = Literal["new", "replaced", "unchanged"]
+UploadStatus = Literal["new", "replaced", "unchanged", "rejected"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +53,15 @@ class IncomingFile:
 
 @dataclass(frozen=True, slots=True)
 class StoredUpload:
-    """What happened to one uploaded file."""
+    """What happened to one uploaded file: stored (``new``, ``replaced``, ``unchanged``) or
+    ``rejected`` with the ``error`` (then ``path``, ``size`` and ``sha256`` are empty)."""
 
     filename: str
-    path: str
-    size: int
-    sha256: str
+    path: str | None
+    size: int | None
+    sha256: str | None
     status: UploadStatus
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,46 +154,73 @@ async def upload(
 ) -> UploadResult:
     """Store ``files`` in the collection's uploads folder and queue one ingestion job for them.
 
-    All or nothing: every file is staged first; if they exceed ``max_bytes`` together, none is
-    kept. Files identical to the stored ones are ``unchanged`` and need no job. Flushes, never commits.
+    Each file is accepted or refused on its own: a bad name (hidden, unsupported type, too long),
+    or a name already used earlier in the same upload, makes that file ``rejected`` with the
+    reason while the others are stored. Only when every file is refused does the upload fail as
+    a whole (nothing was done). Size is checked for the request as a whole: if the files together
+    exceed ``max_bytes``, none is kept. Files identical to the stored ones are ``unchanged`` and
+    need no job. Flushes, never commits.
 
     Raises:
         NotFound: The collection is missing or outside the principal's scope.
-        InvalidInput: No files, a bad file name, the same name twice.
+        InvalidInput: No files, or every file refused (the first reason, with its field).
         PayloadTooLarge: The files together exceed ``max_bytes``.
     """
     coll = await collections_service.require(session, principal, collection)
     if not files:
         raise InvalidInput("no files in the upload", field="body.files")
-    names = [safe_filename(f.filename, i) for i, f in enumerate(files)]
-    if len(set(names)) != len(names):
-        raise InvalidInput("the same file name appears twice in one upload", field="body.files")
+    names: list[str | None] = []
+    refused: dict[int, InvalidInput] = {}
+    taken: set[str] = set()
+    for i, f in enumerate(files):
+        try:
+            name = safe_filename(f.filename, i)
+            if name in taken:
+                raise InvalidInput(
+                    f"{name!r} appears twice in this upload; the first one is kept", field=f"body.files[{i}]"
+                )
+        except InvalidInput as e:
+            refused[i] = e
+            names.append(None)
+            continue
+        taken.add(name)
+        names.append(name)
+    if len(refused) == len(files):
+        raise refused[0]
     folder = (uploads_dir / coll.name).resolve()
-    staged: list[tuple[Path, int, str]] = []
+    staged: dict[int, tuple[Path, int, str]] = {}
     budget = max_bytes
     try:
-        for f in files:
+        for i, f in enumerate(files):
+            if names[i] is None:
+                continue
             tmp, size, sha = await asyncio.to_thread(_stage, f.stream, folder, budget)
-            staged.append((tmp, size, sha))
+            staged[i] = (tmp, size, sha)
             budget -= size
     except PayloadTooLarge as e:
-        await asyncio.to_thread(_discard, [tmp for tmp, _, _ in staged])
+        await asyncio.to_thread(_discard, [tmp for tmp, _, _ in staged.values()])
         raise PayloadTooLarge(
             f"the upload is larger than the limit of {max_bytes // (1024 * 1024)} MB (RAG_API__MAX_UPLOAD_MB)"
         ) from e
     except BaseException:
-        await asyncio.to_thread(_discard, [tmp for tmp, _, _ in staged])
+        await asyncio.to_thread(_discard, [tmp for tmp, _, _ in staged.values()])
         raise
     stored: list[StoredUpload] = []
-    for name, (tmp, size, sha) in zip(names, staged, strict=True):
-        status = await asyncio.to_thread(_place, tmp, folder / name, sha)
-        stored.append(StoredUpload(name, str(folder / name), size, sha, status))
+    for i, f in enumerate(files):
+        accepted = names[i]
+        if accepted is None:
+            stored.append(StoredUpload(f.filename, None, None, None, "rejected", str(refused[i])))
+            continue
+        tmp, size, sha = staged[i]
+        status = await asyncio.to_thread(_place, tmp, folder / accepted, sha)
+        stored.append(StoredUpload(accepted, str(folder / accepted), size, sha, status))
     job_id: int | None = None
-    changed = [s for s in stored if s.status != "unchanged"]
+    changed = [s for s in stored if s.status in ("new", "replaced") and s.path is not None]
     if changed:
         # One file: a job for that file; several: one job for the folder (unchanged files are
         # recognised by hash and skipped). Never prune: other uploads live in the same folder.
         root = changed[0].path if len(changed) == 1 else str(folder)
+        assert root is not None
         job = await queue.enqueue(session, collection=coll, root_path=root, prune=False)
         job_id = job.id
     return UploadResult(coll.name, stored, job_id)

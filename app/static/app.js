@@ -581,7 +581,7 @@
       type: "ask",
       id,
       question,
-      collection: ui.collection.value,
+      collections: ui.collection.value,
       mode,
       conversation_id: conversationId,
     });

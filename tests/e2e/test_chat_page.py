@@ -365,3 +365,46 @@ def test_chat_page_shows_refused_keys_and_a_missing_model_server(
             page.screenshot(path=str(ARTIFACTS / "chat-page-error.png"))
         finally:
             context.close()
+
+
+def test_api_docs_load_offline(chromium: Any, stack: dict[str, Any], embedder: Any) -> None:
+    """``/docs`` and ``/redoc`` with every request that leaves the server blocked: the operations are listed.
+
+    Regression: FastAPI's default pages fetch Swagger UI from a CDN and were blank without a network.
+    """
+    from playwright.sync_api import expect
+
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
+    with LiveServer(build_app(stack["settings"], embedder)) as server:
+        blocked: list[str] = []
+
+        def only_this_server(route: Any) -> None:
+            if route.request.url.startswith(server.url):
+                route.continue_()
+            else:
+                blocked.append(route.request.url)
+                route.abort()
+
+        context.route("**/*", only_this_server)
+        page = context.new_page()
+        page_errors: list[str] = []
+        page.on("pageerror", lambda e: page_errors.append(str(e)))
+        try:
+            page.goto(server.url + "docs")
+            operations = page.locator(".opblock-summary-path")
+            expect(operations.first).to_be_visible(timeout=60_000)
+            paths = set(operations.all_inner_texts())
+            assert {"/v1/search", "/v1/ask/stream", "/v1/collections/{name}/documents"} <= {
+                p.replace("\u200b", "") for p in paths
+            }, paths
+            page.screenshot(path=str(ARTIFACTS / "api-docs-offline.png"))
+            # Nothing was needed from elsewhere (the blocked list shows what a page tried to fetch).
+            assert not blocked, blocked
+
+            page.goto(server.url + "redoc")
+            expect(page.get_by_text("/v1/search").first).to_be_attached(timeout=60_000)
+            assert not page_errors, page_errors
+            # ReDoc's bundle links its vendor's logo in the sidebar footer; the docs work without it.
+            assert all(url.startswith("https://cdn.redoc.ly/") for url in blocked), blocked
+        finally:
+            context.close()

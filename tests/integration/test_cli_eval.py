@@ -72,13 +72,13 @@ def test_eval_retrieval_and_search_json(tmp_path: Path) -> None:
 
     # The eval collection is reused (incremental) and searchable from the CLI.
     collection = report["collection"]
-    found = run(env, "search", "undo last git commit", "-c", collection, "--k", "3", "--json")
+    found = run(env, "search", "undo last git commit", "-c", collection, "--k", "3", "--json", "--local")
     assert found.returncode == 0, found.stderr
     hits = json.loads(found.stdout)["hits"]
     assert len(hits) == 3
     assert "git reset --soft" in hits[0]["text"]
     assert hits[0]["dense"]["rank"] >= 1 and hits[0]["rank"] == 1
-    sparse = run(env, "search", "chomp newline", "-c", collection, "--mode", "sparse", "--json")
+    sparse = run(env, "search", "chomp newline", "-c", collection, "--mode", "sparse", "--json", "--local")
     assert "chomp" in json.loads(sparse.stdout)["hits"][0]["text"]
 
     bad = run(env, "search", "x", "--mode", "fuzzy")

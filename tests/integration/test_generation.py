@@ -179,7 +179,7 @@ def test_rag_ask_json_cli(tmp_path: Path, corpus_dir: Path, llm_server: LLMServe
     )
     assert ingested.returncode == 0, ingested.stderr
     result = subprocess.run(
-        [RAG, "ask", "What is the capital of Veldoria?", "-c", "cli", "--max-tokens", "40", "--json"],
+        [RAG, "ask", "What is the capital of Veldoria?", "-c", "cli", "--max-tokens", "40", "--json", "--local"],
         env=env,
         capture_output=True,
         text=True,
@@ -200,7 +200,12 @@ def test_rag_ask_json_cli(tmp_path: Path, corpus_dir: Path, llm_server: LLMServe
     # The model server being down is a clear error, not a hang.
     down = {**env, "RAG_LLM__BASE_URL": "http://127.0.0.1:9", "RAG_LLM__MAX_RETRIES": "0"}
     failed = subprocess.run(
-        [RAG, "ask", "anything?", "-c", "cli"], env=down, capture_output=True, text=True, timeout=120, check=False
+        [RAG, "ask", "anything?", "-c", "cli", "--local"],
+        env=down,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert failed.returncode == 1
     assert "llm_unavailable" in failed.stderr

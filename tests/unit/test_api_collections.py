@@ -95,6 +95,38 @@ def test_upload_refusals(api: Api, make_api: Callable[..., Api]) -> None:  # noq
     assert missing.status_code == 404
 
 
+def test_each_file_of_an_upload_is_accepted_or_refused_on_its_own(api: Api) -> None:
+    # Regression: a .pdf sent with an unsupported file got 422 for the whole upload; the good file was lost.
+    c = api.client
+    c.post("/v1/collections", json={"name": "up"})
+    files = [
+        ("files", ("guide.md", b"# Guide\nuseful text", "text/markdown")),
+        ("files", ("setup.exe", b"MZ", "application/octet-stream")),
+        ("files", (".env", b"SECRET=1", "text/plain")),
+        ("files", ("guide.md", b"another guide", "text/markdown")),
+        ("files", ("notes.txt", b"notes", "text/plain")),
+    ]
+    r = c.post("/v1/collections/up/documents", files=files)
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert [(f["filename"], f["status"]) for f in body["files"]] == [
+        ("guide.md", "new"),
+        ("setup.exe", "rejected"),
+        (".env", "rejected"),
+        ("guide.md", "rejected"),
+        ("notes.txt", "new"),
+    ]
+    refused = {i: f for i, f in enumerate(body["files"]) if f["status"] == "rejected"}
+    assert "unsupported file type" in refused[1]["error"] and ".md" in refused[1]["error"]
+    assert "hidden" in refused[2]["error"] and "twice" in refused[3]["error"]
+    assert all(f["path"] is None and f["size"] is None for f in refused.values())
+    assert all(f["error"] is None for i, f in enumerate(body["files"]) if i not in refused)
+    folder = (api.settings.uploads_dir / "up").resolve()
+    assert {p.name for p in folder.iterdir()} == {"guide.md", "notes.txt"}
+    assert (folder / "guide.md").read_bytes() == b"# Guide\nuseful text"  # the first of the two is kept
+    assert c.get(f"/v1/jobs/{body['job_id']}").json()["root_path"] == str(folder)
+
+
 def test_upload_over_the_limit_is_413_with_a_clear_message(make_api: Callable[..., Api]) -> None:  # noqa: F811
     api = make_api(api={"max_upload_mb": 1})
     api.client.post("/v1/collections", json={"name": "up"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 
 import pytest
@@ -122,6 +123,49 @@ def test_openapi_documents_the_event_union(api: Api) -> None:
     assert "503" in stream
     assert schema["components"]["securitySchemes"]["ApiKey"]["scheme"] == "bearer"
     assert api.client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_load_their_assets_from_this_server(api: Api, page: str) -> None:
+    # Regression: FastAPI's default pages load Swagger UI from a CDN and were blank offline.
+    html = api.client.get(page).text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert assets and all(a.startswith("/docs-assets/") or a == "/openapi.json" for a in assets), assets
+    assert "cdn" not in html.lower() and "fonts.googleapis" not in html
+    for asset in assets:
+        if asset.startswith("/docs-assets/"):
+            r = api.client.get(asset)
+            assert r.status_code == 200 and len(r.content) > 1000, asset
+
+
+def test_collections_are_named_one_way_on_every_route(api: Api) -> None:
+    """`collections` (a name or a list) on search, ask and the OpenAI facade; the old spellings still work."""
+    from app.schemas.ask import AskRequest
+    from app.schemas.openai import ChatCompletionRequest
+    from app.schemas.search import SearchRequest
+
+    for single in ({"collections": "docs"}, {"collection": "docs"}):
+        assert SearchRequest.model_validate({"query": "q", **single}).requested() == ["docs"]
+        assert AskRequest.model_validate({"question": "q", **single}).requested() == ["docs"]
+        chat = {"model": "rag", "messages": [{"role": "user", "content": "q"}], **single}
+        assert ChatCompletionRequest.model_validate(chat).requested() == ["docs"]
+    both = {"collections": ["a", "b", "a"]}
+    assert SearchRequest.model_validate({"query": "q", **both}).requested() == ["a", "b"]
+    assert AskRequest.model_validate({"question": "q", **both}).requested() == ["a", "b"]
+    legacy = {"query": "q", "filters": {"collections": ["a"]}}
+    assert SearchRequest.model_validate(legacy).requested() == ["a"]
+    assert SearchRequest.model_validate({"query": "q"}).requested() is None
+    for clash in ({"collections": "a", "collection": "b"}, {"collections": "a", "filters": {"collections": ["b"]}}):
+        with pytest.raises(ValueError, match="different collections"):
+            SearchRequest.model_validate({"query": "q", **clash})
+    # The one name rule applies to every spelling.
+    for bad in ({"collections": "a..b"}, {"collections": ["ok", "../x"]}, {"collection": ".hidden"}):
+        assert api.client.post("/v1/search", json={"query": "q", **bad}).status_code == 422
+    for spelling in ({"collections": "docs"}, {"collections": ["docs"]}, {"collection": "docs"}):
+        r = api.client.post("/v1/search", json={"query": "join paths", **spelling})
+        assert r.status_code == 200, r.text
+        assert r.json()["collections"] == ["docs"] and r.json()["hits"]
+    assert api.client.post("/v1/search", json={"query": "q", "collections": "nope"}).status_code == 404
 
 
 def test_every_domain_event_has_a_valid_wire_form() -> None:

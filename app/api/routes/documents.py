@@ -55,7 +55,10 @@ async def upload_documents(
 ) -> UploadResponse:
     """Store the files and queue one ingestion job for the new or changed ones (the worker runs it).
 
-    A file with the same name and bytes as a stored one is `unchanged` and needs no job.
+    Each file is accepted or refused on its own: the 202 body gives every file's `status`, and a
+    refused file (`rejected`, with its `error`) does not cost its neighbours. A file with the same
+    name and bytes as a stored one is `unchanged` and needs no job. 422 only when every file is
+    refused.
     """
     api = resources.settings.api
     if len(files) > api.max_upload_files:
@@ -73,7 +76,7 @@ async def upload_documents(
     return UploadResponse(
         collection=result.collection,
         files=[
-            UploadedFile(filename=s.filename, path=s.path, size=s.size, sha256=s.sha256, status=s.status)
+            UploadedFile(filename=s.filename, path=s.path, size=s.size, sha256=s.sha256, status=s.status, error=s.error)
             for s in result.files
         ],
         job_id=result.job_id,

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from app.api.deps import PrincipalDep, ResourcesDep, SessionDep
 from app.api.errors import RESPONSES
-from app.schemas.search import HitOut, OptionsOut, SearchRequest, SearchResponse
+from app.schemas.search import SearchRequest, SearchResponse
 from app.services import search
 
 router = APIRouter(prefix="/v1", tags=["search"], responses=RESPONSES)
@@ -17,7 +17,7 @@ async def search_chunks(
     body: SearchRequest, session: SessionDep, principal: PrincipalDep, resources: ResourcesDep
 ) -> SearchResponse:
     """Dense + BM25 search with the mode, fusion and parameters of this request; every hit says
-    where each leg ranked it. Without `filters.collections`, searches every collection the key may read.
+    where each leg ranked it. Without `collections`, searches every collection the key may read.
     Works while the model server is down."""
     options = search.search_options(
         resources.retriever.defaults,
@@ -36,16 +36,10 @@ async def search_chunks(
         gate=resources.admission.searches,
         query=body.query,
         k=body.k,
-        collections=body.filters.collections,
+        collections=body.requested(),
         path_prefix=body.filters.path_prefix,
         options=options,
     )
-    o = outcome.options
-    return SearchResponse(
-        query=body.query,
-        options=OptionsOut(mode=o.mode, fusion=o.fusion, alpha=o.alpha, rrf_k=o.rrf_k, depth=o.depth),
-        collections=list(outcome.collections) if outcome.collections is not None else None,
-        hits=[HitOut.from_scored(h) for h in outcome.hits],
-        took_ms=round(outcome.took_ms, 3),
-        unavailable=list(outcome.unavailable),
+    return SearchResponse.build(
+        body.query, outcome.options, outcome.collections, outcome.hits, outcome.took_ms, outcome.unavailable
     )
