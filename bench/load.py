@@ -273,18 +273,41 @@ async def chats(url: str, sockets: int, questions: int, op: Op) -> None:
     await asyncio.gather(*(chat(n) for n in range(sockets)))
 
 
-async def probe_health(url: str, latencies: list[float], failures: Counter[str], stop: asyncio.Event) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+PROBE = """
+import http.client, sys, time
+conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
+while True:
+    started = time.perf_counter()
+    try:
+        conn.request("GET", "/healthz")
+        status = conn.getresponse().read() and 200
+        print(round((time.perf_counter() - started) * 1000, 2), flush=True)
+    except Exception as e:
+        print("error", type(e).__name__, flush=True)
+        conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
+    time.sleep(0.1)
+"""
+
+
+async def probe_health(port: int, latencies: list[float], failures: Counter[str], stop: asyncio.Event) -> None:
+    """``/healthz`` every 100 ms from a process of its own: the load generator's busy event loop
+    must not be measured as the server's latency."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", PROBE, str(port), stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
         while not stop.is_set():
-            started = time.perf_counter()
             try:
-                r = await client.get("/healthz")
-                latencies.append((time.perf_counter() - started) * 1000)
-                if r.status_code != 200:
-                    failures[str(r.status_code)] += 1
-            except httpx.HTTPError as e:
-                failures[type(e).__name__] += 1
-            await asyncio.sleep(0.1)
+                line = await asyncio.wait_for(proc.stdout.readline(), 0.5)
+            except TimeoutError:
+                continue
+            text = line.decode().strip()
+            if text.startswith("error"):
+                failures[text.split()[-1]] += 1
+            elif text:
+                latencies.append(float(text))
+    finally:
+        proc.kill()
+        await proc.wait()
 
 
 def sample(pid: int, llm_port: int | None, samples: dict[str, list[float]], stop: asyncio.Event) -> asyncio.Task[None]:
@@ -341,7 +364,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         sampler = sample(server.proc.pid, llm_port, samples, stop)
         health: list[float] = []
         health_failures: Counter[str] = Counter()
-        prober = asyncio.create_task(probe_health(url, health, health_failures, stop))
+        prober = asyncio.create_task(probe_health(server.port, health, health_failures, stop))
         env = {**server.env}
         ingest = await asyncio.create_subprocess_exec(
             RAG,
