@@ -36,6 +36,14 @@ a prompt and keeps it in every later prompt; new chunks get the next unused numb
     retrieve with it (masked or generated-question query), regenerate it over the new sources
     and accept that. Sentences are emitted only once accepted.
 
+``extractive``
+    Retrieve once and generate nothing: the grounding guard (:mod:`generation.guard`) answers with
+    the source sentences that best answer the question, each cited. Needs no model server.
+
+Grounding: with ``grounding`` set, :func:`answer` runs every mode's events through
+:func:`generation.guard.guard_stream` (support verdicts, re-pointed citations, fallback to the
+extractive answer, abstention); it is the only place the guard is hooked in.
+
 Extending: a mode is a runner over :class:`AnswerSession` (``ground`` / ``stream`` /
 ``generate`` + ``accept``), registered in :func:`_runner`.
 """
@@ -55,6 +63,7 @@ from generation.client import LLMClient, aclosing_iter
 from generation.context import ContextPlan, assign_numbers, plan_context, skeleton_prompt
 from generation.errors import ContextTooLong, GenerationError
 from generation.flare import FlareParams, SentenceJudgement, default_flare_params, run_flare
+from generation.guard import GroundingParams, guard_stream
 from generation.prompts import CHATML, SYSTEM_PROMPT, ChatTemplate, format_source, strip_citations
 from generation.repetition import repeated_unit
 from generation.tokenizer import CachedTokenCounter
@@ -70,24 +79,26 @@ from generation.types import (
     TokenLogprob,
     Usage,
 )
-from retrieval.types import RetrievalError, Retriever, ScoredChunk, SearchFilters, SearchOptions
+from retrieval.types import Embedder, RetrievalError, Retriever, ScoredChunk, SearchFilters, SearchOptions
 
 __all__ = [
     "ANSWER_MODES",
     "AnswerMode",
     "AnswerSession",
     "FlareParams",
+    "GroundingParams",
     "ModeRunner",
     "answer",
     "continuation_query",
+    "run_extractive",
     "run_interval",
     "run_single",
 ]
 
 logger = logging.getLogger(__name__)
 
-AnswerMode = Literal["single", "interval", "flare"]
-ANSWER_MODES: tuple[AnswerMode, ...] = ("single", "interval", "flare")
+AnswerMode = Literal["single", "interval", "flare", "extractive"]
+ANSWER_MODES: tuple[AnswerMode, ...] = ("single", "interval", "flare", "extractive")
 ModeRunner = Callable[["AnswerSession"], AsyncIterator[AnswerEvent]]
 
 _OPEN_MARKER_RE = re.compile(r"\s*\[[\d ,;\-–]*$")
@@ -543,6 +554,28 @@ async def run_interval(
         query = continuation_query(session.question, session.raw_answer, query_tail_words)
 
 
+async def run_extractive(session: AnswerSession) -> AsyncIterator[AnswerEvent]:
+    """``extractive`` mode: retrieve once, generate nothing; the grounding guard quotes the sources.
+
+    Every hit is numbered (no prompt is built, so the model server is not needed).
+    """
+    hits, elapsed = await session.retrieve(session.question)
+    session.hits = hits
+    numbers: list[int | None] = []
+    for hit in hits:
+        n = session.numbering.setdefault(hit.chunk.id, session.next_number)
+        if n == session.next_number:
+            session.tracker.add_source(n, hit.chunk)
+            session.next_number += 1
+        numbers.append(n)
+    event = RetrievalEvent(
+        round=0, query=session.question, chunks=tuple(hits), numbers=tuple(numbers), elapsed_ms=elapsed
+    )
+    session.retrievals.append(event)
+    session.finish_reason = "stop"
+    yield event
+
+
 def _reconcile(
     text: str, tokens: Sequence[TokenLogprob], by_delta: Sequence[TokenLogprob], *, cut: bool
 ) -> tuple[str, tuple[TokenLogprob, ...]]:
@@ -604,6 +637,8 @@ def _runner(
         return functools.partial(run_interval, interval_tokens=interval_tokens, query_tail_words=query_tail_words)
     if mode == "flare":
         return functools.partial(run_flare, params=flare or FlareParams(), observer=flare_observer)
+    if mode == "extractive":
+        return run_extractive
     raise ValueError(f"unknown answer mode {mode!r}; expected one of {ANSWER_MODES}")
 
 
@@ -629,6 +664,8 @@ async def answer(
     stop_on_repetition: bool = True,
     flare: FlareParams | None = None,
     flare_observer: Callable[[SentenceJudgement], None] | None = None,
+    grounding: GroundingParams | None = None,
+    embedder: Embedder | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> AsyncIterator[AnswerEvent]:
     """Answer ``question`` from retrieved sources as a stream of events.
@@ -637,7 +674,7 @@ async def answer(
         question: The user's question.
         retriever: Where sources come from.
         llm: The generator; the prompt is rendered with ``template`` and sent to its completions API.
-        mode: ``"single"``, ``"interval"`` or ``"flare"`` (see the module docstring).
+        mode: ``"single"``, ``"interval"``, ``"flare"`` or ``"extractive"`` (see the module docstring).
         k: Chunks per retrieval (fewer may fit the context window); ``flare.top_k`` overrides it
             in ``flare`` mode.
         params: Sampling parameters; ``max_tokens`` bounds the whole answer, ``logprobs`` is ignored
@@ -661,6 +698,10 @@ async def answer(
             (:func:`generation.flare.default_flare_params`).
         flare_observer: ``flare`` mode: called with every judged look-ahead sentence (calibration
             and evaluation read token probabilities through it); it must not raise.
+        grounding: Run the answer through the grounding guard (:mod:`generation.guard`): support
+            verdicts per sentence, re-pointed citations, fallback to quoting the sources, abstention.
+            ``None``: no guard (the ``extractive`` mode then uses ``GroundingParams(policy="strict")``).
+        embedder: The embedding model the guard scores support with (``None``: word overlap only).
         clock: Monotonic clock in seconds (tests inject one).
 
     Yields:
@@ -703,12 +744,28 @@ async def answer(
         infer_missing_citations=infer_missing_citations,
         stop_on_repetition=stop_on_repetition,
     )
+    if mode == "extractive" and grounding is None:
+        grounding = GroundingParams(policy="strict")
     try:
-        async with aclosing_iter(runner(session)) as events:
-            async for event in events:
+        if grounding is None:
+            async with aclosing_iter(runner(session)) as events:
+                async for event in events:
+                    yield event
+            for event in session.finish():
                 yield event
-        for event in session.finish():
-            yield event
+        else:
+            guarded = guard_stream(
+                runner(session),
+                finish=session.finish,
+                question=question,
+                params=grounding,
+                embedder=embedder,
+                extractive=mode == "extractive",
+                clock=clock,
+            )
+            async with aclosing_iter(guarded) as events:
+                async for event in events:
+                    yield event
     except GenerationError as exc:
         logger.warning("answer failed", extra={"code": exc.code, "mode": mode, "error": str(exc)})
         yield ErrorEvent(code=exc.code, message=str(exc), retryable=exc.retryable)

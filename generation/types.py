@@ -3,7 +3,7 @@
 Everything here is a frozen dataclass. The answer events (:data:`AnswerEvent`) are the one
 schema every transport uses: the SSE endpoint, the websocket and the CLI all send the
 dicts produced by :func:`event_to_dict`, discriminated on ``type``
-(``retrieval | token | citation | done | error``).
+(``retrieval | token | citation | support | done | error``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ __all__ = [
     "RetrievalEvent",
     "Role",
     "StreamDelta",
+    "SupportEvent",
     "TokenEvent",
     "TokenLogprob",
     "Usage",
@@ -209,7 +210,12 @@ class DoneEvent:
         usage: Tokens summed over every model request of this answer.
         timings: Milliseconds: ``retrieval_ms``, ``ttft_ms`` (time to first token), ``total_ms``, ...
         mode: The answer mode (``"single"``, ``"interval"``, ...).
-        finish_reason: Why generation stopped (``"stop"``, ``"length"``).
+        finish_reason: Why the answer ended: ``"stop"`` (the model ended it), ``"length"`` (the token
+            cap, or the grounding guard's word budget), ``"repetition"`` (a loop), ``"guard"`` (the
+            grounding guard cut or replaced the model's answer, or abstained).
+        no_answer: The answer says the sources do not answer the question (grounding guard).
+        supports: The grounding guard's judgement of every shown sentence, in order (empty when the
+            guard is off).
     """
 
     answer: str
@@ -219,6 +225,8 @@ class DoneEvent:
     timings: Mapping[str, float]
     mode: str
     finish_reason: str | None
+    no_answer: bool = False
+    supports: tuple[SupportEvent, ...] = ()
     type: Literal["done"] = field(default="done", init=False)
 
 
@@ -232,7 +240,60 @@ class ErrorEvent:
     type: Literal["error"] = field(default="error", init=False)
 
 
-AnswerEvent = RetrievalEvent | TokenEvent | CitationEvent | DoneEvent | ErrorEvent
+# --- grounding (generation.guard) ---------------------------------------------------------------
+# Kept in one block: the grounding guard's event and its wire form.
+
+
+@dataclass(frozen=True, slots=True)
+class SupportEvent:
+    """The grounding guard's verdict on one sentence of the answer, sent right after its tokens.
+
+    Attributes:
+        index: The sentence's position among the shown sentences (0-based).
+        sentence: The sentence as shown (display citation numbers included).
+        verdict: ``"supported"`` or ``"unsupported"``.
+        score: The support score (``w · cosine + (1 − w) · lexical``, see :mod:`generation.grounding`).
+        origin: ``"model"`` (generated) or ``"extractive"`` (quoted from a source by the guard).
+        n: The display citation number of the supporting source (``None`` when unsupported).
+        chunk_id: The supporting chunk (also given for an unsupported sentence: its closest chunk).
+        start: Start of the supporting sentence in that chunk's text (``chunk.text[start:end]``).
+        end: Its end.
+        reason: Why an unsupported sentence is unsupported (``"low_support"``, ``"number"``,
+            ``"source_header"``, ``"no_sources"``), else ``None``.
+    """
+
+    index: int
+    sentence: str
+    verdict: Literal["supported", "unsupported"]
+    score: float
+    origin: Literal["model", "extractive"]
+    n: int | None
+    chunk_id: int | None
+    start: int | None
+    end: int | None
+    reason: str | None = None
+    type: Literal["support"] = field(default="support", init=False)
+
+
+def _support_to_dict(event: SupportEvent) -> dict[str, Any]:
+    return {
+        "type": event.type,
+        "index": event.index,
+        "sentence": event.sentence,
+        "verdict": event.verdict,
+        "score": event.score,
+        "origin": event.origin,
+        "n": event.n,
+        "chunk_id": event.chunk_id,
+        "start": event.start,
+        "end": event.end,
+        "reason": event.reason,
+    }
+
+
+# --- the union and the wire form ------------------------------------------------------------------
+
+AnswerEvent = RetrievalEvent | TokenEvent | CitationEvent | SupportEvent | DoneEvent | ErrorEvent
 
 
 def chunk_to_dict(chunk: Chunk) -> dict[str, Any]:
@@ -314,6 +375,8 @@ def event_to_dict(event: AnswerEvent) -> dict[str, Any]:
         return _citation_to_dict(event)
     if isinstance(event, RetrievalEvent):
         return _retrieval_to_dict(event)
+    if isinstance(event, SupportEvent):
+        return _support_to_dict(event)
     if isinstance(event, ErrorEvent):
         return {
             "type": event.type,
@@ -334,4 +397,6 @@ def event_to_dict(event: AnswerEvent) -> dict[str, Any]:
         "timings": dict(event.timings),
         "mode": event.mode,
         "finish_reason": event.finish_reason,
+        "no_answer": event.no_answer,
+        "supports": [_support_to_dict(s) for s in event.supports],
     }

@@ -89,6 +89,24 @@ class CitationEvent(BaseModel):
     )
 
 
+class SupportEvent(BaseModel):
+    """The grounding guard's verdict on one shown sentence (sent right after its tokens)."""
+
+    type: Literal["support"] = "support"
+    index: int
+    sentence: str
+    verdict: Literal["supported", "unsupported"]
+    score: float
+    origin: Literal["model", "extractive"] = Field(description="Generated, or quoted from a source by the guard.")
+    n: int | None = Field(description="Display citation number of the supporting source.")
+    chunk_id: int | None
+    start: int | None = Field(description="Start of the supporting sentence in the chunk's text.")
+    end: int | None
+    reason: str | None = Field(
+        default=None, description="Why unsupported: `low_support`, `number`, `source_header`, ..."
+    )
+
+
 class Usage(BaseModel):
     """Tokens used by every model request of the answer."""
 
@@ -107,7 +125,9 @@ class DoneEvent(BaseModel):
     usage: Usage
     timings: dict[str, float] = Field(description="Milliseconds: `retrieval_ms`, `ttft_ms`, `total_ms`, ...")
     mode: str
-    finish_reason: str | None
+    finish_reason: str | None = Field(description="`stop`, `length`, `repetition`, or `guard` (the grounding guard).")
+    no_answer: bool = Field(default=False, description="The sources do not answer the question.")
+    supports: list[SupportEvent] = Field(default_factory=list, description="Support verdicts of the shown sentences.")
 
 
 class ErrorEvent(BaseModel):
@@ -120,16 +140,16 @@ class ErrorEvent(BaseModel):
 
 
 AnswerEventOut = Annotated[
-    RetrievalEvent | TokenEvent | CitationEvent | DoneEvent | ErrorEvent, Field(discriminator="type")
+    RetrievalEvent | TokenEvent | CitationEvent | SupportEvent | DoneEvent | ErrorEvent, Field(discriminator="type")
 ]
 """Every answer event, discriminated on ``type``."""
 
-ANSWER_EVENT_ADAPTER: TypeAdapter[RetrievalEvent | TokenEvent | CitationEvent | DoneEvent | ErrorEvent] = TypeAdapter(
-    AnswerEventOut
-)
+ANSWER_EVENT_ADAPTER: TypeAdapter[
+    RetrievalEvent | TokenEvent | CitationEvent | SupportEvent | DoneEvent | ErrorEvent
+] = TypeAdapter(AnswerEventOut)
 
 
-def to_wire(event: DomainEvent) -> RetrievalEvent | TokenEvent | CitationEvent | DoneEvent | ErrorEvent:
+def to_wire(event: DomainEvent) -> RetrievalEvent | TokenEvent | CitationEvent | SupportEvent | DoneEvent | ErrorEvent:
     """The wire model of a domain event (validated against the documented schema)."""
     return ANSWER_EVENT_ADAPTER.validate_python(event_to_dict(event))
 

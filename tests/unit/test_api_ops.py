@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -16,6 +17,7 @@ from generation.types import (
     DoneEvent,
     ErrorEvent,
     RetrievalEvent,
+    SupportEvent,
     TokenEvent,
     TokenLogprob,
     Usage,
@@ -98,7 +100,7 @@ def test_openapi_documents_the_event_union(api: Api) -> None:
     schema = api.client.get("/openapi.json").json()
     event = schema["components"]["schemas"]["AnswerEvent"]
     assert event["discriminator"]["propertyName"] == "type"
-    assert set(event["discriminator"]["mapping"]) == {"retrieval", "token", "citation", "done", "error"}
+    assert set(event["discriminator"]["mapping"]) == {"retrieval", "token", "citation", "support", "done", "error"}
     stream = schema["paths"]["/v1/ask/stream"]["post"]["responses"]
     assert stream["200"]["content"]["text/event-stream"]["schema"] == {"$ref": "#/components/schemas/AnswerEvent"}
     assert "503" in stream
@@ -130,7 +132,12 @@ def test_the_wire_schema_mirrors_generation_events() -> None:
         mode="flare",
         finish_reason="stop",
     )
-    for event in (retrieval, TokenEvent("Use"), citation, done, ErrorEvent("llm_timeout", "slow", True)):
+    support = SupportEvent(
+        index=0, sentence="Use [1]", verdict="supported", score=0.8, origin="model", n=1, chunk_id=7, start=0, end=3
+    )
+    guarded = replace(done, no_answer=True, supports=(support,), finish_reason="guard")
+    events = (retrieval, TokenEvent("Use"), citation, support, done, guarded, ErrorEvent("llm_timeout", "slow", True))
+    for event in events:
         wire = event_to_dict(event)
         model = ANSWER_EVENT_ADAPTER.validate_python(wire)
         assert model.model_dump(mode="json") == json.loads(json.dumps(wire)), event.type
