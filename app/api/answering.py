@@ -46,6 +46,7 @@ async def events(
         settings=resources.settings,
         metrics=resources.metrics,
         transport=transport,
+        embedder=resources.embedder,
     )
     async with aclosing_iter(stream) as source:
         async for event in source:
