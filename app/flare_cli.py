@@ -185,6 +185,12 @@ def eval_answers(
     theta: Annotated[float | None, typer.Option(help="flare: θ (default: the model's).")] = None,
     query_mode: Annotated[str | None, typer.Option(help="flare: masked | question.")] = None,
     save: Annotated[Path | None, typer.Option("--save", help="Also write the JSON report to this file.")] = None,
+    guard: Annotated[
+        str | None, typer.Option(help="Grounding guard: off | annotate | fallback | strict (default: setting).")
+    ] = None,
+    unanswerable: Annotated[
+        bool, typer.Option(help="Also answer the derived set without the gold passages; report abstention.")
+    ] = False,
 ) -> None:
     """Answer a BEIR-layout QA dataset's questions and score EM, F1, ROUGE-L, citation precision, rounds, latency.
 
@@ -199,7 +205,11 @@ def eval_answers(
     settings = Settings()
     data = _load(dataset)
     try:
-        out = asyncio.run(_eval_answers(settings, data, mode, questions, max_tokens, k, theta, query_mode, as_json))
+        out = asyncio.run(
+            _eval_answers(
+                settings, data, mode, questions, max_tokens, k, theta, query_mode, as_json, guard, unanswerable
+            )
+        )
     except ValueError as e:
         _fail(str(e))
         return
@@ -229,6 +239,26 @@ def eval_answers(
         str(m["errors"]),
     )
     console.print(table)
+    grounding = Table(title="grounding")
+    for col in ("F1 80w top-1", "top-1 acc", "words", "support", "sent. cit. P", "sent. cit. R", "repeats", "ids"):
+        grounding.add_column(col, justify="right")
+    grounding.add_row(
+        f(m["baseline_f1"]),
+        f(m["top1_accuracy"], ".0%"),
+        f(m["words"], ".1f"),
+        f(m["support_rate"]),
+        f(m["sentence_citation_precision"]),
+        f(m["sentence_citation_recall"]),
+        str(m["repeats"]),
+        str(m["source_ids"]),
+    )
+    console.print(grounding)
+    if "abstention" in out:
+        a = out["abstention"]
+        console.print(
+            f"abstention: precision {f(a['precision'])} · recall {f(a['recall'])} · "
+            f"answerable abstained {f(a['answerable_abstain_rate'], '.0%')}"
+        )
 
 
 async def _eval_answers(
@@ -241,13 +271,18 @@ async def _eval_answers(
     theta: float | None,
     query_mode: str | None,
     quiet: bool,
+    guard: str | None = None,
+    unanswerable: bool = False,
 ) -> dict[str, Any]:
-    from app.evaluation.answers import evaluate_answers, open_scratch_collection, summarize_flare
-    from app.llm import flare_defaults
+    from app.evaluation.answers import abstention, evaluate_answers, open_scratch_collection, summarize_flare
+    from app.evaluation.beir import load_dataset
+    from app.evaluation.derived import derive_unanswerable
+    from app.llm import flare_defaults, grounding_params
     from generation.flare import SentenceJudgement
     from generation.rag import AnswerMode
 
     flare = flare_defaults(settings).with_overrides(theta=theta, query_mode=query_mode)
+    grounding = grounding_params(settings, guard)
     judgements: list[SentenceJudgement] = []
 
     def progress(done: int, total: int, result: Any) -> None:
@@ -271,10 +306,37 @@ async def _eval_answers(
             flare=flare,
             observer=judgements.append,
             progress=progress,
+            grounding=grounding,
         )
     finally:
         await scratch.aclose()
     out = report.as_json()
+    if unanswerable:
+        folder = derive_unanswerable(data, settings.data_dir / "eval" / "derived", questions)
+        derived = load_dataset(folder)
+        scratch = await open_scratch_collection(settings, derived, log=None if quiet else err_console.print)
+        try:
+            missing = await evaluate_answers(
+                settings,
+                derived,
+                scratch,
+                mode=cast("AnswerMode", mode),
+                questions=questions,
+                max_tokens=max_tokens,
+                k=k,
+                flare=flare,
+                progress=progress,
+                grounding=grounding,
+                unanswerable=True,
+            )
+        finally:
+            await scratch.aclose()
+        out["unanswerable"] = {
+            "dataset": str(folder),
+            "metrics": missing.metrics(),
+            "questions": missing.as_json()["questions"],
+        }
+        out["abstention"] = abstention(report, missing)
     if mode == "flare":
         out["flare"] = summarize_flare(judgements)
     return out
