@@ -191,6 +191,9 @@ def eval_answers(
     unanswerable: Annotated[
         bool, typer.Option(help="Also answer the derived set without the gold passages; report abstention.")
     ] = False,
+    followups: Annotated[
+        bool, typer.Option(help="Also answer the derived multi-turn set (a follow-up after each question).")
+    ] = False,
 ) -> None:
     """Answer a BEIR-layout QA dataset's questions and score EM, F1, ROUGE-L, citation precision, rounds, latency.
 
@@ -207,7 +210,18 @@ def eval_answers(
     try:
         out = asyncio.run(
             _eval_answers(
-                settings, data, mode, questions, max_tokens, k, theta, query_mode, as_json, guard, unanswerable
+                settings,
+                data,
+                mode,
+                questions,
+                max_tokens,
+                k,
+                theta,
+                query_mode,
+                as_json,
+                guard,
+                unanswerable,
+                followups,
             )
         )
     except ValueError as e:
@@ -253,6 +267,12 @@ def eval_answers(
         str(m["source_ids"]),
     )
     console.print(grounding)
+    if "followups" in out:
+        fm = out["followups"]["metrics"]
+        console.print(
+            f"follow-ups: F1 {f(fm['f1'])} · ROUGE-L {f(fm['rouge_l'])} · top-1 acc {f(fm['top1_accuracy'], '.0%')} "
+            f"· gold in context {f(fm['gold_in_context'], '.0%')} · no answer {f(fm['no_answer_rate'], '.0%')}"
+        )
     if "abstention" in out:
         a = out["abstention"]
         console.print(
@@ -273,8 +293,15 @@ async def _eval_answers(
     quiet: bool,
     guard: str | None = None,
     unanswerable: bool = False,
+    followups: bool = False,
 ) -> dict[str, Any]:
-    from app.evaluation.answers import abstention, evaluate_answers, open_scratch_collection, summarize_flare
+    from app.evaluation.answers import (
+        abstention,
+        evaluate_answers,
+        evaluate_followups,
+        open_scratch_collection,
+        summarize_flare,
+    )
     from app.evaluation.beir import load_dataset
     from app.evaluation.derived import derive_unanswerable
     from app.llm import flare_defaults, grounding_params
@@ -308,9 +335,22 @@ async def _eval_answers(
             progress=progress,
             grounding=grounding,
         )
+        if followups:
+            turns = await evaluate_followups(
+                settings,
+                data,
+                scratch,
+                mode=cast("AnswerMode", mode),
+                questions=questions,
+                max_tokens=max_tokens,
+                grounding=grounding,
+                progress=progress,
+            )
     finally:
         await scratch.aclose()
     out = report.as_json()
+    if followups:
+        out["followups"] = {"metrics": turns.metrics(), "questions": turns.as_json()["questions"]}
     if unanswerable:
         folder = derive_unanswerable(data, settings.data_dir / "eval" / "derived", questions)
         derived = load_dataset(folder)

@@ -42,11 +42,12 @@ import string
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from app.evaluation.beir import Dataset
+from app.evaluation.derived import derive_followups
 from app.evaluation.retrieval import materialize_dataset, scratch_collection
 from app.llm import answer_defaults, build_llm_client, generation_params
 from app.settings import Settings
@@ -62,7 +63,7 @@ from generation.grounding import (
 from generation.guard import GroundingParams
 from generation.prompts import NO_ANSWER, strip_citations
 from generation.rag import AnswerMode, answer
-from generation.types import DoneEvent, ErrorEvent
+from generation.types import ChatMessage, DoneEvent, ErrorEvent
 from ingest.worker import IngestContext, build_ingest_context, enqueue_path, run_job, search_defaults
 from retrieval.hybrid import HybridRetriever
 from retrieval.types import Chunk, Embedder, SearchFilters
@@ -75,6 +76,7 @@ __all__ = [
     "abstention",
     "citation_precision",
     "evaluate_answers",
+    "evaluate_followups",
     "exact_match",
     "load_items",
     "normalize_answer",
@@ -436,6 +438,82 @@ async def evaluate_answers(
             report.results.append(result)
             if progress is not None:
                 progress(index, len(items), result)
+    finally:
+        await llm.aclose()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+async def evaluate_followups(
+    settings: Settings,
+    dataset: Dataset,
+    scratch: ScratchCollection,
+    *,
+    mode: AnswerMode,
+    questions: int | None = None,
+    max_tokens: int | None = None,
+    grounding: GroundingParams | None = None,
+    progress: Callable[[int, int, QuestionResult], None] | None = None,
+) -> AnswerEvalReport:
+    """The multi-turn dev set (:func:`app.evaluation.derived.derive_followups`): score the follow-ups.
+
+    Each first question is answered, then its follow-up with the conversation so far as history;
+    the follow-up's answer is scored against the first question's gold passages like any answer.
+    """
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    items = {i.qid: i for i in await asyncio.to_thread(load_items, dataset, questions)}
+    followups = [f for f in derive_followups(dataset, questions) if f.qid in items]
+    kwargs = answer_defaults(settings).kwargs()
+    kwargs.pop("grounding", None)
+    params = generation_params(settings, max_tokens=max_tokens)
+    filters = SearchFilters(collections=(scratch.collection,))
+    embedder: Embedder = scratch.context.embedder
+    report = AnswerEvalReport(
+        dataset=str(dataset.root),
+        collection=scratch.collection,
+        mode=mode,
+        params={
+            "followups": True,
+            "max_tokens": params.max_tokens,
+            "grounding": None if grounding is None else asdict(grounding),
+        },
+    )
+    llm = build_llm_client(settings)
+    started = time.perf_counter()
+
+    async def ask(question: str, history: tuple[ChatMessage, ...]) -> tuple[DoneEvent | None, str | None]:
+        done: DoneEvent | None = None
+        error: str | None = None
+        async for event in answer(
+            question, retriever=scratch.retriever, llm=llm, mode=mode, params=params, filters=filters,
+            history=history, grounding=grounding, embedder=embedder, **kwargs,
+        ):  # fmt: skip
+            if isinstance(event, DoneEvent):
+                done = event
+            elif isinstance(event, ErrorEvent):
+                error = f"{event.code}: {event.message}"
+        return done, error
+
+    try:
+        for index, follow in enumerate(followups, start=1):
+            first, _ = await ask(follow.first, ())
+            history = (
+                ChatMessage("user", follow.first),
+                ChatMessage("assistant", first.answer if first is not None else ""),
+            )
+            t0 = time.perf_counter()
+            done, error = await ask(follow.follow_up, history)
+            item = replace(items[follow.qid], question=follow.follow_up)
+            result = _score(item, done, error, (time.perf_counter() - t0) * 1000.0, scratch, scorer, 0)
+            if done is not None:
+                await asyncio.to_thread(
+                    _ground_metrics, result, item, done, scratch, embedder, grounding or GroundingParams()
+                )
+            report.results.append(result)
+            if progress is not None:
+                progress(index, len(followups), result)
     finally:
         await llm.aclose()
     report.seconds = time.perf_counter() - started

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from app.evaluation.beir import Dataset
 
-__all__ = ["derive_unanswerable", "first_judged"]
+__all__ = ["FOLLOW_UPS", "FollowUp", "derive_followups", "derive_unanswerable", "first_judged"]
 
 
 def first_judged(dataset: Dataset, questions: int | None) -> list[str]:
@@ -58,4 +59,41 @@ def derive_unanswerable(dataset: Dataset, scratch_dir: Path, questions: int | No
             for pid, rel in sorted(dataset.qrels[q].items()):
                 fh.write(f"{q}\t{pid}\t{rel}\n")
     stamp_file.write_text(stamp, encoding="utf-8")
+    return out
+
+
+FOLLOW_UPS: tuple[str, ...] = (
+    "Can you explain that in more detail?",
+    "Why is that?",
+    "What else should I know about it?",
+    "Could you give me more details on that?",
+)
+"""Follow-ups that say nothing by themselves: only the first question says what they are about."""
+
+
+@dataclass(frozen=True, slots=True)
+class FollowUp:
+    """A two-turn conversation: ``first`` is a dataset question, ``follow_up`` needs it to be understood.
+
+    The gold passages of both turns are the first question's (the follow-up asks for more of the same
+    answer), so a follow-up answered without the conversation (retrieval on the follow-up alone) misses.
+    """
+
+    qid: str
+    first: str
+    follow_up: str
+    gold_ids: tuple[str, ...]
+
+
+def derive_followups(dataset: Dataset, questions: int | None) -> list[FollowUp]:
+    """The multi-turn dev set: each of the first ``questions`` questions with a follow-up.
+
+    The follow-up is picked from :data:`FOLLOW_UPS` by a stable hash of the query id, so the set is
+    the same in every run and on every machine.
+    """
+    out: list[FollowUp] = []
+    for qid in first_judged(dataset, questions):
+        pick = int(hashlib.sha1(qid.encode()).hexdigest(), 16) % len(FOLLOW_UPS)
+        gold = tuple(pid for pid, rel in sorted(dataset.qrels[qid].items()) if rel > 0)
+        out.append(FollowUp(qid, dataset.queries[qid], FOLLOW_UPS[pick], gold))
     return out
