@@ -116,6 +116,7 @@ def grounding_params(settings: Settings, policy: str | None = None) -> Grounding
         abstain_relevance=g.abstain_relevance,
         extra_threshold=g.extra_threshold,
         rank_bonus=g.rank_bonus,
+        topic_margin=g.topic_margin,
     )
 
 

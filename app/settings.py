@@ -183,7 +183,7 @@ class GroundingSettings(BaseModel):
     supported sentences). ``strict``: unsupported sentences are never shown."""
     dense_weight: float = 0.5
     """Weight of the embedding cosine against word overlap in the support score."""
-    support_threshold: float = 0.55
+    support_threshold: float = 0.7
     """Support score from which a sentence counts as supported (calibrated on faq-dev-small)."""
     min_support_rate: float = 0.5
     """A model answer with a smaller share of supported sentences failed."""
@@ -203,6 +203,9 @@ class GroundingSettings(BaseModel):
     """Relevance a sentence of a second source needs to be quoted (1.0: quote the best source only)."""
     rank_bonus: float = 0.2
     """Weight of the retrieval rank (``bonus / rank``) when the extractive answer picks its source."""
+    topic_margin: float = 0.1
+    """A supported sentence whose source is this much less relevant to the question than the best
+    source is off topic (treated as unsupported); 1.0 turns the check off."""
 
 
 class AuthSettings(BaseModel):

@@ -303,7 +303,9 @@ class Support:
 
 
 def _numbers(text: str) -> set[str]:
-    return {m.group(0).replace(",", "") for m in _NUMBER_RE.finditer(strip_citations(text))}
+    """Numbers stated in ``text`` (citation markers and a leading list enumerator are not numbers)."""
+    text = _ITEM_LINE_RE.sub("", strip_citations(text).lstrip(), count=1)
+    return {m.group(0).replace(",", "") for m in _NUMBER_RE.finditer(text)}
 
 
 class SupportScorer:
@@ -318,6 +320,7 @@ class SupportScorer:
         dense_weight: ``w`` in ``w · cosine + (1 − w) · lexical``.
         threshold: The support verdict's threshold on that score.
         min_sentence_words: Source sentences shorter than this are not candidates (headings, "Yes.").
+        min_claim_words: An answer sentence with fewer content words is scored by cosine alone.
     """
 
     def __init__(
@@ -325,8 +328,9 @@ class SupportScorer:
         embedder: Embedder | None,
         *,
         dense_weight: float = 0.5,
-        threshold: float = 0.55,
+        threshold: float = 0.7,
         min_sentence_words: int = 3,
+        min_claim_words: int = 3,
     ) -> None:
         if not 0.0 <= dense_weight <= 1.0:
             raise ValueError("dense_weight must be in [0, 1]")
@@ -334,6 +338,7 @@ class SupportScorer:
         self.dense_weight = dense_weight if embedder is not None else 0.0
         self.threshold = threshold
         self.min_sentence_words = min_sentence_words
+        self.min_claim_words = min_claim_words
         self.sentences: list[SourceSentence] = []
         self.chunks: dict[int, Chunk] = {}
         self._vectors: npt.NDArray[np.float32] | None = None
@@ -373,9 +378,13 @@ class SupportScorer:
         dense = self._dense(text)
         w = self.dense_weight
         out: list[tuple[float, float, float]] = []
+        # With fewer than ``min_claim_words`` content words the overlap share says little ("They are
+        # very old." shares its one word with many sentences): such a sentence scores by cosine alone.
+        lexical_weight = 0.0 if len(words) < self.min_claim_words and self.embedder is not None else 1.0 - w
+        dense_weight = 1.0 - lexical_weight
         for sentence, cosine in zip(self.sentences, dense, strict=True):
             lexical = len(words & sentence.words) / len(words) if words else 0.0
-            out.append((w * cosine + (1.0 - w) * lexical, cosine, lexical))
+            out.append((dense_weight * cosine + lexical_weight * lexical, cosine, lexical))
         return out
 
     def judge(self, sentence: str) -> Support:
@@ -441,8 +450,9 @@ def extractive_answer(
 
     The most relevant chunk is the one whose best sentence scores highest, plus ``rank_bonus /
     rank`` for its retrieval rank (its citation number in the first round); its sentences are
-    taken in order from its first one, then other chunks' sentences with relevance ≥
-    ``extra_threshold``, best first, while the words stay within ``max_words``.
+    taken in order from its first one (skipping any that would exceed the budget), then other
+    chunks' sentences with relevance ≥ ``extra_threshold``, best first, while the words stay
+    within ``max_words``.
 
     Args:
         relevance: ``SupportScorer.relevance(question)``.
@@ -479,8 +489,7 @@ def extractive_answer(
         return True
 
     for s, r in sorted((x for x in usable if x[0].n == best_n), key=lambda x: x[0].position):
-        if not take(s, r):
-            break
+        take(s, r)  # a sentence over the budget is skipped; a shorter one after it may still fit
     for s, r in sorted((x for x in usable if x[0].n != best_n), key=lambda x: -x[1]):
         if r < extra_threshold or max_words - words < min_words:
             break

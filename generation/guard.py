@@ -101,11 +101,15 @@ class GroundingParams:
         abstain_relevance: Best question relevance of a source sentence below this is weak.
         extra_threshold: Relevance a sentence of another chunk needs to be quoted.
         rank_bonus: Weight of the retrieval rank when the extractive answer picks its chunk.
+        topic_margin: A supported sentence whose source scores more than this below the most
+            relevant source (question relevance of its best sentence + ``rank_bonus / rank``) is
+            off topic: true to a source, but that source does not answer the question (the small
+            model copies sentences of any source). 1.0 turns the check off.
     """
 
     policy: GuardPolicy = "fallback"
     dense_weight: float = 0.5
-    support_threshold: float = 0.55
+    support_threshold: float = 0.7
     min_support_rate: float = 0.5
     max_words: int = 100
     fill_words: int = 0
@@ -115,6 +119,7 @@ class GroundingParams:
     abstain_relevance: float = 0.6
     extra_threshold: float = 1.0
     rank_bonus: float = 0.2
+    topic_margin: float = 0.1
 
     def __post_init__(self) -> None:
         if self.policy not in GUARD_POLICIES:
@@ -178,6 +183,7 @@ class _Guard:
         self.stop: str | None = None  # why the guard stopped reading the model
         self.no_answer = False
         self.retrieval_score: float | None = None
+        self.chunk_relevance: dict[int, float] = {}  # citation number -> question relevance of its source
 
     # --- sources and abstention --------------------------------------------------------------
 
@@ -185,15 +191,25 @@ class _Guard:
         new = {n: sc.chunk for sc, n in zip(event.chunks, event.numbers, strict=False) if n is not None}
         self.sources.update(new)
         await asyncio.to_thread(self.scorer.add_sources, new)
+        if event.round > 0:
+            await self._relevance()
         if event.round == 0:
             dense = [sc.dense.score for sc in event.chunks if sc.dense is not None]
             self.retrieval_score = max(dense) if dense else None
 
+    async def _relevance(self) -> float:
+        """Refresh the question relevance per source; returns the best sentence relevance."""
+        relevance = await asyncio.to_thread(self.scorer.relevance, self.question)
+        self.chunk_relevance = {}
+        for sentence, r in relevance:
+            score = r + self.params.rank_bonus / sentence.n
+            self.chunk_relevance[sentence.n] = max(self.chunk_relevance.get(sentence.n, score), score)
+        return max((r for _, r in relevance), default=0.0)
+
     async def abstains(self) -> bool:
+        best = await self._relevance()
         if not self.params.abstain:
             return False
-        relevance = await asyncio.to_thread(self.scorer.relevance, self.question)
-        best = max((r for _, r in relevance), default=0.0)
         return abstains(
             self.retrieval_score,
             best,
@@ -241,6 +257,8 @@ class _Guard:
             sentence.reason = "number"
         elif support.verdict != "supported":
             sentence.reason = "low_support"
+        elif self._off_topic(support):
+            sentence.reason = "off_topic"
         self.model_sentences.append(sentence)
         policy = self.params.policy
         if sentence.supported:
@@ -260,6 +278,12 @@ class _Guard:
             self.held.append(sentence)
             return []
         return self._release(sentence)
+
+    def _off_topic(self, support: Support) -> bool:
+        if support.source is None or not self.chunk_relevance:
+            return False
+        best = max(self.chunk_relevance.values())
+        return self.chunk_relevance.get(support.source.n, best) < best - self.params.topic_margin
 
     # --- release ---------------------------------------------------------------------------------
 
@@ -376,7 +400,8 @@ class _Guard:
         )
         events: list[AnswerEvent] = []
         for pick in picks:
-            text = " ".join(pick.sentence.text.split())
+            # The source's own bracketed footnote numbers would read as citations.
+            text = " ".join(strip_citations(pick.sentence.text).split())
             if normalise_sentence(text) in self.seen:
                 continue
             self.seen.add(normalise_sentence(text))

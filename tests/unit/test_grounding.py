@@ -303,3 +303,14 @@ async def test_extractive_mode_needs_no_model_and_quotes_only() -> None:
     assert not llm.calls
     assert done.answer.startswith("The ZX-9 kettle holds 1.8 litres of water [1].")
     assert all(s.origin == "extractive" for s in done.supports)
+
+
+async def test_a_true_sentence_from_an_unrelated_source_is_off_topic() -> None:
+    reply = "Tomatoes need full sun and regular watering. The kettle holds 1.8 litres of water."
+    done = (await run(reply, policy="strict"))[-1]
+    assert isinstance(done, DoneEvent)
+    assert done.answer == "The kettle holds 1.8 litres of water [1]."
+    annotated = (await run("Tomatoes need full sun and regular watering.", policy="annotate"))[-1]
+    assert isinstance(annotated, DoneEvent)
+    assert [(s.verdict, s.reason) for s in annotated.supports] == [("unsupported", "off_topic")]
+    assert annotated.supports[0].chunk_id == GARDEN.id  # the closest source is still named
