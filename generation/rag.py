@@ -63,6 +63,7 @@ from generation.client import LLMClient, aclosing_iter
 from generation.context import ContextPlan, assign_numbers, plan_context, skeleton_prompt
 from generation.errors import ContextTooLong, GenerationError
 from generation.flare import FlareParams, SentenceJudgement, default_flare_params, run_flare
+from generation.grounding import content_words
 from generation.guard import GroundingParams, guard_stream
 from generation.prompts import CHATML, SYSTEM_PROMPT, ChatTemplate, format_source, strip_citations
 from generation.repetition import repeated_unit
@@ -90,6 +91,7 @@ __all__ = [
     "ModeRunner",
     "answer",
     "continuation_query",
+    "standalone_query",
     "run_extractive",
     "run_interval",
     "run_single",
@@ -104,6 +106,19 @@ ModeRunner = Callable[["AnswerSession"], AsyncIterator[AnswerEvent]]
 _OPEN_MARKER_RE = re.compile(r"\s*\[[\d ,;\-–]*$")
 # How often the prompt may be re-fitted when the exact count disagrees with the planning count.
 _MAX_REFITS = 3
+
+
+def standalone_query(question: str, history: Sequence[ChatMessage], *, min_words: int = 4) -> str:
+    """The retrieval query of a question asked in a conversation.
+
+    A follow-up with fewer than ``min_words`` content words ("Why is that?", "Can you explain that in
+    more detail?") says nothing by itself: the last earlier user question is put before it. Any other
+    question is its own query. (A rule, not a model: the embedded 135M model cannot rewrite queries.)
+    """
+    if len(content_words(question)) >= min_words:
+        return question
+    earlier = [m.content for m in history if m.role == "user" and m.content.strip()]
+    return f"{earlier[-1].strip()}\n{question.strip()}" if earlier else question
 
 
 def continuation_query(question: str, partial_answer: str, tail_words: int = 32) -> str:
@@ -159,6 +174,8 @@ class AnswerSession:
         stop_on_repetition: bool = True,
     ) -> None:
         self.question = question
+        self.query = standalone_query(question, history)
+        """What the first retrieval searches with (:func:`standalone_query`)."""
         self.retriever = retriever
         self.llm = llm
         self.mode = mode
@@ -523,7 +540,7 @@ class AnswerSession:
 
 async def run_single(session: AnswerSession) -> AsyncIterator[AnswerEvent]:
     """``single`` mode: retrieve once with the question, stream the whole answer."""
-    event, plan = await session.ground(session.question, round=0, reason="initial")
+    event, plan = await session.ground(session.query, round=0, reason="initial")
     yield event
     async with aclosing_iter(session.stream(plan, max_tokens=session.remaining_tokens)) as stream:
         async for answer_event in stream:
@@ -539,7 +556,7 @@ async def run_interval(
     any reason other than ``"length"`` (or that produced nothing) ends the answer, as does
     reaching ``params.max_tokens``.
     """
-    query = session.question
+    query = session.query
     round_no = 0
     while True:
         event, plan = await session.ground(query, round=round_no, reason="initial" if round_no == 0 else "interval")
@@ -559,7 +576,7 @@ async def run_extractive(session: AnswerSession) -> AsyncIterator[AnswerEvent]:
 
     Every hit is numbered (no prompt is built, so the model server is not needed).
     """
-    hits, elapsed = await session.retrieve(session.question)
+    hits, elapsed = await session.retrieve(session.query)
     session.hits = hits
     numbers: list[int | None] = []
     for hit in hits:
@@ -569,7 +586,7 @@ async def run_extractive(session: AnswerSession) -> AsyncIterator[AnswerEvent]:
             session.next_number += 1
         numbers.append(n)
     event = RetrievalEvent(
-        round=0, query=session.question, chunks=tuple(hits), numbers=tuple(numbers), elapsed_ms=elapsed
+        round=0, query=session.query, chunks=tuple(hits), numbers=tuple(numbers), elapsed_ms=elapsed
     )
     session.retrievals.append(event)
     session.finish_reason = "stop"
@@ -757,7 +774,7 @@ async def answer(
             guarded = guard_stream(
                 runner(session),
                 finish=session.finish,
-                question=question,
+                question=session.query,
                 params=grounding,
                 embedder=embedder,
                 extractive=mode == "extractive",

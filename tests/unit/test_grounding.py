@@ -314,3 +314,13 @@ async def test_a_true_sentence_from_an_unrelated_source_is_off_topic() -> None:
     assert isinstance(annotated, DoneEvent)
     assert [(s.verdict, s.reason) for s in annotated.supports] == [("unsupported", "off_topic")]
     assert annotated.supports[0].chunk_id == GARDEN.id  # the closest source is still named
+
+
+def test_a_context_free_follow_up_retrieves_with_the_earlier_question() -> None:
+    from generation.rag import standalone_query
+    from generation.types import ChatMessage
+
+    history = [ChatMessage("user", "Why are Python strings immutable?"), ChatMessage("assistant", "Speed [1].")]
+    assert standalone_query("Why is that?", history) == "Why are Python strings immutable?\nWhy is that?"
+    assert standalone_query("How do I join two paths in Python?", history) == "How do I join two paths in Python?"
+    assert standalone_query("Why is that?", []) == "Why is that?"
