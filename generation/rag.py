@@ -91,10 +91,10 @@ __all__ = [
     "ModeRunner",
     "answer",
     "continuation_query",
-    "standalone_query",
     "run_extractive",
     "run_interval",
     "run_single",
+    "standalone_query",
 ]
 
 logger = logging.getLogger(__name__)
@@ -585,9 +585,7 @@ async def run_extractive(session: AnswerSession) -> AsyncIterator[AnswerEvent]:
             session.tracker.add_source(n, hit.chunk)
             session.next_number += 1
         numbers.append(n)
-    event = RetrievalEvent(
-        round=0, query=session.query, chunks=tuple(hits), numbers=tuple(numbers), elapsed_ms=elapsed
-    )
+    event = RetrievalEvent(round=0, query=session.query, chunks=tuple(hits), numbers=tuple(numbers), elapsed_ms=elapsed)
     session.retrievals.append(event)
     session.finish_reason = "stop"
     yield event
