@@ -194,6 +194,40 @@ class LLMSettings(BaseModel):
         return data
 
 
+class GroundingSettings(BaseModel):
+    """The grounding guard over every answer mode (docs/grounding.md; ``generation.guard``)."""
+
+    policy: Literal["off", "annotate", "fallback", "strict"] = "fallback"
+    """``off``: no guard. ``annotate``: verdicts only, text unchanged (a strong model). ``fallback``:
+    an answer that fails the support check is replaced by quotes of the sources (keeping its
+    supported sentences). ``strict``: unsupported sentences are never shown."""
+    dense_weight: float = 0.5
+    """Weight of the embedding cosine against word overlap in the support score."""
+    support_threshold: float = 0.7
+    """Support score from which a sentence counts as supported (calibrated on faq-dev-small)."""
+    min_support_rate: float = 0.5
+    """A model answer with a smaller share of supported sentences failed."""
+    max_words: int = 100
+    """Word budget of a guarded answer (whole sentences)."""
+    fill_words: int = 0
+    """Quote the most relevant source sentences after an answer shorter than this (0: never)."""
+    early_stop: int = 2
+    """Stop the model after this many unsupported sentences with none supported (0: never)."""
+    abstain: bool = True
+    """Answer "no answer" when retrieval and the best source sentence are both weak."""
+    abstain_retrieval: float = 0.45
+    """Best dense (cosine) retrieval score below which retrieval is weak."""
+    abstain_relevance: float = 0.6
+    """Best question relevance of a source sentence below which it is weak."""
+    extra_threshold: float = 1.0
+    """Relevance a sentence of a second source needs to be quoted (1.0: quote the best source only)."""
+    rank_bonus: float = 0.2
+    """Weight of the retrieval rank (``bonus / rank``) when the extractive answer picks its source."""
+    topic_margin: float = 0.1
+    """A supported sentence whose source is this much less relevant to the question than the best
+    source is off topic (treated as unsupported); 1.0 turns the check off."""
+
+
 class AuthSettings(BaseModel):
     """API keys (``rag keys create``), sent as ``Authorization: Bearer rag_...``."""
 
@@ -304,6 +338,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     llm: LLMSettings = Field(default_factory=LLMSettings)
+    grounding: GroundingSettings = Field(default_factory=GroundingSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)

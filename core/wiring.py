@@ -26,6 +26,7 @@ from core.db.engine import create_engine, create_sessionmaker
 from core.db.migrate import aupgrade
 from core.settings import Settings
 from generation.flare import FlareParams, default_flare_params
+from generation.guard import GroundingParams
 from generation.types import GenerationParams
 from retrieval.types import Embedder, SearchOptions
 
@@ -193,6 +194,8 @@ class AnswerDefaults:
     stop_on_repetition: bool
     flare: FlareParams = field(default_factory=FlareParams)
     """``flare`` mode defaults of the served model (:func:`flare_defaults`)."""
+    grounding: GroundingParams | None = None
+    """The grounding guard (:func:`grounding_params`); ``None``: off."""
 
     def kwargs(self, **overrides: Any) -> dict[str, Any]:
         """As keyword arguments, with ``overrides`` (None = keep the default)."""
@@ -204,6 +207,7 @@ class AnswerDefaults:
             "infer_missing_citations": self.infer_missing_citations,
             "stop_on_repetition": self.stop_on_repetition,
             "flare": self.flare,
+            "grounding": self.grounding,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return values
@@ -220,6 +224,30 @@ def answer_defaults(settings: Settings) -> AnswerDefaults:
         infer_missing_citations=llm.infer_citations,
         stop_on_repetition=llm.stop_on_repetition,
         flare=flare_defaults(settings),
+        grounding=grounding_params(settings),
+    )
+
+
+def grounding_params(settings: Settings, policy: str | None = None) -> GroundingParams | None:
+    """The configured grounding guard (``policy`` overrides the setting); ``None`` when it is ``off``."""
+    g = settings.grounding
+    chosen = policy or g.policy
+    if chosen == "off":
+        return None
+    return GroundingParams(
+        policy=chosen,  # type: ignore[arg-type]  # checked by GroundingParams
+        dense_weight=g.dense_weight,
+        support_threshold=g.support_threshold,
+        min_support_rate=g.min_support_rate,
+        max_words=g.max_words,
+        fill_words=g.fill_words,
+        early_stop=g.early_stop,
+        abstain=g.abstain,
+        abstain_retrieval=g.abstain_retrieval,
+        abstain_relevance=g.abstain_relevance,
+        extra_threshold=g.extra_threshold,
+        rank_bonus=g.rank_bonus,
+        topic_margin=g.topic_margin,
     )
 
 

@@ -16,6 +16,21 @@ collection maps every chunk's file name back to its passage id; answers citing n
 left out of the mean and counted in ``cited_rate``), retrieval rounds, whether a gold passage
 was in any prompt (``gold_in_context``), latency and time to first token. Questions are taken
 in ``_id`` order, so ``questions=N`` is the same subset for every mode and run.
+
+Grounding metrics (docs/grounding.md), the same for every mode and guard policy:
+
+- ``support_rate``: share of answer sentences the support scorer (:mod:`generation.grounding`,
+  the calibrated threshold) finds supported by the chunks in the prompt; computed after the fact
+  on the shown answer, so runs with and without the guard are scored alike;
+- ``sentence_citation_precision``: of the (sentence, cited source) pairs of ``[n]`` markers, the
+  share whose source is a gold passage; ``sentence_citation_recall``: share of answer sentences
+  that cite a gold passage (gold-based, independent of the scorer);
+- ``words``: answer length; ``repeats`` / ``source_ids``: answers that repeat a sentence or
+  print a source header, file name or document id;
+- ``baseline_f1`` / ``baseline_rouge_l``: the first 80 words of the top-1 retrieved chunk, same
+  run; ``top1_accuracy``: the top-1 chunk is a gold passage;
+- on an unanswerable set (``unanswerable=True``: gold passages removed from the corpus), the
+  ``no_answer`` rate is the abstention recall; :func:`abstention` combines both runs.
 """
 
 from __future__ import annotations
@@ -27,30 +42,42 @@ import string
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from core.settings import Settings
 from core.wiring import answer_defaults, build_llm_client, build_retriever, generation_params
 from evaluation.beir import Dataset
+from evaluation.derived import derive_followups
 from evaluation.retrieval import materialize_dataset, scratch_collection
 from generation.flare import FlareParams, SentenceJudgement
+from generation.grounding import (
+    SupportScorer,
+    copies_source_header,
+    marker_numbers,
+    normalise_sentence,
+    split_sentences,
+    word_count,
+)
+from generation.guard import GroundingParams
 from generation.markers import strip_citations
 from generation.prompts import NO_ANSWER
 from generation.rag import AnswerMode, answer
-from generation.types import DoneEvent, ErrorEvent
+from generation.types import ChatMessage, DoneEvent, ErrorEvent
 from ingest.worker import IngestContext, build_ingest_context, enqueue_path, run_job
 from retrieval.hybrid import HybridRetriever
-from retrieval.types import SearchFilters
+from retrieval.types import Chunk, Embedder, SearchFilters
 
 __all__ = [
     "AnswerEvalReport",
     "QAItem",
     "QuestionResult",
     "ScratchCollection",
+    "abstention",
     "citation_precision",
     "evaluate_answers",
+    "evaluate_followups",
     "exact_match",
     "load_items",
     "normalize_answer",
@@ -77,10 +104,11 @@ class QAItem:
     gold_texts: tuple[str, ...]
 
 
-def load_items(dataset: Dataset, questions: int | None = None) -> list[QAItem]:
+def load_items(dataset: Dataset, questions: int | None = None, *, unanswerable: bool = False) -> list[QAItem]:
     """The first ``questions`` judged questions by ``_id`` (all when ``None``), with gold passage texts.
 
-    Questions whose relevant passages are all missing from the corpus are skipped.
+    Questions whose relevant passages are all missing from the corpus are skipped, unless
+    ``unanswerable`` (a derived set whose gold passages were removed on purpose; no gold texts).
     """
     qids = sorted(dataset.queries)
     wanted: dict[str, tuple[str, ...]] = {}
@@ -93,7 +121,9 @@ def load_items(dataset: Dataset, questions: int | None = None) -> list[QAItem]:
     items: list[QAItem] = []
     for qid, gold in wanted.items():
         present = tuple(pid for pid in gold if pid in texts)
-        if present:
+        if unanswerable:
+            items.append(QAItem(qid, dataset.queries[qid], gold, ()))
+        elif present:
             items.append(QAItem(qid, dataset.queries[qid], present, tuple(texts[pid] for pid in present)))
         if questions is not None and len(items) >= questions:
             break
@@ -217,6 +247,18 @@ class QuestionResult:
     no_answer: bool
     sentences: int = 0
     error: str | None = None
+    words: int = 0
+    support_rate: float | None = None
+    sentence_citation_precision: float | None = None
+    sentence_citation_recall: float | None = None
+    repeats: bool = False
+    source_ids: bool = False
+    baseline_f1: float = 0.0
+    baseline_rouge_l: float = 0.0
+    top1_gold: bool = False
+    retrieval_score: float | None = None
+    best_relevance: float = 0.0
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -262,6 +304,19 @@ class AnswerEvalReport:
             "latency_ms_p50": pct(0.5),
             "latency_ms_p95": pct(0.95),
             "ttft_ms_mean": mean([r.ttft_ms for r in ok]),
+            "words": mean([float(r.words) for r in ok]),
+            "support_rate": mean([r.support_rate for r in ok if r.support_rate is not None]),
+            "sentence_citation_precision": mean(
+                [r.sentence_citation_precision for r in ok if r.sentence_citation_precision is not None]
+            ),
+            "sentence_citation_recall": mean(
+                [r.sentence_citation_recall for r in ok if r.sentence_citation_recall is not None]
+            ),
+            "repeats": sum(1 for r in ok if r.repeats),
+            "source_ids": sum(1 for r in ok if r.source_ids),
+            "baseline_f1": mean([r.baseline_f1 for r in ok]),
+            "baseline_rouge_l": mean([r.baseline_rouge_l for r in ok]),
+            "top1_accuracy": mean([float(r.top1_gold) for r in ok]),
         }
 
     def as_json(self) -> dict[str, Any]:
@@ -289,6 +344,9 @@ async def evaluate_answers(
     flare: FlareParams | None = None,
     observer: Callable[[SentenceJudgement], None] | None = None,
     progress: Callable[[int, int, QuestionResult], None] | None = None,
+    grounding: GroundingParams | None = None,
+    unanswerable: bool = False,
+    score_params: GroundingParams | None = None,
 ) -> AnswerEvalReport:
     """Answer the first ``questions`` questions of ``dataset`` with ``mode`` and score every answer.
 
@@ -303,6 +361,10 @@ async def evaluate_answers(
         flare: ``flare`` mode parameters (default: the served model's, :func:`core.wiring.flare_defaults`).
         observer: ``flare`` mode: sees every judged look-ahead sentence.
         progress: Called after each question with (done, total, result).
+        grounding: The grounding guard's settings (``None``: no guard).
+        unanswerable: ``dataset`` is a derived unanswerable set (:mod:`evaluation.derived`).
+        score_params: Scorer settings of the after-the-fact grounding metrics (default: ``grounding``'s,
+            else :class:`GroundingParams`' defaults), so runs with and without the guard compare.
 
     Returns:
         The report; a question whose answer ended in an error event is kept with ``error`` set
@@ -311,9 +373,12 @@ async def evaluate_answers(
     from rouge_score import rouge_scorer  # type: ignore[import-untyped]
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    items = await asyncio.to_thread(load_items, dataset, questions)
+    items = await asyncio.to_thread(load_items, dataset, questions, unanswerable=unanswerable)
+    embedder: Embedder = scratch.context.embedder
+    scoring = score_params or grounding or GroundingParams()
     defaults = answer_defaults(settings)
     kwargs = defaults.kwargs(k=k, flare=flare)
+    kwargs.pop("grounding", None)
     params = generation_params(settings, max_tokens=max_tokens)
     filters = SearchFilters(collections=(scratch.collection,))
     report = AnswerEvalReport(
@@ -327,6 +392,8 @@ async def evaluate_answers(
             "interval_tokens": kwargs["interval_tokens"],
             "flare": kwargs["flare"].to_dict() if mode == "flare" else None,
             "model": settings.llm.model,
+            "grounding": None if grounding is None else asdict(grounding),
+            "unanswerable": unanswerable,
         },
     )
     llm = build_llm_client(settings)
@@ -353,6 +420,8 @@ async def evaluate_answers(
                 params=params,
                 filters=filters,
                 flare_observer=count,
+                grounding=grounding,
+                embedder=embedder,
                 **kwargs,
             ):
                 if isinstance(event, DoneEvent):
@@ -361,9 +430,87 @@ async def evaluate_answers(
                     error = f"{event.code}: {event.message}"
             latency = (time.perf_counter() - t0) * 1000.0
             result = _score(item, done, error, latency, scratch, scorer, sentences)
+            if done is not None:
+                await asyncio.to_thread(_ground_metrics, result, item, done, scratch, embedder, scoring)
             report.results.append(result)
             if progress is not None:
                 progress(index, len(items), result)
+    finally:
+        await llm.aclose()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+async def evaluate_followups(
+    settings: Settings,
+    dataset: Dataset,
+    scratch: ScratchCollection,
+    *,
+    mode: AnswerMode,
+    questions: int | None = None,
+    max_tokens: int | None = None,
+    grounding: GroundingParams | None = None,
+    progress: Callable[[int, int, QuestionResult], None] | None = None,
+) -> AnswerEvalReport:
+    """The multi-turn dev set (:func:`evaluation.derived.derive_followups`): score the follow-ups.
+
+    Each first question is answered, then its follow-up with the conversation so far as history;
+    the follow-up's answer is scored against the first question's gold passages like any answer.
+    """
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    items = {i.qid: i for i in await asyncio.to_thread(load_items, dataset, questions)}
+    followups = [f for f in derive_followups(dataset, questions) if f.qid in items]
+    kwargs = answer_defaults(settings).kwargs()
+    kwargs.pop("grounding", None)
+    params = generation_params(settings, max_tokens=max_tokens)
+    filters = SearchFilters(collections=(scratch.collection,))
+    embedder: Embedder = scratch.context.embedder
+    report = AnswerEvalReport(
+        dataset=str(dataset.root),
+        collection=scratch.collection,
+        mode=mode,
+        params={
+            "followups": True,
+            "max_tokens": params.max_tokens,
+            "grounding": None if grounding is None else asdict(grounding),
+        },
+    )
+    llm = build_llm_client(settings)
+    started = time.perf_counter()
+
+    async def ask(question: str, history: tuple[ChatMessage, ...]) -> tuple[DoneEvent | None, str | None]:
+        done: DoneEvent | None = None
+        error: str | None = None
+        async for event in answer(
+            question, retriever=scratch.retriever, llm=llm, mode=mode, params=params, filters=filters,
+            history=history, grounding=grounding, embedder=embedder, **kwargs,
+        ):  # fmt: skip
+            if isinstance(event, DoneEvent):
+                done = event
+            elif isinstance(event, ErrorEvent):
+                error = f"{event.code}: {event.message}"
+        return done, error
+
+    try:
+        for index, follow in enumerate(followups, start=1):
+            first, _ = await ask(follow.first, ())
+            history = (
+                ChatMessage("user", follow.first),
+                ChatMessage("assistant", first.answer if first is not None else ""),
+            )
+            t0 = time.perf_counter()
+            done, error = await ask(follow.follow_up, history)
+            item = replace(items[follow.qid], question=follow.follow_up)
+            result = _score(item, done, error, (time.perf_counter() - t0) * 1000.0, scratch, scorer, 0)
+            if done is not None:
+                await asyncio.to_thread(
+                    _ground_metrics, result, item, done, scratch, embedder, grounding or GroundingParams()
+                )
+            report.results.append(result)
+            if progress is not None:
+                progress(index, len(followups), result)
     finally:
         await llm.aclose()
     report.seconds = time.perf_counter() - started
@@ -406,9 +553,73 @@ def _score(
         latency_ms=round(latency_ms, 1),
         ttft_ms=round(done.timings.get("ttft_ms", latency_ms), 1),
         completion_tokens=done.usage.completion_tokens,
-        no_answer=NO_ANSWER.lower().rstrip(".") in done.answer.lower(),
+        no_answer=done.no_answer or NO_ANSWER.lower().rstrip(".") in done.answer.lower(),
         sentences=sentences,
+        words=word_count(done.answer),
+        finish_reason=done.finish_reason,
     )
+
+
+def _ground_metrics(
+    result: QuestionResult,
+    item: QAItem,
+    done: DoneEvent,
+    scratch: ScratchCollection,
+    embedder: Embedder,
+    params: GroundingParams,
+) -> None:
+    """Fill the grounding metrics of ``result`` (see the module docstring)."""
+    first = done.retrievals[0] if done.retrievals else None
+    if first is not None and first.chunks:
+        top = first.chunks[0].chunk
+        baseline = " ".join(top.text.split()[:80])
+        result.baseline_f1 = round(token_f1(baseline, item.gold_texts), 4) if item.gold_texts else 0.0
+        result.baseline_rouge_l = round(rouge_l(baseline, item.gold_texts), 4) if item.gold_texts else 0.0
+        result.top1_gold = scratch.passage_of(top.path) in set(item.gold_ids)
+        dense = [sc.dense.score for sc in first.chunks if sc.dense is not None]
+        result.retrieval_score = round(max(dense), 4) if dense else None
+    sources: dict[int, Chunk] = {}
+    for r in done.retrievals:
+        for sc, n in zip(r.chunks, r.numbers, strict=False):
+            if n is not None:
+                sources.setdefault(n, sc.chunk)
+    scorer = SupportScorer(embedder, dense_weight=params.dense_weight, threshold=params.support_threshold)
+    scorer.add_sources(sources)
+    result.best_relevance = round(max((r for _, r in scorer.relevance(item.question)), default=0.0), 4)
+    if result.no_answer:
+        return
+    sentences = [s.text for s in split_sentences(done.answer) if normalise_sentence(s.text)]
+    if not sentences:
+        return
+    result.support_rate = round(sum(scorer.judge(s).verdict == "supported" for s in sentences) / len(sentences), 4)
+    keys = [normalise_sentence(s) for s in sentences]
+    result.repeats = len(set(keys)) < len(keys)
+    result.source_ids = any(copies_source_header(s, sources) for s in sentences)
+    by_n = {c.n: scratch.passage_of(c.path) for c in done.citations}
+    gold = set(item.gold_ids)
+    pairs = [(i, by_n.get(n)) for i, s in enumerate(sentences) for n in marker_numbers(s)]
+    if pairs and item.gold_texts:
+        result.sentence_citation_precision = round(sum(pid in gold for _, pid in pairs) / len(pairs), 4)
+    if item.gold_texts:
+        citing = {i for i, pid in pairs if pid in gold}
+        result.sentence_citation_recall = round(len(citing) / len(sentences), 4)
+
+
+def abstention(answerable: AnswerEvalReport, unanswerable: AnswerEvalReport) -> dict[str, float | None]:
+    """Abstention precision and recall over an answerable run and its unanswerable variant.
+
+    Precision: of the answers that abstained (both runs), the share on unanswerable questions.
+    Recall: the share of unanswerable questions that abstained. Also the answerable abstain rate.
+    """
+    answered = [r for r in answerable.results if r.error is None]
+    unanswered = [r for r in unanswerable.results if r.error is None]
+    true_pos = sum(r.no_answer for r in unanswered)
+    false_pos = sum(r.no_answer for r in answered)
+    return {
+        "precision": round(true_pos / (true_pos + false_pos), 4) if true_pos + false_pos else None,
+        "recall": round(true_pos / len(unanswered), 4) if unanswered else None,
+        "answerable_abstain_rate": round(false_pos / len(answered), 4) if answered else None,
+    }
 
 
 def summarize_flare(judgements: Sequence[SentenceJudgement]) -> Mapping[str, float]:

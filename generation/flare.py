@@ -597,7 +597,7 @@ async def run_flare(
         if observer is not None:
             observer(judgement)
 
-    event, plan = await session.ground(session.question, round=0, reason="initial")
+    event, plan = await session.ground(session.query, round=0, reason="initial")
     yield event
     rounds = 0
     while True:

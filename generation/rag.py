@@ -30,11 +30,19 @@ Citation numbers are stable across rounds: a chunk gets a number the first time 
 a prompt and keeps it in every later prompt; new chunks get the next unused numbers. So
 ``[n]`` always means the same source to the model, to the citation tracker and to the user.
 
+``extractive``
+    Retrieve once and generate nothing: the grounding guard (:mod:`generation.guard`) answers with
+    the source sentences that best answer the question, each cited. Needs no model server.
+
 ``flare`` (active retrieval, Jiang et al. 2023; :mod:`generation.flare`)
     Retrieve with the question, then sentence by sentence: generate a look-ahead sentence with
     token log-probabilities; accept it if every token is confident (probability > θ), else
     retrieve with it (masked or generated-question query), regenerate it over the new sources
     and accept that. Sentences are emitted only once accepted.
+
+Grounding: with ``grounding`` set, :func:`answer` runs every mode's events through
+:func:`generation.guard.guard_stream` (support verdicts, re-pointed citations, fallback to the
+extractive answer, abstention); it is the only place the guard is hooked in.
 
 Extending: a mode is a runner over :class:`AnswerSession` (``ground`` / ``stream`` /
 ``generate`` + ``accept``), registered in :func:`_runner`.
@@ -51,51 +59,44 @@ from typing import Literal
 from generation.client import LLMClient, aclosing_iter
 from generation.errors import GenerationError
 from generation.flare import FlareParams, FlareSession, SentenceJudgement, default_flare_params, run_flare
-from generation.markers import drop_open_marker, strip_citations
+from generation.guard import GroundingParams, guard_stream
 from generation.prompts import CHATML, SYSTEM_PROMPT, ChatTemplate
+from generation.queries import continuation_query, standalone_query
 from generation.session import AnswerSession
 from generation.types import (
     AnswerEvent,
     ChatMessage,
     ErrorEvent,
     GenerationParams,
+    RetrievalEvent,
 )
-from retrieval.types import RetrievalError, Retriever, SearchFilters, SearchOptions
+from retrieval.types import Embedder, RetrievalError, Retriever, SearchFilters, SearchOptions
 
 __all__ = [
     "ANSWER_MODES",
     "AnswerMode",
     "AnswerSession",
     "FlareParams",
+    "GroundingParams",
     "ModeRunner",
     "answer",
     "continuation_query",
+    "run_extractive",
     "run_interval",
     "run_single",
+    "standalone_query",
 ]
 
 logger = logging.getLogger(__name__)
 
-AnswerMode = Literal["single", "interval", "flare"]
-ANSWER_MODES: tuple[AnswerMode, ...] = ("single", "interval", "flare")
+AnswerMode = Literal["single", "interval", "flare", "extractive"]
+ANSWER_MODES: tuple[AnswerMode, ...] = ("single", "interval", "flare", "extractive")
 ModeRunner = Callable[["AnswerSession"], AsyncIterator[AnswerEvent]]
-
-
-def continuation_query(question: str, partial_answer: str, tail_words: int = 32) -> str:
-    """The retrieval query of a later round: the question plus the end of the answer so far.
-
-    In-context RALM retrieves with the last tokens of the prefix; the question is kept because
-    the answer's first words alone often do not say what is being asked.
-    """
-    # A round can end inside a marker ("... [1"): drop that too, markers are noise to a retriever.
-    words = drop_open_marker(strip_citations(partial_answer)).split()
-    tail = " ".join(words[-tail_words:]) if tail_words > 0 else ""
-    return f"{question.strip()}\n{tail}" if tail else question.strip()
 
 
 async def run_single(session: AnswerSession) -> AsyncIterator[AnswerEvent]:
     """``single`` mode: retrieve once with the question, stream the whole answer."""
-    event, plan = await session.ground(session.question, round=0, reason="initial")
+    event, plan = await session.ground(session.query, round=0, reason="initial")
     yield event
     async with aclosing_iter(session.stream(plan, max_tokens=session.remaining_tokens)) as stream:
         async for answer_event in stream:
@@ -111,7 +112,7 @@ async def run_interval(
     any reason other than ``"length"`` (or that produced nothing) ends the answer, as does
     reaching ``params.max_tokens``.
     """
-    query = session.question
+    query = session.query
     round_no = 0
     while True:
         event, plan = await session.ground(query, round=round_no, reason="initial" if round_no == 0 else "interval")
@@ -126,6 +127,26 @@ async def run_interval(
         query = continuation_query(session.question, session.raw_answer, query_tail_words)
 
 
+async def run_extractive(session: AnswerSession) -> AsyncIterator[AnswerEvent]:
+    """``extractive`` mode: retrieve once, generate nothing; the grounding guard quotes the sources.
+
+    Every hit is numbered (no prompt is built, so the model server is not needed).
+    """
+    hits, elapsed = await session.retrieve(session.query)
+    session.hits = hits
+    numbers: list[int | None] = []
+    for hit in hits:
+        n = session.numbering.setdefault(hit.chunk.id, session.next_number)
+        if n == session.next_number:
+            session.tracker.add_source(n, hit.chunk)
+            session.next_number += 1
+        numbers.append(n)
+    event = RetrievalEvent(round=0, query=session.query, chunks=tuple(hits), numbers=tuple(numbers), elapsed_ms=elapsed)
+    session.retrievals.append(event)
+    session.finish_reason = "stop"
+    yield event
+
+
 def _runner(
     mode: str,
     *,
@@ -136,6 +157,8 @@ def _runner(
 ) -> ModeRunner:
     if mode == "single":
         return run_single
+    if mode == "extractive":
+        return run_extractive
     if mode == "interval":
         return functools.partial(run_interval, interval_tokens=interval_tokens, query_tail_words=query_tail_words)
     if mode == "flare":
@@ -165,6 +188,8 @@ async def answer(
     stop_on_repetition: bool = True,
     flare: FlareParams | None = None,
     flare_observer: Callable[[SentenceJudgement], None] | None = None,
+    grounding: GroundingParams | None = None,
+    embedder: Embedder | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> AsyncIterator[AnswerEvent]:
     """Answer ``question`` from retrieved sources as a stream of events.
@@ -173,7 +198,7 @@ async def answer(
         question: The user's question.
         retriever: Where sources come from.
         llm: The generator; the prompt is rendered with ``template`` and sent to its completions API.
-        mode: ``"single"``, ``"interval"`` or ``"flare"`` (see the module docstring).
+        mode: ``"single"``, ``"interval"``, ``"flare"`` or ``"extractive"`` (see the module docstring).
         k: Chunks per retrieval (fewer may fit the context window); ``flare.top_k`` overrides it
             in ``flare`` mode.
         params: Sampling parameters; ``max_tokens`` bounds the whole answer, ``logprobs`` is ignored
@@ -197,6 +222,10 @@ async def answer(
             (:func:`generation.flare.default_flare_params`).
         flare_observer: ``flare`` mode: called with every judged look-ahead sentence (calibration
             and evaluation read token probabilities through it); it must not raise.
+        grounding: Run the answer through the grounding guard (:mod:`generation.guard`): support
+            verdicts per sentence, re-pointed citations, fallback to quoting the sources, abstention.
+            ``None``: no guard (the ``extractive`` mode then uses ``GroundingParams(policy="strict")``).
+        embedder: The embedding model the guard scores support with (``None``: word overlap only).
         clock: Monotonic clock in seconds (tests inject one).
 
     Yields:
@@ -210,6 +239,8 @@ async def answer(
     """
     if k < 1 or interval_tokens < 1:
         raise ValueError("k and interval_tokens must be at least 1")
+    if mode == "extractive" and grounding is None:
+        grounding = GroundingParams(policy="strict")
     if mode == "flare":
         flare = flare or default_flare_params(llm.model)
         k = flare.top_k or k
@@ -241,11 +272,25 @@ async def answer(
         stop_on_repetition=stop_on_repetition,
     )
     try:
-        async with aclosing_iter(runner(session)) as events:
-            async for event in events:
+        if grounding is None:
+            async with aclosing_iter(runner(session)) as events:
+                async for event in events:
+                    yield event
+            for event in session.finish():
                 yield event
-        for event in session.finish():
-            yield event
+        else:
+            guarded = guard_stream(
+                runner(session),
+                finish=session.finish,
+                question=session.query,
+                params=grounding,
+                embedder=embedder,
+                extractive=mode == "extractive",
+                clock=clock,
+            )
+            async with aclosing_iter(guarded) as events:
+                async for event in events:
+                    yield event
     except GenerationError as exc:
         logger.warning("answer failed", extra={"code": exc.code, "mode": mode, "error": str(exc)})
         yield ErrorEvent(code=exc.code, message=str(exc), retryable=exc.retryable)

@@ -28,6 +28,7 @@ from generation.client import LLMClient, aclosing_iter
 from generation.context import ContextPlan, assign_numbers, plan_context, skeleton_prompt
 from generation.errors import ContextTooLong
 from generation.prompts import ChatTemplate, format_source
+from generation.queries import standalone_query
 from generation.repetition import repeated_unit
 from generation.tokenizer import CachedTokenCounter
 from generation.types import (
@@ -89,6 +90,8 @@ class AnswerSession:
         stop_on_repetition: bool = True,
     ) -> None:
         self.question = question
+        self.query = standalone_query(question, history)
+        """What the first retrieval searches with (:func:`generation.queries.standalone_query`)."""
         self.retriever = retriever
         self.llm = llm
         self.mode = mode

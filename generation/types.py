@@ -1,8 +1,8 @@
 """Value types of the generation package: sampling parameters, model output, answer events.
 
 Everything here is a frozen dataclass. The answer events (:data:`AnswerEvent`) are the domain
-form of the one event schema, discriminated on ``type`` (``retrieval | token | citation | done |
-error``); their wire form (what SSE, the websocket and ``rag ask --json`` send) is derived from
+form of the one event schema, discriminated on ``type`` (``retrieval | token | citation | support |
+done | error``); their wire form (what SSE, the websocket and ``rag ask --json`` send) is derived from
 them in exactly one place, ``app/schemas/events.py``.
 """
 
@@ -26,6 +26,7 @@ __all__ = [
     "RetrievalEvent",
     "Role",
     "StreamDelta",
+    "SupportEvent",
     "TokenEvent",
     "TokenLogprob",
     "Usage",
@@ -207,7 +208,12 @@ class DoneEvent:
         usage: Tokens summed over every model request of this answer.
         timings: Milliseconds: ``retrieval_ms``, ``ttft_ms`` (time to first token), ``total_ms``, ...
         mode: The answer mode (``"single"``, ``"interval"``, ...).
-        finish_reason: Why generation stopped (``"stop"``, ``"length"``).
+        finish_reason: Why the answer ended: ``"stop"`` (the model ended it), ``"length"`` (the token
+            cap, or the grounding guard's word budget), ``"repetition"`` (a loop), ``"guard"`` (the
+            grounding guard cut or replaced the model's answer, or abstained).
+        no_answer: The answer says the sources do not answer the question (grounding guard).
+        supports: The grounding guard's judgement of every shown sentence, in order (empty when the
+            guard is off).
     """
 
     answer: str
@@ -217,6 +223,8 @@ class DoneEvent:
     timings: Mapping[str, float]
     mode: str
     finish_reason: str | None
+    no_answer: bool = False
+    supports: tuple[SupportEvent, ...] = ()
     type: Literal["done"] = field(default="done", init=False)
 
 
@@ -230,4 +238,39 @@ class ErrorEvent:
     type: Literal["error"] = field(default="error", init=False)
 
 
-AnswerEvent = RetrievalEvent | TokenEvent | CitationEvent | DoneEvent | ErrorEvent
+# --- grounding (generation.guard) ---------------------------------------------------------------
+# The grounding guard's per-sentence verdict (its wire form is in app/schemas/events.py).
+
+
+@dataclass(frozen=True, slots=True)
+class SupportEvent:
+    """The grounding guard's verdict on one sentence of the answer, sent right after its tokens.
+
+    Attributes:
+        index: The sentence's position among the shown sentences (0-based).
+        sentence: The sentence as shown (display citation numbers included).
+        verdict: ``"supported"`` or ``"unsupported"``.
+        score: The support score (``w · cosine + (1 − w) · lexical``, see :mod:`generation.grounding`).
+        origin: ``"model"`` (generated) or ``"extractive"`` (quoted from a source by the guard).
+        n: The display citation number of the supporting source (``None`` when unsupported).
+        chunk_id: The supporting chunk (also given for an unsupported sentence: its closest chunk).
+        start: Start of the supporting sentence in that chunk's text (``chunk.text[start:end]``).
+        end: Its end.
+        reason: Why an unsupported sentence is unsupported (``"low_support"``, ``"number"``,
+            ``"source_header"``, ``"no_sources"``), else ``None``.
+    """
+
+    index: int
+    sentence: str
+    verdict: Literal["supported", "unsupported"]
+    score: float
+    origin: Literal["model", "extractive"]
+    n: int | None
+    chunk_id: int | None
+    start: int | None
+    end: int | None
+    reason: str | None = None
+    type: Literal["support"] = field(default="support", init=False)
+
+
+AnswerEvent = RetrievalEvent | TokenEvent | CitationEvent | SupportEvent | DoneEvent | ErrorEvent

@@ -55,6 +55,7 @@ async def events(
                 defaults=resources.answer_defaults,
                 metrics=resources.metrics,
                 transport=transport,
+                embedder=resources.embedder,
             )
             async with aclosing_iter(stream) as source:
                 async for event in source:

@@ -125,7 +125,8 @@ async def _eval_retrieval(settings: Settings, data: Any, *, sweep: bool, quiet: 
 def answers(
     dataset: DatasetOpt,
     mode: Annotated[
-        Literal["single", "interval", "flare"], typer.Option("--mode", "-m", help="single | interval | flare")
+        Literal["single", "interval", "flare", "extractive"],
+        typer.Option("--mode", "-m", help="single | interval | flare | extractive"),
     ] = "single",
     questions: QuestionsOpt = None,
     as_json: JsonOpt = False,
@@ -134,6 +135,16 @@ def answers(
     theta: Annotated[float | None, typer.Option(help="flare: θ (default: the model's).")] = None,
     query_mode: Annotated[Literal["masked", "question"] | None, typer.Option(help="flare: masked | question.")] = None,
     save: Annotated[Path | None, typer.Option("--save", help="Also write the JSON report to this file.")] = None,
+    guard: Annotated[
+        Literal["off", "annotate", "fallback", "strict"] | None,
+        typer.Option(help="Grounding guard: off | annotate | fallback | strict (default: the setting)."),
+    ] = None,
+    unanswerable: Annotated[
+        bool, typer.Option(help="Also answer the derived set without the gold passages; report abstention.")
+    ] = False,
+    followups: Annotated[
+        bool, typer.Option(help="Also answer the derived multi-turn set (a follow-up after each question).")
+    ] = False,
 ) -> None:
     """Answer a BEIR-layout QA dataset's questions and score EM, F1, ROUGE-L, citation precision, rounds, latency.
 
@@ -144,7 +155,22 @@ def answers(
     settings = load_settings()
     data = load_dataset_or_fail(dataset)
     try:
-        out = asyncio.run(_eval_answers(settings, data, mode, questions, max_tokens, k, theta, query_mode, as_json))
+        out = asyncio.run(
+            _eval_answers(
+                settings,
+                data,
+                mode,
+                questions,
+                max_tokens,
+                k,
+                theta,
+                query_mode,
+                as_json,
+                guard=guard,
+                unanswerable=unanswerable,
+                followups=followups,
+            )
+        )
     except ValueError as e:
         fail(str(e))
     if save is not None:
@@ -173,24 +199,63 @@ def answers(
         str(m["errors"]),
     )
     console.print(table)
+    grounding = Table(title="grounding")
+    for col in ("F1 80w top-1", "top-1 acc", "words", "support", "sent. cit. P", "sent. cit. R", "repeats", "ids"):
+        grounding.add_column(col, justify="right")
+    grounding.add_row(
+        f(m["baseline_f1"]),
+        f(m["top1_accuracy"], ".0%"),
+        f(m["words"], ".1f"),
+        f(m["support_rate"]),
+        f(m["sentence_citation_precision"]),
+        f(m["sentence_citation_recall"]),
+        str(m["repeats"]),
+        str(m["source_ids"]),
+    )
+    console.print(grounding)
+    if "followups" in out:
+        fm = out["followups"]["metrics"]
+        console.print(
+            f"follow-ups: F1 {f(fm['f1'])} · ROUGE-L {f(fm['rouge_l'])} · top-1 acc {f(fm['top1_accuracy'], '.0%')} "
+            f"· gold in context {f(fm['gold_in_context'], '.0%')} · no answer {f(fm['no_answer_rate'], '.0%')}"
+        )
+    if "abstention" in out:
+        a = out["abstention"]
+        console.print(
+            f"abstention: precision {f(a['precision'])} · recall {f(a['recall'])} · "
+            f"answerable abstained {f(a['answerable_abstain_rate'], '.0%')}"
+        )
 
 
 async def _eval_answers(
     settings: Settings,
     data: Any,
-    mode: Literal["single", "interval", "flare"],
+    mode: Literal["single", "interval", "flare", "extractive"],
     questions: int | None,
     max_tokens: int | None,
     k: int | None,
     theta: float | None,
     query_mode: Literal["masked", "question"] | None,
     quiet: bool,
+    *,
+    guard: str | None = None,
+    unanswerable: bool = False,
+    followups: bool = False,
 ) -> dict[str, Any]:
-    from core.wiring import flare_defaults
-    from evaluation.answers import evaluate_answers, open_scratch_collection, summarize_flare
+    from core.wiring import flare_defaults, grounding_params
+    from evaluation.answers import (
+        abstention,
+        evaluate_answers,
+        evaluate_followups,
+        open_scratch_collection,
+        summarize_flare,
+    )
+    from evaluation.beir import load_dataset
+    from evaluation.derived import derive_unanswerable
     from generation.flare import SentenceJudgement
 
     flare = flare_defaults(settings).with_overrides(theta=theta, query_mode=query_mode)
+    grounding = grounding_params(settings, guard)
     judgements: list[SentenceJudgement] = []
 
     reporter = Progress(f"eval answers {mode}", unit="questions")
@@ -217,10 +282,51 @@ async def _eval_answers(
                 flare=flare,
                 observer=judgements.append,
                 progress=progress,
+                grounding=grounding,
             )
+            turns = None
+            if followups:
+                turns = await evaluate_followups(
+                    settings,
+                    data,
+                    scratch,
+                    mode=mode,
+                    questions=questions,
+                    max_tokens=max_tokens,
+                    grounding=grounding,
+                    progress=progress,
+                )
     finally:
         await scratch.aclose()
     out = report.as_json()
+    if turns is not None:
+        out["followups"] = {"metrics": turns.metrics(), "questions": turns.as_json()["questions"]}
+    if unanswerable:
+        folder = derive_unanswerable(data, settings.data_dir / "eval" / "derived", questions)
+        derived = load_dataset(folder)
+        scratch = await open_scratch_collection(settings, derived, log=None if quiet else err_console.print)
+        try:
+            missing = await evaluate_answers(
+                settings,
+                derived,
+                scratch,
+                mode=mode,
+                questions=questions,
+                max_tokens=max_tokens,
+                k=k,
+                flare=flare,
+                progress=progress,
+                grounding=grounding,
+                unanswerable=True,
+            )
+        finally:
+            await scratch.aclose()
+        out["unanswerable"] = {
+            "dataset": str(folder),
+            "metrics": missing.metrics(),
+            "questions": missing.as_json()["questions"],
+        }
+        out["abstention"] = abstention(report, missing)
     if mode == "flare":
         out["flare"] = summarize_flare(judgements)
     return out

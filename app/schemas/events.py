@@ -91,6 +91,24 @@ class CitationEvent(BaseModel):
     )
 
 
+class SupportEvent(BaseModel):
+    """The grounding guard's verdict on one shown sentence (sent right after its tokens)."""
+
+    type: Literal["support"] = "support"
+    index: int
+    sentence: str
+    verdict: Literal["supported", "unsupported"]
+    score: float
+    origin: Literal["model", "extractive"] = Field(description="Generated, or quoted from a source by the guard.")
+    n: int | None = Field(description="Display citation number of the supporting source.")
+    chunk_id: int | None
+    start: int | None = Field(description="Start of the supporting sentence in the chunk's text.")
+    end: int | None
+    reason: str | None = Field(
+        default=None, description="Why unsupported: `low_support`, `number`, `source_header`, ..."
+    )
+
+
 class Usage(BaseModel):
     """Tokens used by every model request of the answer."""
 
@@ -109,7 +127,9 @@ class DoneEvent(BaseModel):
     usage: Usage
     timings: dict[str, float] = Field(description="Milliseconds: `retrieval_ms`, `ttft_ms`, `total_ms`, ...")
     mode: str
-    finish_reason: str | None
+    finish_reason: str | None = Field(description="`stop`, `length`, `repetition`, or `guard` (the grounding guard).")
+    no_answer: bool = Field(default=False, description="The sources do not answer the question.")
+    supports: list[SupportEvent] = Field(default_factory=list, description="Support verdicts of the shown sentences.")
 
 
 class ErrorEvent(BaseModel):
@@ -122,17 +142,17 @@ class ErrorEvent(BaseModel):
 
 
 AnswerEventOut = Annotated[
-    RetrievalEvent | TokenEvent | CitationEvent | DoneEvent | ErrorEvent, Field(discriminator="type")
+    RetrievalEvent | TokenEvent | CitationEvent | SupportEvent | DoneEvent | ErrorEvent, Field(discriminator="type")
 ]
 """Every answer event, discriminated on ``type``."""
 
-ANSWER_EVENT_ADAPTER: TypeAdapter[RetrievalEvent | TokenEvent | CitationEvent | DoneEvent | ErrorEvent] = TypeAdapter(
-    AnswerEventOut
-)
+ANSWER_EVENT_ADAPTER: TypeAdapter[
+    RetrievalEvent | TokenEvent | CitationEvent | SupportEvent | DoneEvent | ErrorEvent
+] = TypeAdapter(AnswerEventOut)
 """Parses and validates wire events (clients, tests)."""
 
 
-WireEvent = RetrievalEvent | TokenEvent | CitationEvent | DoneEvent | ErrorEvent
+WireEvent = RetrievalEvent | TokenEvent | CitationEvent | SupportEvent | DoneEvent | ErrorEvent
 
 
 def chunk_out(chunk: Chunk) -> ChunkOut:
@@ -160,6 +180,21 @@ def _citation(event: domain.CitationEvent) -> CitationEvent:
         end=event.end,
         snippet=event.snippet,
         inferred=event.inferred,
+    )
+
+
+def _support(event: domain.SupportEvent) -> SupportEvent:
+    return SupportEvent(
+        index=event.index,
+        sentence=event.sentence,
+        verdict=event.verdict,
+        score=event.score,
+        origin=event.origin,
+        n=event.n,
+        chunk_id=event.chunk_id,
+        start=event.start,
+        end=event.end,
+        reason=event.reason,
     )
 
 
@@ -191,6 +226,8 @@ def to_wire(event: domain.AnswerEvent) -> WireEvent:
         return _citation(event)
     if isinstance(event, domain.RetrievalEvent):
         return _retrieval(event)
+    if isinstance(event, domain.SupportEvent):
+        return _support(event)
     if isinstance(event, domain.ErrorEvent):
         return ErrorEvent(code=event.code, message=event.message, retryable=event.retryable)
     return DoneEvent(
@@ -205,6 +242,8 @@ def to_wire(event: domain.AnswerEvent) -> WireEvent:
         timings=dict(event.timings),
         mode=event.mode,
         finish_reason=event.finish_reason,
+        no_answer=event.no_answer,
+        supports=[_support(s) for s in event.supports],
     )
 
 

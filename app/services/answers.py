@@ -35,7 +35,7 @@ from generation.client import LLMClient, aclosing_iter
 from generation.rag import AnswerMode, answer
 from generation.types import AnswerEvent, ChatMessage, DoneEvent, ErrorEvent, GenerationParams, TokenEvent
 from retrieval.store import IndexStore
-from retrieval.types import Retriever, SearchFilters, SearchOptions
+from retrieval.types import Embedder, Retriever, SearchFilters, SearchOptions
 
 Transport = Literal["rest", "sse", "websocket", "openai"]
 
@@ -116,8 +116,11 @@ async def run(
     defaults: AnswerDefaults,
     metrics: Metrics,
     transport: Transport,
+    embedder: Embedder | None = None,
 ) -> AsyncIterator[AnswerEvent]:
     """Stream the answer events of ``plan``; the last one is ``done`` or ``error``.
+
+    ``embedder`` scores the grounding guard's support (``defaults.grounding``); ``None``: word overlap.
 
     Closing the iterator early cancels the answer and closes the upstream model request.
     """
@@ -135,6 +138,7 @@ async def run(
             history=plan.history,
             filters=SearchFilters(collections=plan.collections, path_prefix=plan.path_prefix),
             search_options=plan.search_options,
+            embedder=embedder,
             **defaults.kwargs(k=plan.k),
         )
         async with aclosing_iter(events) as stream:

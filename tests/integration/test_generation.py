@@ -14,6 +14,7 @@ import pytest
 
 from core.wiring import generation_params
 from generation.backends.openai_compat import OpenAICompatClient
+from generation.guard import GroundingParams
 from generation.rag import answer
 from generation.types import (
     CitationEvent,
@@ -21,6 +22,7 @@ from generation.types import (
     ErrorEvent,
     GenerationParams,
     RetrievalEvent,
+    SupportEvent,
     TokenEvent,
 )
 from tests.answer_stack import answer_stack
@@ -209,3 +211,62 @@ def test_rag_ask_json_cli(tmp_path: Path, corpus_dir: Path, llm_server: LLMServe
     )
     assert failed.returncode == 1
     assert "llm_unavailable" in failed.stderr
+
+
+async def test_the_grounding_guard_judges_real_answers(stack: Any, corpus: Corpus, embedder: Any) -> None:
+    """The guard over the real model: every shown sentence gets a verdict with a real span.
+
+    Supported sentences point at a chunk of the corpus, with a span that is a whole sentence of that
+    chunk and a citation numbered in order of first use; nothing repeats; a question about something
+    the corpus does not hold gets no unsupported sentence in ``strict`` mode.
+    """
+    settings, retriever, llm, chunk_ids = stack
+    params = GroundingParams()
+    supported = 0
+    for fact in corpus.facts[:4]:
+        events = [
+            e
+            async for e in answer(
+                fact.query,
+                retriever=retriever,
+                llm=llm,
+                params=generation_params(settings, max_tokens=64),
+                grounding=params,
+                embedder=embedder,
+            )
+        ]
+        done = events[-1]
+        assert isinstance(done, DoneEvent), done
+        verdicts = [e for e in events if isinstance(e, SupportEvent)]
+        assert verdicts == list(done.supports)
+        assert done.answer.strip()
+        if done.no_answer:
+            continue
+        assert verdicts, done.answer
+        assert [v.index for v in verdicts] == list(range(len(verdicts)))
+        assert len({v.sentence for v in verdicts}) == len(verdicts)  # no sentence repeats
+        by_chunk = {c.chunk_id: c.chunk for c in done.citations}
+        for v in verdicts:
+            assert v.verdict in ("supported", "unsupported")
+            if v.verdict == "supported":
+                supported += 1
+                assert v.chunk_id in chunk_ids and v.n is not None and v.chunk_id in by_chunk
+                assert v.start is not None and v.end is not None
+                quoted = by_chunk[v.chunk_id].text[v.start : v.end]
+                assert quoted.strip() and quoted == quoted.strip()
+        assert [c.n for c in done.citations] == list(range(1, len(done.citations) + 1))
+    assert supported, "no sentence of four answers was supported by its sources"
+    unrelated = [
+        e
+        async for e in answer(
+            "Which football club won the 1954 World Cup final in Bern?",
+            retriever=retriever,
+            llm=llm,
+            params=generation_params(settings, max_tokens=64),
+            grounding=GroundingParams(policy="strict"),
+            embedder=embedder,
+        )
+    ]
+    done = unrelated[-1]
+    assert isinstance(done, DoneEvent)
+    assert done.no_answer or all(s.verdict == "supported" for s in done.supports)

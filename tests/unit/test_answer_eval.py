@@ -71,3 +71,35 @@ def test_calibrate_picks_the_target_quantile() -> None:
     assert cal.as_json()["min_prob_percentiles"]["p50"] == pytest.approx(0.55)
     with pytest.raises(ValueError):
         calibrate([[], []], [])
+
+
+def test_derived_sets_are_stable_and_need_their_source(tmp_path: Path) -> None:
+    from evaluation.beir import load_dataset
+    from evaluation.derived import FOLLOW_UPS, derive_followups, derive_unanswerable
+
+    root = tmp_path / "ds"
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"p{i}", "title": "", "text": f"passage {i}"}) + "\n" for i in range(4)),
+        encoding="utf-8",
+    )
+    (root / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"q{i}", "text": f"question {i}?"}) + "\n" for i in range(3)), encoding="utf-8"
+    )
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\tp0\t1\nq1\tp1\t1\nq2\tp2\t1\n")
+    data = load_dataset(root)
+    folder = derive_unanswerable(data, tmp_path / "scratch", 2)
+    derived = load_dataset(folder)
+    assert sorted(derived.queries) == ["q0", "q1"]
+    ids = [json.loads(line)["_id"] for line in (folder / "corpus.jsonl").read_text().splitlines()]
+    assert ids == ["p2", "p3"]  # the gold passages of q0 and q1 are gone, the rest stays
+    stamp = (folder / "corpus.jsonl").stat().st_mtime_ns
+    assert derive_unanswerable(data, tmp_path / "scratch", 2) == folder
+    assert (folder / "corpus.jsonl").stat().st_mtime_ns == stamp  # not rewritten
+    items = load_items(derived, unanswerable=True)
+    assert [(i.qid, i.gold_ids, i.gold_texts) for i in items] == [("q0", ("p0",), ()), ("q1", ("p1",), ())]
+    followups = derive_followups(data, 3)
+    assert [f.first for f in followups] == ["question 0?", "question 1?", "question 2?"]
+    assert all(f.follow_up in FOLLOW_UPS for f in followups)
+    assert followups == derive_followups(data, 3)
+    assert followups[0].gold_ids == ("p0",)

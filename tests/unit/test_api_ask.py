@@ -282,3 +282,18 @@ def test_a_write_to_a_closed_connection_also_cancels(make_api: Callable[..., Api
 
     api.run(scenario)
     assert llm.open_streams == 0 and llm.closed_streams == 1
+
+
+def test_the_grounding_guard_reaches_the_stream(make_api: Callable[..., Api]) -> None:  # noqa: F811
+    api = make_api(grounding={"policy": "fallback", "abstain": False})
+    api.seed("docs", CORPUS)
+    with api.client.stream("POST", "/v1/ask/stream", json={"question": "How do I join paths in Python?"}) as r:
+        events = sse_events("".join(r.iter_text()))
+    names = [name for name, _ in events]
+    assert "support" in names and names[-1] == "done"
+    for _, data in events:
+        ANSWER_EVENT_ADAPTER.validate_python(data)
+    done = events[-1][1]
+    assert done["no_answer"] is False and done["supports"]
+    support = next(d for n, d in events if n == "support")
+    assert support["verdict"] == "supported" and support["n"] == 1

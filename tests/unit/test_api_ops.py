@@ -6,6 +6,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -17,6 +18,7 @@ from generation.types import (
     DoneEvent,
     ErrorEvent,
     RetrievalEvent,
+    SupportEvent,
     TokenEvent,
     TokenLogprob,
     Usage,
@@ -117,7 +119,7 @@ def test_openapi_documents_the_event_union(api: Api) -> None:
     schema = api.client.get("/openapi.json").json()
     event = schema["components"]["schemas"]["AnswerEvent"]
     assert event["discriminator"]["propertyName"] == "type"
-    assert set(event["discriminator"]["mapping"]) == {"retrieval", "token", "citation", "done", "error"}
+    assert set(event["discriminator"]["mapping"]) == {"retrieval", "token", "citation", "support", "done", "error"}
     stream = schema["paths"]["/v1/ask/stream"]["post"]["responses"]
     assert stream["200"]["content"]["text/event-stream"]["schema"] == {"$ref": "#/components/schemas/AnswerEvent"}
     assert "503" in stream
@@ -192,13 +194,19 @@ def test_every_domain_event_has_a_valid_wire_form() -> None:
         mode="flare",
         finish_reason="stop",
     )
-    for event in (retrieval, TokenEvent("Use"), citation, done, ErrorEvent("llm_timeout", "slow", True)):
+    support = SupportEvent(
+        index=0, sentence="Use [1]", verdict="supported", score=0.8, origin="model", n=1, chunk_id=7, start=0, end=3
+    )
+    guarded = replace(done, no_answer=True, supports=(support,), finish_reason="guard")
+    events = (retrieval, TokenEvent("Use"), citation, support, done, guarded, ErrorEvent("llm_timeout", "slow", True))
+    for event in events:
         wire = wire_dict(event)
         assert wire["type"] == event.type
         model = ANSWER_EVENT_ADAPTER.validate_python(json.loads(json.dumps(wire)))  # what a client parses
         assert model.model_dump(mode="json") == wire, event.type
     assert wire_dict(retrieval)["trigger"][0]["logprob"] is None  # NaN is not JSON
     assert "chunk" not in wire_dict(citation)  # the retrieval event carried the chunk's text
+    assert wire_dict(guarded)["no_answer"] and wire_dict(guarded)["supports"][0]["verdict"] == "supported"
 
 
 def test_cors_when_configured(make_api: Callable[..., Api]) -> None:  # noqa: F811
