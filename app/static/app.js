@@ -168,9 +168,8 @@
 
   // ------------------------------------------------------------------------------------------ rendering
 
-  function renderText(container, text, answer) {
+  function appendMarked(container, text, answer) {
     // [n] markers become buttons when source n is known; everything goes in as text nodes (no HTML).
-    container.replaceChildren();
     const pattern = /\[(\d{1,3})\]/g;
     let at = 0;
     let match;
@@ -181,6 +180,52 @@
       at = match.index + match[0].length;
     }
     container.append(text.slice(at));
+  }
+
+  function renderText(container, text, answer) {
+    // Sentences the grounding guard judged (``support`` events) are wrapped in a span marked with
+    // the verdict, followed by a small button that opens the supporting passage.
+    container.replaceChildren();
+    let at = 0;
+    for (const s of answer.supports) {
+      const i = text.indexOf(s.sentence, at);
+      if (i < 0) continue;
+      appendMarked(container, text.slice(at, i), answer);
+      const supported = s.verdict === "supported";
+      const span = el("span", {
+        class: `sentence ${s.verdict}`,
+        dataset: { verdict: s.verdict, origin: s.origin },
+        title: supported
+          ? `Supported by source ${s.n ?? "?"} (score ${s.score.toFixed(2)})`
+          : `Not supported by the sources (${(s.reason || "low support").replace("_", " ")}, score ${s.score.toFixed(2)})`,
+      });
+      appendMarked(span, s.sentence, answer);
+      container.append(span);
+      if (s.chunk_id !== null && answer.chunks.has(s.chunk_id)) {
+        container.append(el("button", {
+          type: "button",
+          class: `verdict ${s.verdict}`,
+          text: supported ? "✓" : "?",
+          "aria-label": supported ? "Show the passage that supports this sentence" : "Show the closest passage (it does not support this sentence)",
+          onclick: () => openSupport(answer, s),
+        }));
+      }
+      at = i + s.sentence.length;
+    }
+    appendMarked(container, text.slice(at), answer);
+  }
+
+  function openSupport(answer, support) {
+    const { chunk, n } = answer.chunks.get(support.chunk_id);
+    ui.passageTitle.textContent = `${n ? `[${n}] ` : ""}${baseName(chunk.path)}`;
+    const meta = [chunk.path];
+    if (chunk.page) meta.push(`page ${chunk.page}`);
+    meta.push(support.verdict === "supported" ? "the sentence that supports the answer is marked" : "closest passage: it does not support the answer");
+    ui.passageMeta.textContent = meta.join(" · ");
+    const text = chunk.text;
+    if (support.start === null || support.end === null) ui.passageText.replaceChildren(text);
+    else ui.passageText.replaceChildren(text.slice(0, support.start), el("mark", { text: text.slice(support.start, support.end) }), text.slice(support.end));
+    ui.passage.showModal();
   }
 
   function chunkForNumber(answer, n) {
@@ -309,7 +354,7 @@
       el("details", { class: "trace", hidden: true }, el("summary", { text: "Retrieval" }), el("ol")),
     );
     ui.messages.append(node);
-    const answer = { id, node, text: "", citations: new Map(), chunks: new Map(), rounds: [], state: "streaming" };
+    const answer = { id, node, text: "", citations: new Map(), chunks: new Map(), rounds: [], supports: [], state: "streaming" };
     answers.set(id, answer);
     setState(answer, "streaming", "Thinking…");
     return answer;
@@ -377,12 +422,19 @@
         renderSources(answer);
         scheduleRender(answer);
         break;
+      case "support":
+        answer.supports.push(event);
+        scheduleRender(answer);
+        break;
       case "done":
         answer.text = event.answer;
+        answer.citations.clear(); // the guard may renumber sources in order of first use
         for (const c of event.citations) answer.citations.set(c.n, c);
+        if (event.supports && event.supports.length) answer.supports = event.supports;
+        answer.node.dataset.noAnswer = event.no_answer ? "true" : "false";
         renderSources(answer);
         renderText(answer.node.querySelector(".answer-text"), answer.text, answer);
-        setState(answer, "done", answer.text ? "" : "The model wrote no answer.");
+        setState(answer, "done", doneNote(event, answer.text));
         finish(answer, "Answer complete.");
         break;
       case "error":
@@ -402,6 +454,18 @@
       default:
         break;
     }
+  }
+
+  const FINISH_NOTES = {
+    length: "The answer was cut at its length limit.",
+    repetition: "The answer was cut because it started repeating itself.",
+    guard: "Parts of the model's answer were not supported by the sources; the answer quotes them instead.",
+  };
+
+  function doneNote(event, text) {
+    if (event.no_answer) return "The documents do not seem to cover this question; the closest sources are listed.";
+    if (!text) return "The model wrote no answer.";
+    return FINISH_NOTES[event.finish_reason] || "";
   }
 
   function finish(answer, message) {
