@@ -36,11 +36,8 @@ Grounding metrics (docs/grounding.md), the same for every mode and guard policy:
 from __future__ import annotations
 
 import asyncio
-import re
 import statistics
-import string
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -48,6 +45,7 @@ from typing import Any
 
 from core.settings import Settings
 from core.wiring import answer_defaults, build_llm_client, build_retriever, generation_params
+from evaluation.answer_metrics import citation_precision, exact_match, normalize_answer, rouge_l, token_f1
 from evaluation.beir import Dataset
 from evaluation.derived import derive_followups
 from evaluation.retrieval import materialize_dataset, scratch_collection
@@ -61,7 +59,6 @@ from generation.grounding import (
     word_count,
 )
 from generation.guard import GroundingParams
-from generation.markers import strip_citations
 from generation.prompts import NO_ANSWER
 from generation.rag import AnswerMode, answer
 from generation.types import ChatMessage, DoneEvent, ErrorEvent
@@ -86,9 +83,6 @@ __all__ = [
     "summarize_flare",
     "token_f1",
 ]
-
-_ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 # --- dataset -------------------------------------------------------------------------------------
@@ -128,53 +122,6 @@ def load_items(dataset: Dataset, questions: int | None = None, *, unanswerable: 
         if questions is not None and len(items) >= questions:
             break
     return items
-
-
-# --- metrics --------------------------------------------------------------------------------------
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation, plus citation markers removed."""
-    text = strip_citations(text).lower().translate(_PUNCTUATION)
-    return " ".join(_ARTICLES_RE.sub(" ", text).split())
-
-
-def exact_match(prediction: str, golds: Sequence[str]) -> float:
-    """1.0 when the normalised prediction equals a normalised gold answer."""
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(g) for g in golds))
-
-
-def token_f1(prediction: str, golds: Sequence[str]) -> float:
-    """Best SQuAD token F1 against the gold answers."""
-    pred = normalize_answer(prediction).split()
-    best = 0.0
-    for gold in golds:
-        ref = normalize_answer(gold).split()
-        common = sum((Counter(pred) & Counter(ref)).values())
-        if not pred or not ref or not common:
-            continue
-        precision, recall = common / len(pred), common / len(ref)
-        best = max(best, 2 * precision * recall / (precision + recall))
-    return best
-
-
-def rouge_l(prediction: str, golds: Sequence[str], scorer: Any | None = None) -> float:
-    """Best ROUGE-L F-measure against the gold answers (``rouge-score``, stemmed)."""
-    if scorer is None:
-        from rouge_score import rouge_scorer  # type: ignore[import-untyped]
-
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    pred = strip_citations(prediction)
-    return max((float(scorer.score(g, pred)["rougeL"].fmeasure) for g in golds), default=0.0)
-
-
-def citation_precision(cited: Sequence[str | None], gold_ids: Sequence[str]) -> float | None:
-    """Share of cited chunks whose passage is a gold passage; ``None`` when nothing was cited."""
-    if not cited:
-        return None
-    gold = set(gold_ids)
-    return sum(1 for pid in cited if pid in gold) / len(cited)
 
 
 # --- the scratch collection ---------------------------------------------------------------------
