@@ -18,7 +18,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import TypeAdapter
 
 from app.api import errors
-from app.api.middleware import BodyLimit, RequestContext
+from app.api.middleware import BodyLimit, InFlightLimit, RequestContext
 from app.api.routes import ask, chat, collections, conversations, documents, health, jobs, openai, search
 from app.observability import watch_loop_lag
 from app.resources import LLMProbe, build_resources
@@ -114,6 +114,8 @@ def create_app(
     # Added last = outermost: the request id and the access log cover everything below; CORS
     # wraps the body limit so a browser can read a 413.
     app.add_middleware(BodyLimit, max_upload_mb=settings.api.max_upload_mb)
+    # Outside the body limit: a shed request costs nothing but this check.
+    app.add_middleware(InFlightLimit, limit=settings.api.max_in_flight)
     if settings.api.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -293,8 +293,12 @@ class ApiSettings(BaseModel):
     """Answers that may wait for a free slot; more are refused at once (503 ``overloaded``)."""
     search_queue: int = Field(default=32, ge=0)
     """Searches that may wait for a free slot; more are refused at once (503 ``overloaded``)."""
-    queue_wait_seconds: float = Field(default=1.0, gt=0)
+    queue_wait_seconds: float = Field(default=0.5, gt=0)
     """Longest wait for a slot before a request is refused with ``Retry-After``."""
+    max_in_flight: int = Field(default=64, ge=1)
+    """HTTP requests the process works on at once (websockets and ``/healthz``, ``/readyz``,
+    ``/metrics`` not counted); beyond it a request is refused (503 ``overloaded``, ``Retry-After: 1``)
+    before its body is read, so a burst cannot stall the event loop."""
     rate_limit_per_minute: int | None = Field(default=600, ge=1)
     """Requests per minute per API key (REST calls, streams and websocket questions alike); over it:
     429 ``rate_limited`` with ``Retry-After``. ``null``: no limit. Keys only (not the local anonymous user)."""

@@ -210,14 +210,66 @@ class BodyLimit:
             await _reject(send, 413, "payload_too_large", self._too_large(multipart))
 
 
-async def _reject(send: Send, status: int, code: str, message: str) -> None:
-    body: dict[str, Any] = {"error": {"code": code, "message": message, "retryable": False}}
+class InFlightLimit:
+    """Shed load before any work is done: beyond ``limit`` HTTP requests in progress, answer 503
+    ``overloaded`` with ``Retry-After`` at once, without reading the body, routing or authenticating.
+
+    The per-kind gates (:mod:`app.services.admission`) decide what may *run*; this decides what the
+    event loop even looks at. On a small machine, a burst of hundreds of requests otherwise costs
+    the loop its parsing, validation and auth work for each of them before the gates can refuse
+    it, and every request on the loop (``/healthz`` included) waits behind that work. The
+    operational endpoints are never shed.
+    """
+
+    EXEMPT = frozenset({"/healthz", "/readyz", "/metrics"})
+
+    def __init__(self, app: ASGIApp, *, limit: int, retry_after: int = 1) -> None:
+        self.app = app
+        self.limit = limit
+        self.retry_after = retry_after
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.EXEMPT:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            await _reject(
+                send,
+                503,
+                "overloaded",
+                f"the service is busy ({self.limit} requests in progress); retry shortly",
+                retryable=True,
+                headers=[(b"retry-after", str(self.retry_after).encode())],
+            )
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+async def _reject(
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    retryable: bool = False,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    body: dict[str, Any] = {"error": {"code": code, "message": message, "retryable": retryable}}
     data = json.dumps(body).encode()
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *(headers or []),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": data})

@@ -129,3 +129,33 @@ def test_beyond_the_answer_slots_and_queue_requests_are_refused_fast(make_api: C
         _last_of(ws, "long")
     # Once the slot is free, answers are admitted again.
     assert api.client.post("/v1/ask", json={"question": "paths?", "max_tokens": 4}).status_code == 200
+
+
+def test_beyond_max_in_flight_requests_are_shed_before_any_work(make_api: Callable[..., Api]) -> None:  # noqa: F811
+    import threading
+
+    api = make_api(llm=_slow_llm(), api={"max_in_flight": 1})
+    api.seed("docs", CORPUS)
+    started = threading.Event()
+
+    def hold() -> None:
+        with api.client.stream("POST", "/v1/ask/stream", json={"question": "tell me everything"}) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: token"):
+                    started.set()
+                if line.startswith("event: done") or line.startswith("event: error"):
+                    break
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert started.wait(30)
+    shed = api.client.post("/v1/search", json={"query": "paths"})
+    assert shed.status_code == 503, shed.text
+    assert shed.json()["error"] == {
+        "code": "overloaded",
+        "message": "the service is busy (1 requests in progress); retry shortly",
+        "retryable": True,
+    }
+    assert shed.headers["retry-after"] == "1"
+    assert api.client.get("/healthz").status_code == 200  # never shed
+    assert api.client.get("/metrics").status_code == 200
