@@ -234,21 +234,9 @@ def grounding_params(settings: Settings, policy: str | None = None) -> Grounding
     chosen = policy or g.policy
     if chosen == "off":
         return None
-    return GroundingParams(
-        policy=chosen,  # type: ignore[arg-type]  # checked by GroundingParams
-        dense_weight=g.dense_weight,
-        support_threshold=g.support_threshold,
-        min_support_rate=g.min_support_rate,
-        max_words=g.max_words,
-        fill_words=g.fill_words,
-        early_stop=g.early_stop,
-        abstain=g.abstain,
-        abstain_retrieval=g.abstain_retrieval,
-        abstain_relevance=g.abstain_relevance,
-        extra_threshold=g.extra_threshold,
-        rank_bonus=g.rank_bonus,
-        topic_margin=g.topic_margin,
-    )
+    # The settings section and GroundingParams share their field names: one list, and a field added
+    # to one but not the other fails here (TypeError) the first time any process starts.
+    return GroundingParams(policy=chosen, **g.model_dump(exclude={"policy"}))  # type: ignore[arg-type]
 
 
 def flare_defaults_path(settings: Settings) -> Path:
