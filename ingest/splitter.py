@@ -25,7 +25,11 @@ Contract of :meth:`Splitter.split`, for every returned piece ``p``:
   ``None``; the pieces of such a document are budgeted so that the embedded text
   (:func:`retrieval.chunk_context.embedded_text`) fits ``window_tokens``: its pieces get at
   most ``window_tokens - 1 -`` (tokens of the document's longest context line) tokens, when
-  that is below ``chunk_tokens``. ``p.text`` is the document's text either way.
+  that is below ``chunk_tokens``. ``p.text`` is the document's text either way;
+* with ``min_piece_tokens > 0``, a piece shorter than that is merged into the next piece of
+  its page, and a short last piece of a page into the previous one when the union fits the
+  budget (langchain cuts ``min_piece_tokens`` short of the budget, so merged pieces fit it);
+  a short piece remains only where its page is short or that union would not fit.
 
 Speed: token counting is the hot path. langchain's own
 ``from_huggingface_tokenizer`` calls ``tokenizer.tokenize`` on every candidate
