@@ -58,6 +58,14 @@ class ChunkingSettings(BaseModel):
     """Target chunk size in embedding-model tokens (the model reads at most 256)."""
     overlap_tokens: int = 40
     """Tokens shared by consecutive chunks."""
+    context_tokens: int = Field(default=32, ge=0)
+    """Embed each chunk after its document's title and heading path, cut to this many tokens
+    (0: the chunk text alone). Stored text and citations are unchanged; the chunk is budgeted so
+    that context and text fit the model's window. Changing it needs a re-ingest."""
+    min_piece_tokens: int = Field(default=24, ge=0)
+    """Chunks shorter than this (a heading line alone before a long section) are merged into a
+    neighbour; chunks are cut this much short of ``chunk_tokens`` so that merged ones fit.
+    Changing it needs a re-ingest."""
 
 
 class IngestSettings(BaseModel):
@@ -350,8 +358,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        if self.chunking.overlap_tokens >= self.chunking.chunk_tokens:
-            raise ValueError("chunking.overlap_tokens must be smaller than chunking.chunk_tokens")
+        chunking = self.chunking
+        if chunking.overlap_tokens >= chunking.chunk_tokens - chunking.min_piece_tokens:
+            raise ValueError(
+                "chunking.overlap_tokens must be smaller than chunking.chunk_tokens - chunking.min_piece_tokens"
+            )
         if not self.auth.enabled and not is_loopback(self.server.host):
             raise ValueError(
                 f"auth is disabled but server.host is {self.server.host!r}, which other machines can reach: "

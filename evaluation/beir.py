@@ -2,9 +2,9 @@
 
 ``corpus.jsonl`` rows are ``{"_id", "title", "text"}``; ``queries.jsonl`` rows are
 ``{"_id", "text"}``; ``qrels/test.tsv`` has a header and ``query-id corpus-id score`` rows.
-To evaluate the real ingestion path, passages are written out as one ``.txt`` file each
-(``materialize``) and ingested like any folder; a chunk maps back to its passage id through
-its file name.
+To evaluate the real ingestion path, passages are written out as one file each
+(``materialize``: markdown with the title as its heading, or plain text when there is no
+title) and ingested like any folder; a chunk maps back to its passage id through its file name.
 """
 
 from __future__ import annotations
@@ -79,23 +79,32 @@ def load_dataset(root: Path, *, split: str = "test") -> Dataset:
     return Dataset(root=root, name=root.name, queries=queries, qrels=qrels)
 
 
-def file_name(passage_id: str) -> str:
-    """A safe, unique, stable file name for a passage id."""
+def file_name(passage_id: str, *, titled: bool = False) -> str:
+    """A safe, unique, stable file name for a passage id (``.md`` for a passage with a title)."""
     digest = hashlib.sha1(passage_id.encode("utf-8")).hexdigest()[:16]
-    return f"{digest}.txt"
+    return f"{digest}.md" if titled else f"{digest}.txt"
 
 
 def materialize(dataset: Dataset, target: Path) -> dict[str, str]:
-    """Write each passage to ``target/<hash>.txt`` (skipping identical files) and return
-    ``{file name: passage id}``; the mapping is also saved as ``target/../ids.json``."""
+    """Write each passage to ``target/<hash>.md`` or ``.txt`` (skipping identical files) and return
+    ``{file name: passage id}``; the mapping is also saved as ``target/../ids.json``.
+
+    A passage with a title is written as markdown, ``# title`` then the text, to
+    ``<hash>.md``: the markdown loader reads that line as the document's title and the
+    heading of every chunk, as it would for a real document (a plain-text file's title
+    would be its hash-named stem). The file of the other suffix, left by an earlier run of
+    a changed dataset, is removed.
+    """
     target.mkdir(parents=True, exist_ok=True)
     mapping: dict[str, str] = {}
     for passage in dataset.passages():
-        name = file_name(passage.id)
+        titled = bool(passage.title.strip())
+        name = file_name(passage.id, titled=titled)
         mapping[name] = passage.id
-        body = f"{passage.title}\n\n{passage.text}" if passage.title else passage.text
+        body = f"# {' '.join(passage.title.split())}\n\n{passage.text}" if titled else passage.text
         path = target / name
         if not path.exists() or path.read_text(encoding="utf-8") != body:
             path.write_text(body, encoding="utf-8")
+        (target / file_name(passage.id, titled=not titled)).unlink(missing_ok=True)
     (target.parent / "ids.json").write_text(json.dumps(mapping), encoding="utf-8")
     return mapping

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.beir import Dataset, materialize
+from retrieval.documents import rank_documents
 from retrieval.fusion import Fused, Legs, rrf, weighted
 from retrieval.hybrid import HybridRetriever
 from retrieval.metrics import evaluate, run_from_rankings
@@ -51,13 +52,11 @@ def mode_options(defaults: SearchOptions) -> dict[str, SearchOptions]:
     }
 
 
-def _passage_ranking(hits: Iterable[int], passage_of: Callable[[int], str | None]) -> list[str]:
-    seen: dict[str, None] = {}
-    for chunk_id in hits:
-        pid = passage_of(chunk_id)
-        if pid is not None and pid not in seen:
-            seen[pid] = None
-    return list(seen)
+def _passage_ranking(
+    hits: Iterable[tuple[int, float]], passage_of: Callable[[int], str | None], *, decay: float = 0.0
+) -> list[str]:
+    """Passage ids ranked from best-first ``(chunk_id, score)`` hits (:func:`rank_documents`)."""
+    return [d.key for d in rank_documents(hits, passage_of, decay=decay)]
 
 
 @dataclass
@@ -84,12 +83,24 @@ class EvalReport:
 
 
 class RetrievalEvaluator:
-    """Runs searches for a dataset's queries against its scratch collection."""
+    """Runs searches for a dataset's queries against its scratch collection.
+
+    A passage is ranked by its chunks' scores in the result list: its best chunk's, plus
+    ``document_decay`` times the next one's, and so on (:func:`retrieval.documents.rank_documents`;
+    0: its best chunk alone).
+    """
 
     def __init__(
-        self, retriever: HybridRetriever, dataset: Dataset, collection: str, mapping: Mapping[str, str]
+        self,
+        retriever: HybridRetriever,
+        dataset: Dataset,
+        collection: str,
+        mapping: Mapping[str, str],
+        *,
+        document_decay: float = 0.0,
     ) -> None:
         self._retriever = retriever
+        self._decay = document_decay
         self._dataset = dataset
         self._collection = collection
         self._mapping = mapping
@@ -111,7 +122,8 @@ class RetrievalEvaluator:
             hits = self._search(text, options)
             for hit in hits:
                 self._paths[hit.chunk.id] = self._passage_of(hit)
-            rankings[qid] = _passage_ranking((h.chunk.id for h in hits), self._paths.get)[:DEPTH]
+            ranked = ((h.chunk.id, h.score) for h in hits)
+            rankings[qid] = _passage_ranking(ranked, self._paths.get, decay=self._decay)[:DEPTH]
         elapsed = (time.perf_counter() - started) * 1000 / max(len(self._dataset.queries), 1)
         return run_from_rankings(rankings), elapsed
 
@@ -152,7 +164,8 @@ class RetrievalEvaluator:
         rows = []
         for name, fuse in grid:
             rankings = {
-                qid: _passage_ranking((f.id for f in fuse(leg)), self._paths.get)[:DEPTH] for qid, leg in legs.items()
+                qid: _passage_ranking(((f.id, f.score) for f in fuse(leg)), self._paths.get, decay=self._decay)[:DEPTH]
+                for qid, leg in legs.items()
             }
             metrics = evaluate(run_from_rankings(rankings), self._dataset.qrels)
             rows.append((name, {k: round(v, 4) for k, v in metrics.items()}))

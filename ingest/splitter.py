@@ -19,7 +19,17 @@ Contract of :meth:`Splitter.split`, for every returned piece ``p``:
 * ``p.heading`` is, for markdown, the path of the nearest heading at or before
   ``p.start`` ("Install > Linux"), else ``None``;
 * ``p.token_count`` is the number of tokens of ``p.text`` without special tokens;
-* together the pieces cover every non-whitespace character of the text.
+* together the pieces cover every non-whitespace character of the text;
+* with ``context_tokens > 0``, ``p.context`` is the document's title and ``p.heading``
+  (:func:`retrieval.chunk_context.chunk_context`), cut to ``context_tokens`` tokens, else
+  ``None``; the pieces of such a document are budgeted so that the embedded text
+  (:func:`retrieval.chunk_context.embedded_text`) fits ``window_tokens``: its pieces get at
+  most ``window_tokens - 1 -`` (tokens of the document's longest context line) tokens, when
+  that is below ``chunk_tokens``. ``p.text`` is the document's text either way;
+* with ``min_piece_tokens > 0``, a piece shorter than that is merged into the next piece of
+  its page, and a short last piece of a page into the previous one when the union fits the
+  budget (langchain cuts ``min_piece_tokens`` short of the budget, so merged pieces fit it);
+  a short piece remains only where its page is short or that union would not fit.
 
 Speed: token counting is the hot path. langchain's own
 ``from_huggingface_tokenizer`` calls ``tokenizer.tokenize`` on every candidate
@@ -42,8 +52,9 @@ from langchain_text_splitters import Language, RecursiveCharacterTextSplitter
 from ingest.loaders.base import LoadedDocument
 from ingest.loaders.markdown import FORMAT as MARKDOWN_FORMAT
 from ingest.loaders.markdown import iter_headings
+from retrieval.chunk_context import CONTEXT_SEPARATOR, chunk_context
 
-HEADING_SEPARATOR = " > "
+HEADING_SEPARATOR = CONTEXT_SEPARATOR
 """Joins the levels of :attr:`Piece.heading` ("Install > Linux")."""
 
 # Between lines and words: cut after a sentence end. Zero-width lookbehind keeps the
@@ -81,7 +92,8 @@ class Piece:
     """A contiguous span of a document's text, sized for the embedding model.
 
     ``text == doc.text[start:end]``; ``page`` is 1-based where known; ``heading`` is
-    the markdown heading path at ``start``; ``token_count`` excludes special tokens.
+    the markdown heading path at ``start``; ``token_count`` excludes special tokens;
+    ``context`` is what is embedded before ``text`` (title and heading path), if anything.
     """
 
     ordinal: int
@@ -91,6 +103,7 @@ class Piece:
     page: int | None
     token_count: int
     heading: str | None
+    context: str | None = None
 
 
 class _TokenCounter:
@@ -119,6 +132,19 @@ class _TokenCounter:
         assert self._slow is not None
         return len(self._slow(text))
 
+    def truncate(self, text: str, limit: int) -> str:
+        """The longest prefix of ``text`` (cut at a token end) of at most ``limit`` tokens."""
+        if self.count(text) <= limit:
+            return text
+        if self._backend is not None:
+            offsets = self._backend.encode(text, add_special_tokens=False).offsets
+            return text[: offsets[limit - 1][1]].rstrip() if limit > 0 else ""
+        lo, hi = 0, len(text)  # slow tokenizers: the longest character prefix that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.count(text[:mid]) <= limit else (lo, mid - 1)
+        return text[:lo].rstrip()
+
     def count_many(self, texts: Sequence[str]) -> list[int]:
         if self._backend is not None and texts:
             encodings = self._backend.encode_batch(list(texts), add_special_tokens=False)
@@ -136,8 +162,20 @@ class Splitter:
             a cut (inside a word), never by whole words.
         overlap_tokens: Up to this many tokens at the end of a piece are repeated
             at the start of the next one.
+        context_tokens: Give pieces a ``context`` (title and heading path) of at most this
+            many tokens; 0: no context.
+        window_tokens: Tokens the embedding model reads without special tokens (254 for
+            all-MiniLM-L6-v2); a document's pieces shrink below ``chunk_tokens`` where
+            needed so that context and piece fit. ``None``: ``chunk_tokens + context_tokens + 1``
+            (pieces never shrink).
+        min_piece_tokens: Pieces shorter than this are merged into a neighbour (langchain then
+            cuts this much short of the budget, so that merged pieces fit it); 0: no merging.
 
     Thread-safe: ``split`` keeps its state in locals.
+
+    Raises:
+        ValueError: If a size is out of range, or a maximal context leaves a piece no more
+            than ``overlap_tokens`` tokens.
     """
 
     def __init__(
@@ -146,13 +184,30 @@ class Splitter:
         *,
         chunk_tokens: int = 240,
         overlap_tokens: int = 40,
+        context_tokens: int = 0,
+        window_tokens: int | None = None,
+        min_piece_tokens: int = 0,
     ) -> None:
         if chunk_tokens <= 0:
             raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
         if not 0 <= overlap_tokens < chunk_tokens:
             raise ValueError(f"overlap_tokens must be in [0, chunk_tokens), got {overlap_tokens}")
+        if context_tokens < 0:
+            raise ValueError(f"context_tokens must be >= 0, got {context_tokens}")
+        if window_tokens is None:
+            window_tokens = chunk_tokens + context_tokens + 1
+        if min_piece_tokens < 0:
+            raise ValueError(f"min_piece_tokens must be >= 0, got {min_piece_tokens}")
+        if min(chunk_tokens, window_tokens - context_tokens - 1) - min_piece_tokens <= overlap_tokens:
+            raise ValueError(
+                f"window_tokens {window_tokens} leaves pieces with a {context_tokens}-token context "
+                f"and {min_piece_tokens} tokens for merging no more than overlap_tokens ({overlap_tokens})"
+            )
         self.chunk_tokens = chunk_tokens
         self.overlap_tokens = overlap_tokens
+        self.context_tokens = context_tokens
+        self.window_tokens = window_tokens
+        self.min_piece_tokens = min_piece_tokens
         self._counter = _TokenCounter(tokenizer)
         self._markdown_separators = _markdown_separators()
 
@@ -166,9 +221,18 @@ class Splitter:
         if not text.strip():
             return []
         markdown = doc.format == MARKDOWN_FORMAT
+        headings = _HeadingIndex(text) if markdown else None
+        # Headings are compared and shown without code backticks; so is a markdown title.
+        contexts = self._contexts(_plain_heading(doc.title) if markdown and doc.title else doc.title, headings)
+        # The longest context line of the document decides its pieces' budget ("\n" joins them,
+        # and one token of slack: a piece may exceed its budget where a cut splits a word).
+        longest = max(map(self._counter.count, contexts.values()), default=0)
+        budget = min(self.chunk_tokens, self.window_tokens - longest - 1) if longest else self.chunk_tokens
         # Token counts of the splits langchain measured, for this document only.
         memo: dict[str, int] = {}
-        splitter = self._langchain_splitter(markdown=markdown, memo=memo)
+        # langchain cuts short of the budget by min_piece_tokens, so that a short piece merged
+        # into its neighbour still fits it.
+        splitter = self._langchain_splitter(markdown=markdown, memo=memo, chunk_tokens=budget - self.min_piece_tokens)
 
         located: list[tuple[str, int]] = []
         for base, end in _segments(doc):
@@ -176,27 +240,80 @@ class Splitter:
             if not segment.strip():
                 continue
             previous_start, previous_end = -1, 0
+            spans: list[tuple[int, int]] = []
             for chunk in splitter.split_text(segment):
                 if not chunk.strip():
                     continue
                 start = self._locate(segment, chunk, previous_start, previous_end)
-                located.append((chunk, base + start))
+                spans.append((base + start, base + start + len(chunk)))
                 previous_start, previous_end = start, start + len(chunk)
+            located += [(text[a:b], a) for a, b in self._merge_short(text, spans, budget, memo)]
 
-        headings = _HeadingIndex(text) if markdown else None
         counts = self._piece_counts([chunk for chunk, _ in located], memo)
-        return [
-            Piece(
-                ordinal=ordinal,
-                text=chunk,
-                start=start,
-                end=start + len(chunk),
-                page=doc.page_at(start),
-                token_count=count,
-                heading=headings.at(start) if headings is not None else None,
+        pieces = []
+        for ordinal, ((chunk, start), count) in enumerate(zip(located, counts, strict=True)):
+            heading = headings.at(start) if headings is not None else None
+            pieces.append(
+                Piece(
+                    ordinal=ordinal,
+                    text=chunk,
+                    start=start,
+                    end=start + len(chunk),
+                    page=doc.page_at(start),
+                    token_count=count,
+                    heading=heading,
+                    context=contexts.get(heading),
+                )
             )
-            for ordinal, ((chunk, start), count) in enumerate(zip(located, counts, strict=True))
-        ]
+        return pieces
+
+    def _merge_short(
+        self, text: str, spans: list[tuple[int, int]], budget: int, memo: dict[str, int]
+    ) -> list[tuple[int, int]]:
+        """Merge pieces under ``min_piece_tokens`` into the next piece of their segment (the last
+        one into the previous, if the union fits ``budget``). langchain leaves such pieces where
+        a split too long to merge follows a short one: a heading line alone before its long
+        section, a sentence before a long code block. Alone, they embed as little more than a
+        few keywords and rank high by chance; merged, their text stays exact and searchable."""
+        if not self.min_piece_tokens or len(spans) < 2:
+            return spans
+
+        def count(start: int, end: int) -> int:
+            piece = text[start:end]
+            n = memo.get(piece)
+            if n is None:
+                n = memo[piece] = self._counter.count(piece)
+            return n
+
+        out: list[tuple[int, int]] = []
+        pending: tuple[int, int] | None = None  # a short piece (or run of them) waiting for the next
+        for start, end in spans:
+            if pending is not None:
+                start, end = pending[0], max(pending[1], end)
+                pending = None
+            if count(start, end) < self.min_piece_tokens:
+                pending = (start, end)
+            else:
+                out.append((start, end))
+        if pending is not None:
+            if out and count(out[-1][0], pending[1]) <= budget:
+                out[-1] = (out[-1][0], max(out[-1][1], pending[1]))
+            else:
+                out.append(pending)
+        return out
+
+    def _contexts(self, title: str | None, headings: _HeadingIndex | None) -> dict[str | None, str]:
+        """Context line by heading path (``None``: before any heading), cut to ``context_tokens``."""
+        if not self.context_tokens:
+            return {}
+        out: dict[str | None, str] = {}
+        for heading in (None, *(headings.paths if headings is not None else ())):
+            line = chunk_context(title, heading)
+            if line is not None and heading not in out:
+                line = self._counter.truncate(line, self.context_tokens)
+                if line:
+                    out[heading] = line
+        return out
 
     def _locate(self, text: str, chunk: str, previous_start: int, previous_end: int) -> int:
         """Return where ``chunk``, the piece after ``text[previous_start:previous_end]``, starts.
@@ -239,13 +356,14 @@ class Splitter:
             counts[i] = n
         return counts
 
-    def _langchain_splitter(self, *, markdown: bool, memo: dict[str, int]) -> RecursiveCharacterTextSplitter:
-        # A fresh splitter (cheap) per document, so the memo lives and dies with the document.
+    def _langchain_splitter(
+        self, *, markdown: bool, memo: dict[str, int], chunk_tokens: int
+    ) -> RecursiveCharacterTextSplitter:
+        # A fresh splitter (cheap) per document, so the memo and the budget are the document's.
         count = self._counter.count
         # Pieces are stripped splits; where whitespace carries no tokens, a split's count is also
         # its stripped form's, and a piece made of one split needs no second tokenization.
         strip_keys = self._counter.ignores_whitespace
-        chunk_tokens = self.chunk_tokens
         # A split this long is over the limit in any realistic text (prose runs 4-5 characters a
         # token): report it as too long without tokenizing it, since langchain only uses the
         # number to decide to cut it further. Were it wrong, the split would merely be cut at
@@ -266,7 +384,7 @@ class Splitter:
             separators=self._markdown_separators if markdown else _TEXT_SEPARATORS,
             is_separator_regex=True,
             keep_separator="start",
-            chunk_size=self.chunk_tokens,
+            chunk_size=chunk_tokens,
             chunk_overlap=self.overlap_tokens,
             length_function=length,
             strip_whitespace=True,
@@ -292,6 +410,11 @@ class _HeadingIndex:
             stack.append((h.level, _plain_heading(h.title)))
             self._offsets.append(h.offset)
             self._paths.append(HEADING_SEPARATOR.join(title for _, title in stack))
+
+    @property
+    def paths(self) -> list[str]:
+        """Every heading path of the text, in text order."""
+        return self._paths
 
     def at(self, offset: int) -> str | None:
         i = bisect.bisect_right(self._offsets, offset) - 1

@@ -64,6 +64,9 @@ async def build_ingest_context(
         embedder.tokenizer,
         chunk_tokens=settings.chunking.chunk_tokens,
         overlap_tokens=settings.chunking.overlap_tokens,
+        context_tokens=settings.chunking.context_tokens,
+        window_tokens=embedder.max_seq_length - 2,  # [CLS] and [SEP]
+        min_piece_tokens=settings.chunking.min_piece_tokens,
     )
     worker_id = worker_id or default_worker_id()
     pipeline = IngestPipeline(

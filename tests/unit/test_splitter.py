@@ -15,6 +15,7 @@ import pytest
 from ingest.loaders import LoadedDocument, PageSpan, loader_for
 from ingest.loaders.markdown import iter_headings
 from ingest.splitter import Piece, Splitter
+from retrieval.chunk_context import chunk_context, embedded_text
 from tests.corpus_factory import Corpus, write_corpus, write_large_text
 
 pytestmark = pytest.mark.unit
@@ -237,3 +238,98 @@ def test_large_synthetic_file(splitter: Splitter, tmp_path: Path) -> None:
 def test_invalid_sizes(tokenizer: Any, chunk: int, overlap: int) -> None:
     with pytest.raises(ValueError, match="_tokens"):
         Splitter(tokenizer, chunk_tokens=chunk, overlap_tokens=overlap)
+
+
+# -- context: title and heading path embedded before the piece ---------------------------------
+
+
+def test_context_carries_title_and_heading_and_fits_the_window(tokenizer: Any, corpus: Corpus) -> None:
+    splitter = Splitter(tokenizer, chunk_tokens=240, overlap_tokens=40, context_tokens=32, window_tokens=254)
+    seen_heading = False
+    for path in corpus.loadable:
+        doc = load(path)
+        pieces = splitter.split(doc)
+        check_invariants(doc, pieces, splitter)  # texts, offsets and pages are unchanged by the context
+        for p in pieces:
+            expected = chunk_context(doc.title, p.heading)
+            assert expected is not None and p.context is not None
+            assert expected.startswith(p.context)
+            assert splitter.count_tokens(p.context) <= 32
+            assert splitter.count_tokens(embedded_text(p.text, p.context)) <= 254 + 4
+            seen_heading |= p.heading is not None and p.heading in p.context
+    assert seen_heading
+
+
+def test_a_long_context_shrinks_the_pieces_of_its_document(tokenizer: Any) -> None:
+    title = "A rather long and descriptive document title about sorting lists"
+    text = " ".join(f"Sentence {i} says something about sorting." for i in range(100))
+    splitter = Splitter(tokenizer, chunk_tokens=60, overlap_tokens=10, context_tokens=32, window_tokens=60)
+    title_tokens = splitter.count_tokens(title)
+    pieces = splitter.split(LoadedDocument(text=text, format="text", title=title))
+    assert {p.context for p in pieces} == {title}
+    assert max(p.token_count for p in pieces) <= 60 - title_tokens - 1 + 2
+    assert all(splitter.count_tokens(embedded_text(p.text, p.context)) <= 60 + 2 for p in pieces)
+    # Without a title the same document gets the whole budget.
+    plain = splitter.split(LoadedDocument(text=text, format="text"))
+    assert {p.context for p in plain} == {None}
+    assert max(p.token_count for p in plain) > 60 - title_tokens
+
+
+def test_context_is_cut_to_context_tokens(tokenizer: Any) -> None:
+    title = "word " * 100
+    splitter = Splitter(tokenizer, chunk_tokens=40, overlap_tokens=0, context_tokens=8, window_tokens=60)
+    pieces = splitter.split(LoadedDocument(text="Body text.", format="text", title=title))
+    assert [p.context for p in pieces] == [" ".join(["word"] * 8)]
+
+
+def test_no_context_by_default(splitter: Splitter) -> None:
+    pieces = splitter.split(LoadedDocument(text="# Title\n\nBody.", format="markdown", title="Title"))
+    assert pieces and all(p.context is None for p in pieces)
+
+
+def test_slow_tokenizer_cuts_contexts_too() -> None:
+    splitter = Splitter(Words(), chunk_tokens=10, overlap_tokens=2, context_tokens=3, window_tokens=20)
+    pieces = splitter.split(LoadedDocument(text="one two three four five", format="text", title="a b c d e"))
+    assert [p.context for p in pieces] == ["a b c"]
+
+
+def test_a_window_too_small_for_the_context_is_refused(tokenizer: Any) -> None:
+    with pytest.raises(ValueError, match="window_tokens"):
+        Splitter(tokenizer, chunk_tokens=240, overlap_tokens=40, context_tokens=32, window_tokens=70)
+
+
+def test_short_pieces_are_merged_into_a_neighbour(tokenizer: Any, corpus: Corpus) -> None:
+    # A heading line before a section too long for one piece: langchain leaves the heading alone.
+    section = " ".join(f"Sentence {i} explains one more detail of the topic." for i in range(60))
+    doc = LoadedDocument(text=f"# Weak references\n\n{section}", format="markdown", title="Weak references")
+    plain = Splitter(tokenizer, chunk_tokens=120, overlap_tokens=20)
+    assert plain.split(doc)[0].text == "# Weak references"
+    merging = Splitter(tokenizer, chunk_tokens=120, overlap_tokens=20, min_piece_tokens=24)
+    pieces = merging.split(doc)
+    check_invariants(doc, pieces, merging)
+    assert pieces[0].text.startswith("# Weak references\n\nSentence 0")
+    assert all(p.token_count >= 24 for p in pieces)
+    # The corpus keeps every invariant, and no piece is short unless its page or document is.
+    for path in corpus.loadable:
+        doc = load(path)
+        check_invariants(doc, merging.split(doc), merging)
+
+
+def test_a_short_last_piece_joins_the_previous_one(tokenizer: Any) -> None:
+    text = " ".join(f"Sentence {i} explains one more detail of the topic." for i in range(20)) + "\n\nEnd."
+    doc = LoadedDocument(text=text, format="text")
+    assert Splitter(tokenizer, chunk_tokens=110, overlap_tokens=0).split(doc)[-1].text == "End."
+    merging = Splitter(tokenizer, chunk_tokens=110, overlap_tokens=0, min_piece_tokens=8)
+    pieces = merging.split(doc)
+    check_invariants(doc, pieces, merging)
+    assert pieces[-1].text.endswith("topic.\n\nEnd.")
+
+
+def test_a_stem_title_is_not_context(tmp_path: Path) -> None:
+    from ingest.pipeline import without_stem_title
+
+    path = tmp_path / "3f9a0c2e81b7d4aa.txt"
+    doc = LoadedDocument(text="Body.", format="text", title="3f9a0c2e81b7d4aa")
+    assert without_stem_title(doc, path).title is None
+    titled = LoadedDocument(text="# Weak references\n\nBody.", format="markdown", title="Weak references")
+    assert without_stem_title(titled, tmp_path / "weakref.md") is titled
