@@ -208,7 +208,9 @@ def test_chat_page_with_the_real_model(
     # The page's streaming, stop and reconnect behaviour needs the model's own text to flow: the
     # default guard policy (fallback) replaces a failing 135M answer with quotes at once, which would
     # leave nothing to stop. "annotate" keeps the text and still sends verdicts.
-    settings = base.model_copy(update={"grounding": base.grounding.model_copy(update={"policy": "annotate"})})
+    settings = base.model_copy(
+        update={"grounding": base.grounding.model_copy(update={"policy": "annotate", "early_stop": 0})}
+    )
     context = chromium.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page_errors: list[str] = []
@@ -289,7 +291,9 @@ def test_chat_page_with_the_real_model(
             "Write a long and detailed report on everything the documents say about the quokka daemon, "
             "the ZX-9 machine and the trains of Veldoria.",
         )
-        second.locator(".answer-text:not(:empty)").wait_for(timeout=ANSWER_TIMEOUT_MS)
+        # As soon as it is under way (the guard shows text a checked sentence at a time, so waiting
+        # for text would leave a 64-token answer little time to be stopped).
+        expect(second).to_have_attribute("data-state", "streaming")
         page.get_by_role("button", name="Stop").click()
         expect(second).to_have_attribute("data-state", "stopped", timeout=60_000)
         expect(second.locator(".answer-status")).to_have_text("Stopped.")
