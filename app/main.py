@@ -17,7 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from pydantic import TypeAdapter
 
-from app.api import errors
+from app.api import errors, mcp_server
 from app.api.middleware import BodyLimit, RequestContext
 from app.api.routes import ask, chat, collections, conversations, documents, health, jobs, openai, search
 from app.observability import watch_loop_lag
@@ -37,11 +37,14 @@ model that cites its sources.
 * `POST /v1/ask/stream` streams `AnswerEvent`s as Server-Sent Events; the websocket `/v1/chat`
   sends the same events (see `docs/websocket.md`).
 * `POST /v1/chat/completions` lets OpenAI clients use the service as the model `rag:<collection>`.
+* `/mcp` is an MCP server (streamable HTTP): tools `search`, `ask`, `list_collections`,
+  `get_document_chunk`, and document resources.
 * Authenticate with `Authorization: Bearer rag_...` (keys from `rag keys create`) when auth is on.
 """
 
 
-def _version() -> str:
+def package_version() -> str:
+    """The installed ``ragsvc`` version (``0.0.0`` from a source tree that was never installed)."""
     try:
         return importlib.metadata.version("ragsvc")
     except importlib.metadata.PackageNotFoundError:
@@ -90,14 +93,15 @@ def create_app(
         app.state.metrics = resources.metrics
         lag = asyncio.create_task(watch_loop_lag(resources.metrics), name="loop-lag")
         try:
-            yield
+            async with mcp.run():
+                yield
         finally:
             lag.cancel()
             await resources.aclose()
 
     app = FastAPI(
         title="ragsvc",
-        version=_version(),
+        version=package_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
         # FastAPI's own pages load Swagger UI from a CDN (blank offline); mount_api_docs serves it.
@@ -107,6 +111,7 @@ def create_app(
     errors.install(app, retry_after_seconds=settings.api.retry_after_seconds)
     for module in (health, collections, documents, jobs, search, ask, openai, conversations, chat):
         app.include_router(module.router)
+    mcp = mcp_server.mount(app, host=settings.server.host, version=package_version())  # run by the lifespan
     mount_chat_page(app)
     if settings.api.docs:
         mount_api_docs(app)
