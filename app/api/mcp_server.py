@@ -44,6 +44,7 @@ from app.api.errors import error_event
 from app.resources import Resources
 from app.schemas.ask import AskRequest
 from app.schemas.collections import CollectionList, CollectionOut
+from app.schemas.common import DOCUMENT_URI
 from app.schemas.events import ChunkOut, DoneEvent, chunk_out, to_wire, wire_dict
 from app.schemas.search import SearchRequest, SearchResponse
 from app.services import collections, documents
@@ -196,7 +197,7 @@ def build_server(resolve: CallerResolver, *, version: str = "") -> MCPServer[Any
         return chunk_out(chunk)
 
     @server.resource(
-        "rag://{collection}/documents/{document_id}",
+        DOCUMENT_URI,
         name="document",
         title="Document text",
         description="A document's extracted text, put back together from its chunks.",
