@@ -26,6 +26,7 @@ from app.schemas.events import ANSWER_EVENT_ADAPTER
 from app.schemas.openai import ChatCompletionChunk
 from app.web import mount_api_docs, mount_chat_page
 from core.settings import Settings
+from core.wiring import configure_tracing
 from generation.client import LLMClient
 from retrieval.types import Embedder
 
@@ -75,6 +76,7 @@ def create_app(
     embedder: Embedder | None = None,
     llm: LLMClient | None = None,
     llm_probe: LLMProbe | None = None,
+    span_exporter: Any = None,
 ) -> FastAPI:
     """Build the application.
 
@@ -83,8 +85,11 @@ def create_app(
         embedder: Query embedder to use instead of loading the configured model (tests).
         llm: Model-server client to use instead of the configured one (tests).
         llm_probe: Readiness probe of the model server (tests).
+        span_exporter: Trace into this OpenTelemetry exporter (tests: the SDK's in-memory one);
+            otherwise tracing is on only with ``RAG_TELEMETRY__OTLP_ENDPOINT``.
     """
     settings = settings or Settings()
+    tracing = configure_tracing(settings, exporter=span_exporter)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -98,6 +103,8 @@ def create_app(
         finally:
             lag.cancel()
             await resources.aclose()
+            if tracing is not None:
+                tracing.shutdown()
 
     app = FastAPI(
         title="ragsvc",
@@ -128,6 +135,12 @@ def create_app(
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     app.add_middleware(RequestContext)
+    if tracing is not None:
+        # Outermost, so the request's span covers everything; per-message send/receive spans are
+        # left out (an SSE answer would get one per token).
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=tracing.provider, exclude_spans=["send", "receive"])
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

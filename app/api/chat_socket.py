@@ -22,6 +22,8 @@ import json
 import logging
 from typing import Any
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from pydantic import TypeAdapter, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -40,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 _CLIENT_MESSAGE: TypeAdapter[WsAsk | WsCancel | WsPing | WsAuth] = TypeAdapter(ClientMessage)
 POLICY_VIOLATION = 1008
+
+_tracer = trace.get_tracer(__name__)
 
 
 def bearer_token(ws: WebSocket) -> str | None:
@@ -223,6 +227,19 @@ class ChatSocket:
                 self.tasks[message.id] = asyncio.create_task(self._answer(principal, message))
 
     async def _answer(self, principal: Principal, ask: WsAsk) -> None:
+        # One trace per question (a socket lives for many): a new root span, linked to the
+        # connection's span when tracing is on.
+        link = trace.get_current_span().get_span_context()
+        with _tracer.start_as_current_span(
+            "websocket ask",
+            context=otel_context.Context(),
+            kind=trace.SpanKind.SERVER,
+            links=[trace.Link(link)] if link.is_valid else None,
+            attributes={"rag.request_id": ask.id},
+        ):
+            await self._answer_traced(principal, ask)
+
+    async def _answer_traced(self, principal: Principal, ask: WsAsk) -> None:
         try:
             self.resources.admission.keys.hit(principal)  # a question counts like a REST request
             plan = await answering.prepare(self.resources, principal, ask)
