@@ -38,11 +38,50 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-WORDS = (
-    "reactor port quokka vault index chunk python path join file package install kernel module network "
-    "socket thread memory cache queue worker server client token model search answer citation document "
-    "collection config restart backup storage volume cluster node service deploy image build release"
-).split()
+WORDS = [
+    "reactor",
+    "port",
+    "quokka",
+    "vault",
+    "index",
+    "chunk",
+    "python",
+    "path",
+    "join",
+    "file",
+    "package",
+    "install",
+    "kernel",
+    "module",
+    "network",
+    "socket",
+    "thread",
+    "memory",
+    "cache",
+    "queue",
+    "worker",
+    "server",
+    "client",
+    "token",
+    "model",
+    "search",
+    "answer",
+    "citation",
+    "document",
+    "collection",
+    "config",
+    "restart",
+    "backup",
+    "storage",
+    "volume",
+    "cluster",
+    "node",
+    "service",
+    "deploy",
+    "image",
+    "build",
+    "release",
+]
 
 
 class _NullSpan:
