@@ -236,6 +236,10 @@ async def run(n: int, docs: int) -> dict[str, Any]:
         base = results["baseline"]["median_ms"]
         for name in ("off", "on"):
             results[name]["overhead_pct_median"] = (results[name]["median_ms"] / base - 1) * 100
+            # Paired: the same query, run back to back in both configurations (load cancels out).
+            diffs = [(t - b) * 1000 for t, b in zip(times[name], times["baseline"], strict=True)]
+            results[name]["paired_median_diff_ms"] = statistics.median(diffs)
+            results[name]["overhead_pct_paired"] = statistics.median(diffs) / base * 100
         return {
             "machine": {"cpus": os.cpu_count(), "load": os.getloadavg(), "python": platform.python_version()},
             "docs": docs,
@@ -257,10 +261,12 @@ def main() -> None:
     args = parser.parse_args()
     with contextlib.redirect_stdout(sys.stderr):
         report = asyncio.run(run(args.n, args.docs))
-    print(f"{'config':<10} {'median ms':>10} {'p90 ms':>8} {'mean ms':>8} {'overhead':>9}")
+    print(f"chunks: {report['chunks']}, searches per configuration: {report['searches_per_config']}")
+    print(f"{'config':<10} {'median ms':>10} {'p90 ms':>8} {'mean ms':>8} {'vs median':>10} {'paired':>9}")
     for name, r in report["results"].items():
         overhead = f"{r['overhead_pct_median']:+.1f} %" if "overhead_pct_median" in r else "-"
-        print(f"{name:<10} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} {r['mean_ms']:>8.2f} {overhead:>9}")
+        paired = f"{r['overhead_pct_paired']:+.1f} %" if "overhead_pct_paired" in r else "-"
+        print(f"{name:<10} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} {r['mean_ms']:>8.2f} {overhead:>10} {paired:>9}")
     print(
         f"no-op span: {report['noop_span_ns']:.0f} ns; x{report['spans_per_search']} spans = "
         f"{report['noop_cost_pct_of_median_search']:.3f} % of a median search; "

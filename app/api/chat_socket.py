@@ -67,6 +67,8 @@ class ChatSocket:
         self.resources = resources
         self.settings = resources.settings
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._started: set[str] = set()
+        """Ids whose answer task has begun running (a task cancelled before that never runs)."""
         self._send_lock = asyncio.Lock()
         self._last_sent = asyncio.get_running_loop().time()
         self._revoked = False
@@ -212,6 +214,11 @@ class ChatSocket:
                     await self.send(_error("not_found", f"no answer in flight with id {message.id!r}", id=message.id))
                 else:
                     task.cancel()
+                    if message.id not in self._started:
+                        # Cancelled before its first step, the task never runs its own handler:
+                        # the promised terminal event is sent here.
+                        self.tasks.pop(message.id, None)
+                        await self.send(_error("cancelled", "the answer was cancelled", id=message.id))
             elif message.id in self.tasks:
                 await self.send(_error("conflict", f"an answer with id {message.id!r} is in flight", id=message.id))
             elif len(self.tasks) >= self.settings.api.ws_max_in_flight:
@@ -227,6 +234,7 @@ class ChatSocket:
                 self.tasks[message.id] = asyncio.create_task(self._answer(principal, message))
 
     async def _answer(self, principal: Principal, ask: WsAsk) -> None:
+        self._started.add(ask.id)
         # One trace per question (a socket lives for many): a new root span, linked to the
         # connection's span when tracing is on.
         link = trace.get_current_span().get_span_context()
@@ -258,6 +266,7 @@ class ChatSocket:
                 await self.send({"id": ask.id, **wire_dict(error_event(exc))})
         finally:
             self.tasks.pop(ask.id, None)
+            self._started.discard(ask.id)
 
 
 def _invalid(raw: str, exc: ValidationError) -> dict[str, Any]:
