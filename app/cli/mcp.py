@@ -50,7 +50,9 @@ async def _serve(settings: Settings, token: str | None) -> None:
     from app.api.mcp_server import Caller, build_server
     from app.main import package_version
     from app.resources import build_resources
+    from core.wiring import configure_tracing
 
+    tracing = configure_tracing(settings)  # each MCP message is a trace (the SDK's own spans)
     resources = await build_resources(settings)
     try:
         caller = Caller(resources, await _principal(resources, token))
@@ -63,6 +65,8 @@ async def _serve(settings: Settings, token: str | None) -> None:
         await build_server(resolve, version=package_version()).run_stdio_async()
     finally:
         await resources.aclose()
+        if tracing is not None:
+            tracing.shutdown()
 
 
 async def _principal(resources: Resources, token: str | None) -> Principal:

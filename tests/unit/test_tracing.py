@@ -79,14 +79,35 @@ def test_ask_stream_is_one_trace_whose_stages_add_up(traced: tuple[Api, InMemory
 
     total = ms(root)
     stages = sum(ms(s) for s in below if s.name in STAGES)
+    print(f"\nrequest {total:.1f} ms, stages {stages:.1f} ms ({(total - stages) / total:.1%} outside the stages)")
     assert abs(total - stages) / total < 0.10, {s.name: ms(s) for s in below} | {"request": total}
 
 
 def test_search_and_mcp_calls_are_traced(traced: tuple[Api, InMemorySpanExporter]) -> None:
+    from mcp import Client
+
+    from app.api.mcp_server import Caller, build_server
+    from app.services import keys
+
     api, exporter = traced
     assert api.client.post("/v1/search", json={"query": "join paths"}).status_code == 200
     names = [s.name for s in exporter.get_finished_spans()]
     assert "POST /v1/search" in names and "retrieval.fusion" in names
+
+    exporter.clear()
+
+    async def resolve(ctx: Any) -> Caller:
+        return Caller(api.resources, keys.ANONYMOUS_ADMIN)
+
+    async def work() -> None:
+        async with Client(build_server(resolve)) as client:
+            await client.call_tool("search", {"query": "join paths"})
+
+    api.run(work)
+    spans = exporter.get_finished_spans()
+    call = next(s for s in spans if s.name == "tools/call search")  # the MCP SDK's span
+    search = next(s for s in spans if s.name == "retrieval.search")
+    assert search.context.trace_id == call.context.trace_id
 
 
 def test_log_lines_carry_the_trace_id(traced: tuple[Api, InMemorySpanExporter]) -> None:
