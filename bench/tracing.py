@@ -1,6 +1,6 @@
-"""What tracing costs a search: off (the OpenTelemetry API's no-op tracer, the default) and on
-(the SDK exporting every span over OTLP/HTTP to a local receiver), against a baseline whose
-tracer does nothing at all (as if the code had no spans).
+"""What tracing costs a search: off (the OpenTelemetry API's no-op tracer, the default), on (the
+SDK exporting every span over OTLP/HTTP to a local receiver) and on with 10 % of traces sampled,
+against a baseline whose tracer does nothing at all (as if the code had no spans).
 
     PYTHONPATH=. .venv/bin/python bench/tracing.py [-n 300] [--docs 400] [--out bench/results/tracing.json]
 
@@ -100,6 +100,9 @@ class _NullSpan:
     def __exit__(self, *_: object) -> None:
         pass
 
+    def end(self) -> None:
+        pass
+
 
 class NullTracer:
     """The baseline: a tracer that does nothing, not even a context switch."""
@@ -107,6 +110,9 @@ class NullTracer:
     _span = _NullSpan()
 
     def start_as_current_span(self, *_: Any, **__: Any) -> _NullSpan:
+        return self._span
+
+    def start_span(self, *_: Any, **__: Any) -> _NullSpan:
         return self._span
 
 
@@ -208,13 +214,18 @@ async def run(n: int, docs: int) -> dict[str, Any]:
 
         provider = TracerProvider()
         processor = BatchSpanProcessor(
-            OTLPSpanExporter(endpoint=f"{receiver.url}/v1/traces"), schedule_delay_millis=500
+            OTLPSpanExporter(endpoint=f"{receiver.url}/v1/traces")  # the defaults, as configure_tracing
         )
         provider.add_span_processor(processor)
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+        sampled = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1)))  # RAG_TELEMETRY__SAMPLE_RATIO=0.1
+        sampled.add_span_processor(processor)
         tracers = {
             "baseline": NullTracer(),
             "off": trace.get_tracer("retrieval.hybrid"),
             "on": provider.get_tracer("retrieval.hybrid"),
+            "on-10%": sampled.get_tracer("retrieval.hybrid"),
         }
         rng = random.Random(11)
         queries = [" ".join(rng.choice(WORDS) for _ in range(6)) for _ in range(n)]
@@ -234,7 +245,7 @@ async def run(n: int, docs: int) -> dict[str, Any]:
         legs.shutdown()
         results = {name: summary(values) for name, values in times.items()}
         base = results["baseline"]["median_ms"]
-        for name in ("off", "on"):
+        for name in ("off", "on", "on-10%"):
             results[name]["overhead_pct_median"] = (results[name]["median_ms"] / base - 1) * 100
             # Paired: the same query, run back to back in both configurations (load cancels out).
             diffs = [(t - b) * 1000 for t, b in zip(times[name], times["baseline"], strict=True)]

@@ -291,6 +291,9 @@ class TelemetrySettings(BaseModel):
     """``service.name`` of the exported spans (the worker adds ``-worker``)."""
     export_timeout_seconds: float = Field(default=10.0, gt=0)
     """How long one export to the collector may take; spans are sent in batches off the request path."""
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of traces recorded (a trace is kept or dropped whole; an incoming ``traceparent``'s
+    decision wins). Unsampled requests cost what tracing off costs."""
 
 
 def is_loopback(host: str) -> bool:

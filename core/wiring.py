@@ -305,11 +305,14 @@ def configure_tracing(settings: Settings, *, exporter: Any = None, service_suffi
         otlp = OTLPSpanExporter(
             endpoint=f"{endpoint.rstrip('/')}/v1/traces", timeout=settings.telemetry.export_timeout_seconds
         )
-        processor = BatchSpanProcessor(otlp, schedule_delay_millis=500)
+        processor = BatchSpanProcessor(otlp)  # SDK defaults: every 5 s or 512 spans, off the request path
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
         provider = TracerProvider(
-            resource=Resource.create({"service.name": settings.telemetry.service_name + service_suffix})
+            resource=Resource.create({"service.name": settings.telemetry.service_name + service_suffix}),
+            sampler=ParentBased(TraceIdRatioBased(settings.telemetry.sample_ratio)),
         )
         trace.set_tracer_provider(provider)
     provider.add_span_processor(processor)
