@@ -17,7 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from pydantic import TypeAdapter
 
-from app.api import errors
+from app.api import errors, mcp_server
 from app.api.middleware import BodyLimit, InFlightLimit, RequestContext
 from app.api.routes import ask, chat, collections, conversations, documents, health, jobs, openai, search
 from app.observability import watch_loop_lag
@@ -26,6 +26,7 @@ from app.schemas.events import ANSWER_EVENT_ADAPTER
 from app.schemas.openai import ChatCompletionChunk
 from app.web import mount_api_docs, mount_chat_page
 from core.settings import Settings
+from core.wiring import configure_tracing
 from generation.client import LLMClient
 from retrieval.types import Embedder
 
@@ -37,11 +38,14 @@ model that cites its sources.
 * `POST /v1/ask/stream` streams `AnswerEvent`s as Server-Sent Events; the websocket `/v1/chat`
   sends the same events (see `docs/websocket.md`).
 * `POST /v1/chat/completions` lets OpenAI clients use the service as the model `rag:<collection>`.
+* `/mcp` is an MCP server (streamable HTTP): tools `search`, `ask`, `list_collections`,
+  `get_document_chunk`, and document resources.
 * Authenticate with `Authorization: Bearer rag_...` (keys from `rag keys create`) when auth is on.
 """
 
 
-def _version() -> str:
+def package_version() -> str:
+    """The installed ``ragsvc`` version (``0.0.0`` from a source tree that was never installed)."""
     try:
         return importlib.metadata.version("ragsvc")
     except importlib.metadata.PackageNotFoundError:
@@ -72,6 +76,7 @@ def create_app(
     embedder: Embedder | None = None,
     llm: LLMClient | None = None,
     llm_probe: LLMProbe | None = None,
+    span_exporter: Any = None,
 ) -> FastAPI:
     """Build the application.
 
@@ -80,8 +85,11 @@ def create_app(
         embedder: Query embedder to use instead of loading the configured model (tests).
         llm: Model-server client to use instead of the configured one (tests).
         llm_probe: Readiness probe of the model server (tests).
+        span_exporter: Trace into this OpenTelemetry exporter (tests: the SDK's in-memory one);
+            otherwise tracing is on only with ``RAG_TELEMETRY__OTLP_ENDPOINT``.
     """
     settings = settings or Settings()
+    tracing = configure_tracing(settings, exporter=span_exporter)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -90,14 +98,17 @@ def create_app(
         app.state.metrics = resources.metrics
         lag = asyncio.create_task(watch_loop_lag(resources.metrics), name="loop-lag")
         try:
-            yield
+            async with mcp.run():
+                yield
         finally:
             lag.cancel()
             await resources.aclose()
+            if tracing is not None:
+                tracing.shutdown()
 
     app = FastAPI(
         title="ragsvc",
-        version=_version(),
+        version=package_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
         # FastAPI's own pages load Swagger UI from a CDN (blank offline); mount_api_docs serves it.
@@ -107,6 +118,7 @@ def create_app(
     errors.install(app, retry_after_seconds=settings.api.retry_after_seconds)
     for module in (health, collections, documents, jobs, search, ask, openai, conversations, chat):
         app.include_router(module.router)
+    mcp = mcp_server.mount(app, host=settings.server.host, version=package_version())  # run by the lifespan
     mount_chat_page(app)
     if settings.api.docs:
         mount_api_docs(app)
@@ -125,6 +137,12 @@ def create_app(
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     app.add_middleware(RequestContext)
+    if tracing is not None:
+        # Outermost, so the request's span covers everything; per-message send/receive spans are
+        # left out (an SSE answer would get one per token).
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=tracing.provider, exclude_spans=["send", "receive"])
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

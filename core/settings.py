@@ -327,6 +327,21 @@ class ApiSettings(BaseModel):
     this server (they work offline); the schema is always at ``/openapi.json``."""
 
 
+class TelemetrySettings(BaseModel):
+    """OpenTelemetry traces (``RAG_TELEMETRY__*``): off unless an OTLP endpoint is set."""
+
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP collector base URL, e.g. ``http://127.0.0.1:4318``; spans are POSTed to
+    ``<endpoint>/v1/traces``. Unset: no tracing at all (the OpenTelemetry API's no-op tracer)."""
+    service_name: str = "ragsvc"
+    """``service.name`` of the exported spans (the worker adds ``-worker``)."""
+    export_timeout_seconds: float = Field(default=10.0, gt=0)
+    """How long one export to the collector may take; spans are sent in batches off the request path."""
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of traces recorded (a trace is kept or dropped whole; an incoming ``traceparent``'s
+    decision wins). Unsampled requests cost what tracing off costs."""
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` is a loopback name or address (only this machine can connect)."""
     if host.lower() == "localhost":
@@ -355,6 +370,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     cli: CliSettings = Field(default_factory=CliSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -272,3 +272,64 @@ def save_flare_defaults(settings: Settings, params: FlareParams, calibration: di
     tmp.write_text(json.dumps(body, indent=2), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+# --- tracing -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tracing:
+    """The process's span pipeline (see :func:`configure_tracing`); :meth:`shutdown` flushes it."""
+
+    provider: Any
+    """The ``opentelemetry.sdk.trace.TracerProvider`` spans go to."""
+    processor: Any
+    """This configuration's span processor (batching to OTLP, or a test's simple processor)."""
+
+    def shutdown(self) -> None:
+        """Export what is buffered and stop this configuration's exporter."""
+        self.processor.force_flush()
+        self.processor.shutdown()
+
+
+def configure_tracing(settings: Settings, *, exporter: Any = None, service_suffix: str = "") -> Tracing | None:
+    """Set up OpenTelemetry tracing for this process, or nothing.
+
+    Off (``None``, nothing imported from the SDK) unless ``telemetry.otlp_endpoint`` is set or a
+    test passes ``exporter`` (e.g. the SDK's ``InMemorySpanExporter``, exported synchronously).
+    The library floors only use the OpenTelemetry *API*; without this call its tracer is a no-op.
+
+    One ``TracerProvider`` per process (OpenTelemetry allows the global provider to be set once):
+    the first call installs it, later calls (a second app in one test process) add their
+    exporter to it.
+    """
+    endpoint = settings.telemetry.otlp_endpoint
+    if endpoint is None and exporter is None:
+        return None
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+    processor: Any
+    if exporter is not None:
+        processor = SimpleSpanProcessor(exporter)
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        assert endpoint is not None
+        otlp = OTLPSpanExporter(
+            endpoint=f"{endpoint.rstrip('/')}/v1/traces", timeout=settings.telemetry.export_timeout_seconds
+        )
+        processor = BatchSpanProcessor(otlp)  # SDK defaults: every 5 s or 512 spans, off the request path
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+        provider = TracerProvider(
+            resource=Resource.create({"service.name": settings.telemetry.service_name + service_suffix}),
+            sampler=ParentBased(TraceIdRatioBased(settings.telemetry.sample_ratio)),
+        )
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(processor)
+    return Tracing(provider=provider, processor=processor)

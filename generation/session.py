@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 
+from opentelemetry import trace
+
 from generation.citations import CitationTracker, infer_citations
 from generation.client import LLMClient, aclosing_iter
 from generation.context import ContextPlan, assign_numbers, plan_context, skeleton_prompt
@@ -47,6 +49,9 @@ __all__ = ["AnswerSession"]
 
 # How often the prompt may be re-fitted when the exact count disagrees with the planning count.
 _MAX_REFITS = 3
+
+# The OpenTelemetry API only: a no-op unless the process configured the SDK (core.wiring.configure_tracing).
+_tracer = trace.get_tracer(__name__)
 
 
 class AnswerSession:
@@ -162,6 +167,20 @@ class AnswerSession:
         Raises:
             ContextTooLong: No prompt fits, even without sources.
         """
+        with _tracer.start_as_current_span("generation.prompt") as span:
+            plan = await self._plan(hits)
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "rag.prompt_tokens": plan.prompt_tokens,
+                        "rag.sources": len(plan.sources),
+                        "rag.max_model_len": self.max_model_len,
+                        "rag.reserved_tokens": self.remaining_tokens,
+                    }
+                )
+            return plan
+
+    async def _plan(self, hits: Sequence[ScoredChunk] | None) -> ContextPlan:
         start = self.clock()
         chunks = [h.chunk for h in (self.hits if hits is None else hits)]
         prefix = self.raw_answer.rstrip()
@@ -239,13 +258,18 @@ class AnswerSession:
             The event to yield (numbers of the chunks that made it into the prompt filled in)
             and the plan to generate with.
         """
-        if hits is None:
-            found, elapsed = await self.retrieve(query)
-        else:
-            found, elapsed = list(hits), elapsed_ms
-        hits = found
-        self.hits = found
-        plan = await self.plan(hits)
+        with _tracer.start_as_current_span("generation.round") as span:
+            if span.is_recording():
+                span.set_attributes({"rag.round": round, "rag.reason": reason})
+                if trigger:
+                    span.set_attribute("rag.trigger_tokens", [t.token for t in trigger])
+            if hits is None:
+                found, elapsed = await self.retrieve(query)
+            else:
+                found, elapsed = list(hits), elapsed_ms
+            hits = found
+            self.hits = found
+            plan = await self.plan(hits)
         shown = {s.chunk.id: s.n for s in plan.sources}
         event = RetrievalEvent(
             round=round,
@@ -305,10 +329,14 @@ class AnswerSession:
         counted = 0
         usage: Usage | None = None
         finish_reason: str | None = None
+        # Not the current span: it stays open across yields, where the consumer's code runs.
+        span = _tracer.start_span("llm.request", attributes={"rag.max_tokens": max_tokens})
         try:
             deltas = self.llm.stream(plan.prompt, self.request_params(max_tokens, logprobs))
             async with aclosing_iter(deltas) as stream:
                 async for delta in stream:
+                    if counted == 0 and span.is_recording():
+                        span.set_attribute("rag.ttft_ms", self.ms_since(start))
                     usage = delta.usage or usage
                     finish_reason = delta.finish_reason or finish_reason
                     counted += len(delta.tokens) or (1 if delta.text else 0)
@@ -324,20 +352,32 @@ class AnswerSession:
                             break
         finally:
             self.timings["generation_ms"] += self.ms_since(start)
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "rag.prompt_tokens": plan.prompt_tokens,
+                        "rag.completion_tokens": usage.completion_tokens if usage else counted,
+                        "rag.finish_reason": finish_reason or "",
+                    }
+                )
+            span.end()
         self.last_round_tokens = self.account(usage, plan.prompt_tokens, counted)
         self.generated_tokens += self.last_round_tokens
         self.finish_reason = finish_reason
 
     def finish(self) -> list[AnswerEvent]:
         """Flush the citation tracker and build the final :class:`DoneEvent`."""
-        text, citations = self.tracker.finish()
-        events: list[AnswerEvent] = list(citations)
-        if text:
-            events.extend(self._emit_flushed(text))
-        cited = self.tracker.citations
-        if not cited and self.infer_missing_citations:
-            cited = infer_citations(self.tracker.text, self.tracker.sources)
-            events.extend(cited)
+        with _tracer.start_as_current_span("generation.citations") as span:
+            text, citations = self.tracker.finish()
+            events: list[AnswerEvent] = list(citations)
+            if text:
+                events.extend(self._emit_flushed(text))
+            cited = self.tracker.citations
+            if not cited and self.infer_missing_citations:
+                cited = infer_citations(self.tracker.text, self.tracker.sources)
+                events.extend(cited)
+            if span.is_recording():
+                span.set_attributes({"rag.citations": len(cited), "rag.inferred": any(c.inferred for c in cited)})
         self.timings["total_ms"] = self.ms_since(self._started)
         self.timings.setdefault("ttft_ms", self.timings["total_ms"])
         events.append(

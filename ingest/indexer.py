@@ -69,22 +69,7 @@ async def _load_chunks(
             .where(ChunkRow.id.in_(batch))
         )
         for row, path, title in rows:
-            metadata = {"heading": row.heading} if row.heading else {}
-            chunks.append(
-                Chunk(
-                    id=row.id,
-                    document_id=row.document_id,
-                    collection=collection.name,
-                    path=path,
-                    ordinal=row.ordinal,
-                    text=row.text,
-                    start=row.start,
-                    end=row.end,
-                    page=row.page,
-                    title=title,
-                    metadata=metadata,
-                )
-            )
+            chunks.append(row.as_chunk(collection=collection.name, path=path, title=title))
             vectors.append(vector_from_bytes(row.embedding))
     matrix = np.vstack(vectors).astype(np.float32) if vectors else np.zeros((0, 0), dtype=np.float32)
     return chunks, matrix

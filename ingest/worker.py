@@ -16,10 +16,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from core.settings import Settings
-from core.wiring import load_embedder, open_database, open_store
+from core.wiring import configure_tracing, load_embedder, open_database, open_store
 from ingest import queue
 from ingest.indexer import reconcile_all
 from ingest.pipeline import IngestPipeline, JobSummary, ProgressCallback, default_worker_id
@@ -28,6 +30,7 @@ from retrieval.embedders import SentenceTransformerEmbedder
 from retrieval.store import IndexStore
 
 logger = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
 
 
 @dataclass
@@ -108,7 +111,19 @@ async def run_job(ctx: IngestContext, job_id: int, *, on_progress: ProgressCallb
         )
     if job is None:
         return None
-    return await ctx.pipeline.run(job.id, on_progress=on_progress)
+    return await _run_traced(ctx, job.id, job.root_path, on_progress=on_progress)
+
+
+async def _run_traced(
+    ctx: IngestContext, job_id: int, root: str, *, on_progress: ProgressCallback | None = None
+) -> JobSummary:
+    """Run a claimed job as its own trace (a no-op span unless the process configured tracing)."""
+    with _tracer.start_as_current_span(
+        "ingest job", context=otel_context.Context(), attributes={"rag.job_id": job_id, "rag.root": root}
+    ) as span:
+        summary = await ctx.pipeline.run(job_id, on_progress=on_progress)
+        span.set_attribute("rag.status", summary.status)
+        return summary
 
 
 async def _repair(ctx: IngestContext, message: str) -> None:
@@ -129,6 +144,7 @@ async def run_worker(
 
     Returns the number of jobs run.
     """
+    tracing = configure_tracing(settings, service_suffix="-worker")
     ctx = await build_ingest_context(settings, worker_id=worker_id)
     stop = stop or asyncio.Event()
     ran = 0
@@ -154,9 +170,11 @@ async def run_worker(
                     await asyncio.wait_for(stop.wait(), timeout=settings.ingest.poll_seconds)
                 continue
             logger.info("job claimed", extra={"job_id": job.id, "root": job.root_path})
-            summary = await ctx.pipeline.run(job.id)
+            summary = await _run_traced(ctx, job.id, job.root_path)
             ran += 1
             logger.info("job finished", extra={"job_id": job.id, "status": summary.status})
     finally:
         await ctx.aclose()
+        if tracing is not None:
+            tracing.shutdown()
     return ran

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from opentelemetry import trace
+
 from app.api.streaming import EventPump
 from app.resources import Resources
 from app.schemas.ask import AskRequest
@@ -20,9 +22,16 @@ from app.services.keys import Principal
 from generation.client import aclosing_iter
 from generation.types import AnswerEvent, DoneEvent, ErrorEvent, RetrievalEvent
 
+_tracer = trace.get_tracer(__name__)
+
 
 async def prepare(resources: Resources, principal: Principal, request: AskRequest) -> answers.AskPlan:
     """Resolve and check a question in a short transaction of its own."""
+    with _tracer.start_as_current_span("answer.prepare"):
+        return await _prepare(resources, principal, request)
+
+
+async def _prepare(resources: Resources, principal: Principal, request: AskRequest) -> answers.AskPlan:
     async with resources.sessionmaker() as session:
         plan = await answers.prepare(
             session,

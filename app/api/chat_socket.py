@@ -22,6 +22,8 @@ import json
 import logging
 from typing import Any
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from pydantic import TypeAdapter, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -40,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 _CLIENT_MESSAGE: TypeAdapter[WsAsk | WsCancel | WsPing | WsAuth] = TypeAdapter(ClientMessage)
 POLICY_VIOLATION = 1008
+
+_tracer = trace.get_tracer(__name__)
 
 
 def bearer_token(ws: WebSocket) -> str | None:
@@ -63,6 +67,8 @@ class ChatSocket:
         self.resources = resources
         self.settings = resources.settings
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._started: set[str] = set()
+        """Ids whose answer task has begun running (a task cancelled before that never runs)."""
         self._send_lock = asyncio.Lock()
         self._last_sent = asyncio.get_running_loop().time()
         self._revoked = False
@@ -208,6 +214,11 @@ class ChatSocket:
                     await self.send(_error("not_found", f"no answer in flight with id {message.id!r}", id=message.id))
                 else:
                     task.cancel()
+                    if message.id not in self._started:
+                        # Cancelled before its first step, the task never runs its own handler:
+                        # the promised terminal event is sent here.
+                        self.tasks.pop(message.id, None)
+                        await self.send(_error("cancelled", "the answer was cancelled", id=message.id))
             elif message.id in self.tasks:
                 await self.send(_error("conflict", f"an answer with id {message.id!r} is in flight", id=message.id))
             elif len(self.tasks) >= self.settings.api.ws_max_in_flight:
@@ -223,6 +234,20 @@ class ChatSocket:
                 self.tasks[message.id] = asyncio.create_task(self._answer(principal, message))
 
     async def _answer(self, principal: Principal, ask: WsAsk) -> None:
+        self._started.add(ask.id)
+        # One trace per question (a socket lives for many): a new root span, linked to the
+        # connection's span when tracing is on.
+        link = trace.get_current_span().get_span_context()
+        with _tracer.start_as_current_span(
+            "websocket ask",
+            context=otel_context.Context(),
+            kind=trace.SpanKind.SERVER,
+            links=[trace.Link(link)] if link.is_valid else None,
+            attributes={"rag.request_id": ask.id},
+        ):
+            await self._answer_traced(principal, ask)
+
+    async def _answer_traced(self, principal: Principal, ask: WsAsk) -> None:
         try:
             self.resources.admission.keys.hit(principal)  # a question counts like a REST request
             plan = await answering.prepare(self.resources, principal, ask)
@@ -241,6 +266,7 @@ class ChatSocket:
                 await self.send({"id": ask.id, **wire_dict(error_event(exc))})
         finally:
             self.tasks.pop(ask.id, None)
+            self._started.discard(ask.id)
 
 
 def _invalid(raw: str, exc: ValidationError) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from fastapi import Depends, Path
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import HTTPConnection
+from starlette.types import Scope
 
 from app.resources import Resources
 from app.services import keys
@@ -74,10 +75,24 @@ async def get_principal(
         Unauthorized: Missing, unknown or revoked key (auth on).
         RateLimited: The key used its requests of the minute (the ``RateLimit-*`` headers say so).
     """
-    principal = await principal_for_token(resources, credentials.credentials if credentials else None)
+    return await admit(resources, credentials.credentials if credentials else None, conn.scope)
+
+
+async def admit(resources: Resources, token: str | None, scope: Scope) -> keys.Principal:
+    """Authenticate ``token`` and count the request against its key's rate (every HTTP transport:
+    the routes through :func:`get_principal`, the MCP endpoint directly).
+
+    The rate state goes into the connection's ``state`` for :class:`~app.api.middleware.RequestContext`
+    to send as ``RateLimit-*`` headers.
+
+    Raises:
+        Unauthorized: Missing, unknown or revoked key (auth on).
+        RateLimited: The key used its requests of the minute.
+    """
+    principal = await principal_for_token(resources, token)
     state = resources.admission.keys.hit(principal)
     if state is not None:
-        conn.scope.setdefault("state", {})["ratelimit"] = state  # RequestContext sends the headers
+        scope.setdefault("state", {})["ratelimit"] = state  # RequestContext sends the headers
     return principal
 
 

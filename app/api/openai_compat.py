@@ -4,8 +4,13 @@ Model names: ``rag`` (every collection the key may read), ``rag:<collection>``, 
 ``rag:<collection>:<mode>``; the extra body fields ``collections`` and ``mode`` do the same for
 clients that cannot choose a model name freely. The last user message is the question, the
 earlier user/assistant messages are the history (system messages are ignored: the service
-has its own instruction). Citations stay in the content as ``[n]`` and come as a structured
-extra field ``citations`` (a list of citation events).
+has its own instruction). Citations stay in the content as ``[n]``; structured, they come twice:
+as OpenAI's own ``annotations`` of the message (``url_citation``: the marker's span in the content,
+the document's title and its ``rag://`` URI), which OpenAI-shaped clients already keep, and as
+the extension field ``citations`` (the citation events, with the supporting snippet).
+
+``finish_reason`` is always an OpenAI value (``stop``, ``length``): clients validate it. The
+service's own reasons (``repetition``: the loop guard ended the answer) go in ``finish_detail``.
 """
 
 from __future__ import annotations
@@ -14,14 +19,17 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
 
 from app.schemas.ask import AskRequest
+from app.schemas.common import document_uri
 from app.schemas.events import CitationEvent as CitationOut
 from app.schemas.events import wire_dict
 from app.schemas.openai import (
+    Annotation,
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
@@ -30,8 +38,11 @@ from app.schemas.openai import (
     ChunkChoice,
     CompletionUsage,
     Delta,
+    FinishReason,
+    UrlCitation,
 )
 from app.services.errors import InvalidInput, NotFound
+from generation.markers import iter_markers
 from generation.rag import ANSWER_MODES
 from generation.types import AnswerEvent, CitationEvent, DoneEvent, ErrorEvent, TokenEvent
 
@@ -105,14 +116,42 @@ def _citations(events: tuple[CitationEvent, ...] | list[CitationEvent]) -> list[
     return [CitationOut.model_validate(wire_dict(c)) for c in events]
 
 
+def finish(reason: str | None) -> tuple[FinishReason, str | None]:
+    """``(finish_reason, finish_detail)``: OpenAI's value, and the service's own reason when it has
+    none (``repetition`` and anything else a mode reports end the answer normally: ``stop``)."""
+    if reason is None or reason == "stop":
+        return "stop", None
+    if reason == "length":
+        return "length", None
+    return "stop", reason
+
+
+def citation_annotations(answer: str, citations: Sequence[CitationEvent]) -> list[Annotation]:
+    """One ``url_citation`` per cited source: the span of the first marker naming it in ``answer``
+    (the whole answer for a source attributed without a marker)."""
+    first: dict[int, tuple[int, int]] = {}
+    for start, end, numbers in iter_markers(answer):
+        for n in numbers:
+            first.setdefault(n, (start, end))
+    out = []
+    for c in citations:
+        start, end = first.get(c.n, (0, len(answer)))
+        title = f"[{c.n}] {c.title or c.path}"
+        url = document_uri(c.chunk.collection, c.document_id)
+        out.append(Annotation(url_citation=UrlCitation(start_index=start, end_index=end, title=title, url=url)))
+    return out
+
+
 def completion(done: DoneEvent, *, model: str) -> ChatCompletion:
     """The whole ``chat.completion`` object of an answer."""
     usage = done.usage
+    reason, detail = finish(done.finish_reason)
+    message = AssistantMessage(content=done.answer, annotations=citation_annotations(done.answer, done.citations))
     return ChatCompletion(
         id=completion_id(),
         created=int(time.time()),
         model=model,
-        choices=[Choice(message=AssistantMessage(content=done.answer), finish_reason=done.finish_reason or "stop")],
+        choices=[Choice(message=message, finish_reason=reason, finish_detail=detail)],
         usage=CompletionUsage(
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
@@ -137,12 +176,14 @@ class ChunkEncoder:
         self._started = False
         self._pending: list[CitationEvent] = []
 
-    def _chunk(self, delta: Delta, *, finish_reason: str | None = None, **extra: Any) -> bytes:
+    def _chunk(
+        self, delta: Delta, *, finish_reason: FinishReason | None = None, finish_detail: str | None = None, **extra: Any
+    ) -> bytes:
         chunk = ChatCompletionChunk(
             id=self.id,
             created=self.created,
             model=self.model,
-            choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)],
+            choices=[ChunkChoice(delta=delta, finish_reason=finish_reason, finish_detail=finish_detail)],
             **extra,
         )
         return _data(chunk.model_dump(mode="json", exclude_none=True))
@@ -160,8 +201,12 @@ class ChunkEncoder:
             self._pending = []
             out += self._chunk(Delta(content=event.text), citations=citations)
         elif isinstance(event, DoneEvent):
+            reason, detail = finish(event.finish_reason)
             out += self._chunk(
-                Delta(), finish_reason=event.finish_reason or "stop", citations=_citations(event.citations)
+                Delta(annotations=citation_annotations(event.answer, event.citations)),
+                finish_reason=reason,
+                finish_detail=detail,
+                citations=_citations(event.citations),
             )
             if self.include_usage:
                 u = event.usage

@@ -15,6 +15,7 @@ module             commands
 ``evaluate``       ``rag eval retrieval``, ``rag eval answers``
 ``flare``          ``rag flare calibrate``
 ``keys``           ``rag keys create|list|revoke``
+``mcp``            ``rag mcp`` (the MCP server over stdio)
 ``service``        ``rag serve``, ``rag run``, ``rag db upgrade``
 ``serving.cli``    ``rag llm prepare|serve|status`` (the embedded model server)
 =================  ==========================================================
@@ -32,11 +33,11 @@ import typer
 
 def build_app() -> typer.Typer:
     """The root ``rag`` app with every command group registered."""
-    from app.cli import ask, evaluate, flare, ingest, keys, search, service
+    from app.cli import ask, evaluate, flare, ingest, keys, mcp, search, service
     from serving.cli import app as llm_app
 
     app = typer.Typer(no_args_is_help=True, add_completion=False, help="Self-hosted RAG question answering.")
-    for module in (ingest, search, ask, evaluate, flare, keys, service):
+    for module in (ingest, search, ask, evaluate, flare, keys, mcp, service):
         module.register(app)
     app.add_typer(llm_app, name="llm")
     return app

@@ -108,3 +108,13 @@ class Page(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+DOCUMENT_URI = "rag://{collection}/documents/{document_id}"
+"""A document's address: the MCP resource that serves its text, and the ``url`` of the OpenAI
+facade's citation annotations (so a client can read the cited document through MCP)."""
+
+
+def document_uri(collection: str, document_id: int) -> str:
+    """:data:`DOCUMENT_URI` for one document."""
+    return DOCUMENT_URI.format(collection=collection, document_id=document_id)

@@ -15,6 +15,14 @@ from app.schemas.common import CollectionsField, Text
 from app.schemas.events import CitationEvent
 from generation.rag import AnswerMode
 
+FinishReason = Literal["stop", "length"]
+"""The OpenAI values the facade sends (clients validate them; LangChain and LlamaIndex map them)."""
+
+FINISH_DETAIL = (
+    "Extension: the service's own reason when it is not an OpenAI value, e.g. `repetition` "
+    "(the loop guard ended the answer; `finish_reason` is then `stop`)."
+)
+
 
 class ContentPart(BaseModel):
     """A part of a multi-part message; only text parts are read."""
@@ -75,11 +83,30 @@ class ChatCompletionRequest(CollectionsField):
     k: int | None = Field(default=None, ge=1, le=50, description="Extension: chunks retrieved per round.")
 
 
+class UrlCitation(BaseModel):
+    """OpenAI's ``url_citation``: a source cited by the characters ``start_index:end_index`` of the content."""
+
+    start_index: int = Field(description="Where the `[n]` marker starts in the message content.")
+    end_index: int
+    title: str = Field(description="`[n]` and the document's title or path.")
+    url: str = Field(description="`rag://<collection>/documents/<id>`: the document's MCP resource.")
+
+
+class Annotation(BaseModel):
+    """A message annotation, in the shape OpenAI clients already keep (``message.annotations``)."""
+
+    type: Literal["url_citation"] = "url_citation"
+    url_citation: UrlCitation
+
+
 class AssistantMessage(BaseModel):
     """The answer."""
 
     role: Literal["assistant"] = "assistant"
     content: str
+    annotations: list[Annotation] = Field(
+        default_factory=list, description="The cited sources (also in the extension field `citations`)."
+    )
 
 
 class Choice(BaseModel):
@@ -87,7 +114,8 @@ class Choice(BaseModel):
 
     index: int = 0
     message: AssistantMessage
-    finish_reason: str | None
+    finish_reason: FinishReason
+    finish_detail: str | None = Field(default=None, description=FINISH_DETAIL)
     logprobs: None = None
 
 
@@ -116,6 +144,7 @@ class Delta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    annotations: list[Annotation] | None = Field(default=None, description="On the last chunk: every cited source.")
 
 
 class ChunkChoice(BaseModel):
@@ -123,7 +152,8 @@ class ChunkChoice(BaseModel):
 
     index: int = 0
     delta: Delta
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
+    finish_detail: str | None = Field(default=None, description=FINISH_DETAIL)
     logprobs: None = None
 
 

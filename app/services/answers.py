@@ -37,7 +37,7 @@ from generation.types import AnswerEvent, ChatMessage, DoneEvent, ErrorEvent, Ge
 from retrieval.store import IndexStore
 from retrieval.types import Embedder, Retriever, SearchFilters, SearchOptions
 
-Transport = Literal["rest", "sse", "websocket", "openai"]
+Transport = Literal["rest", "sse", "websocket", "openai", "mcp"]
 
 
 @dataclass(frozen=True, slots=True)

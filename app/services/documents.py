@@ -25,12 +25,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.services import collections as collections_service
 from app.services.errors import InvalidInput, NotFound, PayloadTooLarge
 from app.services.keys import Principal
-from core.db.models import Document
+from core.db.models import Chunk as ChunkRow
+from core.db.models import Collection, Document
 from ingest import queue
 from ingest.indexer import reconcile
 from ingest.loaders import loader_for, supported_extensions
 from ingest.pipeline import sha256_file
 from retrieval.store import IndexStore
+from retrieval.types import Chunk
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Browsers and HTTP clients percent-encode control characters and quotes in a multipart file name
@@ -293,3 +295,51 @@ async def finish_delete(
     if uploaded.parent == (uploads_dir / collection).resolve():
         await asyncio.to_thread(uploaded.unlink, True)
     await reconcile(sessionmaker, store, collection)
+
+
+async def get_chunk(session: AsyncSession, principal: Principal, chunk_id: int) -> Chunk:
+    """One chunk, whole, with its document's path and title.
+
+    Raises:
+        NotFound: No such chunk, or its collection is outside the principal's scope (the same
+            answer, so a key cannot probe for ids of other collections).
+    """
+    row = (
+        await session.execute(
+            select(ChunkRow, Document.path, Document.title, Collection.name)
+            .join(Document, Document.id == ChunkRow.document_id)
+            .join(Collection, Collection.id == ChunkRow.collection_id)
+            .where(ChunkRow.id == chunk_id)
+        )
+    ).first()
+    if row is None or not principal.can_read(row[3]):
+        raise NotFound(f"chunk {chunk_id} not found")
+    chunk, path, title, collection = row.tuple()
+    return chunk.as_chunk(collection=collection, path=path, title=title)
+
+
+async def document_text(session: AsyncSession, principal: Principal, *, collection: str, document_id: int) -> str:
+    """A document's extracted text, put back together from its chunks.
+
+    Chunks overlap and carry exact character offsets; the text between two chunks that the
+    splitter dropped (whitespace at a cut) comes back as one newline.
+
+    Raises:
+        NotFound: Missing, in another collection, or outside the principal's scope.
+    """
+    doc = await get_document(session, principal, collection=collection, document_id=document_id)
+    rows = await session.execute(
+        select(ChunkRow.start, ChunkRow.end, ChunkRow.text)
+        .where(ChunkRow.document_id == doc.id)
+        .order_by(ChunkRow.start)
+    )
+    parts: list[str] = []
+    cursor = 0
+    for start, end, text in rows:
+        if end <= cursor:
+            continue
+        if start > cursor and parts:
+            parts.append("\n")
+        parts.append(text[max(0, cursor - start) :])
+        cursor = end
+    return "".join(parts)

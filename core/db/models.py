@@ -26,6 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from core.db.base import Base, BigIntPK, UTCDateTime, utcnow
+from retrieval.types import Chunk as RetrievedChunk
 
 
 class Collection(Base):
@@ -99,6 +100,23 @@ class Chunk(Base):
     embedding: Mapped[bytes] = mapped_column(LargeBinary)
 
     document: Mapped[Document] = relationship(back_populates="chunks")
+
+    def as_chunk(self, *, collection: str, path: str, title: str | None) -> RetrievedChunk:
+        """The retrieval form of this row (the index, ``get_document_chunk`` and the document
+        resources all read chunks through this one conversion)."""
+        return RetrievedChunk(
+            id=self.id,
+            document_id=self.document_id,
+            collection=collection,
+            path=path,
+            ordinal=self.ordinal,
+            text=self.text,
+            start=self.start,
+            end=self.end,
+            page=self.page,
+            title=title,
+            metadata={"heading": self.heading} if self.heading else {},
+        )
 
 
 class IngestJob(Base):

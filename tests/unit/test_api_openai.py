@@ -102,3 +102,42 @@ def test_parse_model() -> None:
     for bad in ("rag:", "rag:docs:guess", "rag:a:b:c", "llama"):
         with pytest.raises(NotFound):
             parse_model(bad)
+
+
+def test_citations_are_also_openai_annotations(client: OpenAI, api: Api) -> None:
+    completion = client.chat.completions.create(
+        model="rag:docs", messages=[{"role": "user", "content": "How do I join paths in Python?"}]
+    )
+    message = completion.choices[0].message
+    annotations = message.annotations or []
+    assert len(annotations) == 1 and annotations[0].type == "url_citation"
+    cited = annotations[0].url_citation
+    content = message.content or ""
+    assert content[cited.start_index : cited.end_index] == "[1]"
+    doc = completion.model_extra["citations"][0]["document_id"]  # type: ignore[index]
+    assert cited.url == f"rag://docs/documents/{doc}" and cited.title == "[1] paths.md"
+
+    stream = client.chat.completions.create(
+        model="rag:docs", messages=[{"role": "user", "content": "How do I join paths in Python?"}], stream=True
+    )
+    last = [c for c in stream if c.choices and c.choices[0].finish_reason][-1]
+    streamed = (last.choices[0].delta.model_extra or {})["annotations"]
+    assert streamed == [a.model_dump() for a in annotations]
+
+
+def test_finish_reason_is_always_an_openai_value(make_api: Callable[..., Api]) -> None:  # noqa: F811
+    from tests.unit.fakes_llm import FakeLLM, split_tokens
+
+    loop = "Use os.path.join to combine parts. " * 12
+    api = make_api(llm=FakeLLM(responder=lambda call: split_tokens(loop)))
+    api.seed("docs", CORPUS)
+    client = OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=api.client, max_retries=0)
+    completion = client.chat.completions.create(model="rag:docs", messages=[{"role": "user", "content": "Join?"}])
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop" and (choice.model_extra or {})["finish_detail"] == "repetition"
+    stream = client.chat.completions.create(
+        model="rag:docs", messages=[{"role": "user", "content": "Join?"}], stream=True
+    )
+    last = [c for c in stream if c.choices and c.choices[0].finish_reason][-1]
+    assert last.choices[0].finish_reason == "stop"
+    assert (last.choices[0].model_extra or {})["finish_detail"] == "repetition"

@@ -13,17 +13,6 @@ from app.services import collections
 router = APIRouter(prefix="/v1/collections", tags=["collections"], responses=RESPONSES)
 
 
-def _out(info: collections.CollectionInfo) -> CollectionOut:
-    return CollectionOut(
-        name=info.name,
-        description=info.description,
-        created_at=info.created_at,
-        documents=info.documents,
-        failed_documents=info.failed_documents,
-        chunks=info.chunks,
-    )
-
-
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -37,19 +26,21 @@ async def create_collection(body: CollectionCreate, session: SessionDep, princip
     """Create an empty collection; fill it by uploading documents or queueing a folder job."""
     created = await collections.create(session, principal, name=body.name, description=body.description)
     await session.commit()
-    return _out(await collections.get(session, principal, created.name))
+    return CollectionOut.from_info(await collections.get(session, principal, created.name))
 
 
 @router.get("", summary="List collections")
 async def list_collections(session: SessionDep, principal: PrincipalDep) -> CollectionList:
     """The collections the API key may read, with document and chunk counts."""
-    return CollectionList(collections=[_out(i) for i in await collections.list_visible(session, principal)])
+    return CollectionList(
+        collections=[CollectionOut.from_info(i) for i in await collections.list_visible(session, principal)]
+    )
 
 
 @router.get("/{name}", summary="Get a collection")
 async def get_collection(name: CollectionName, session: SessionDep, principal: PrincipalDep) -> CollectionOut:
     """One collection with its counts."""
-    return _out(await collections.get(session, principal, name))
+    return CollectionOut.from_info(await collections.get(session, principal, name))
 
 
 @router.delete(

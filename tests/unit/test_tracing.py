@@ -1,0 +1,124 @@
+"""OpenTelemetry traces with the SDK's in-memory exporter: one trace per request, a span per stage,
+stage timings that account for the request's time, the trace id in log lines; and nothing
+recorded when tracing is off."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.testclient import TestClient
+
+from app.main import create_app
+from app.observability import JsonFormatter
+from core.wiring import configure_tracing
+from tests.unit.api_support import CORPUS, Api, default_responder
+from tests.unit.fakes_llm import FakeLLM
+from tests.unit.fakes_retrieval import HashEmbedder
+
+pytestmark = pytest.mark.unit
+
+# The stages of an answer; together they should account for the whole request.
+STAGES = ("answer.prepare", "retrieval.search", "generation.prompt", "llm.request", "generation.citations")
+
+
+@pytest.fixture
+def traced(make_settings: Any) -> Iterator[tuple[Api, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    settings = make_settings()
+    # 30 ms a token: a request long enough for per-request overheads outside the stages to be small,
+    # as they are next to a real model.
+    llm = FakeLLM(responder=default_responder, token_delay=0.03)
+    app = create_app(settings, embedder=HashEmbedder(), llm=llm, span_exporter=exporter)
+    with TestClient(app) as client:
+        api = Api(client=client, app=app, llm=llm, settings=settings)
+        api.seed("docs", CORPUS)
+        exporter.clear()
+        yield api, exporter
+
+
+def tree(spans: tuple[ReadableSpan, ...], root: ReadableSpan) -> list[ReadableSpan]:
+    """Every span under ``root`` (same trace)."""
+    return [s for s in spans if s.context.trace_id == root.context.trace_id and s is not root]
+
+
+def ms(span: ReadableSpan) -> float:
+    assert span.start_time is not None and span.end_time is not None
+    return (span.end_time - span.start_time) / 1e6
+
+
+def test_ask_stream_is_one_trace_whose_stages_add_up(traced: tuple[Api, InMemorySpanExporter]) -> None:
+    api, exporter = traced
+    r = api.client.post("/v1/ask/stream", json={"question": "How do I join paths in Python?"})
+    assert r.status_code == 200 and '"type":"done"' in r.text.replace(" ", "")
+    spans = exporter.get_finished_spans()
+    roots = [s for s in spans if s.parent is None]
+    assert [s.name for s in roots] == ["POST /v1/ask/stream"]
+    root = roots[0]
+    below = tree(spans, root)
+    names = {s.name for s in below}
+    assert {*STAGES, "retrieval.embed_query", "retrieval.dense", "retrieval.bm25", "retrieval.fusion"} <= names
+    assert "generation.round" in names
+
+    fusion = next(s for s in below if s.name == "retrieval.fusion")
+    assert fusion.attributes is not None and fusion.attributes["rag.fusion.method"] in ("rrf", "weighted")
+    assert "rag.fusion.alpha" in fusion.attributes and "rag.fusion.rrf_k" in fusion.attributes
+    prompt = next(s for s in below if s.name == "generation.prompt")
+    assert prompt.attributes is not None and prompt.attributes["rag.prompt_tokens"] > 0
+    model = next(s for s in below if s.name == "llm.request")
+    assert model.attributes is not None
+    assert model.attributes["rag.completion_tokens"] > 0 and model.attributes["rag.ttft_ms"] >= 0
+    bm25 = next(s for s in below if s.name == "retrieval.bm25")  # ran on the leg thread, same trace
+    search = next(s for s in below if s.name == "retrieval.search")
+    assert bm25.parent is not None and bm25.parent.span_id == search.context.span_id
+
+    total = ms(root)
+    stages = sum(ms(s) for s in below if s.name in STAGES)
+    print(f"\nrequest {total:.1f} ms, stages {stages:.1f} ms ({(total - stages) / total:.1%} outside the stages)")
+    assert abs(total - stages) / total < 0.10, {s.name: ms(s) for s in below} | {"request": total}
+
+
+def test_search_and_mcp_calls_are_traced(traced: tuple[Api, InMemorySpanExporter]) -> None:
+    from mcp import Client
+
+    from app.api.mcp_server import Caller, build_server
+    from app.services import keys
+
+    api, exporter = traced
+    assert api.client.post("/v1/search", json={"query": "join paths"}).status_code == 200
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert "POST /v1/search" in names and "retrieval.fusion" in names
+
+    exporter.clear()
+
+    async def resolve(ctx: Any) -> Caller:
+        return Caller(api.resources, keys.ANONYMOUS_ADMIN)
+
+    async def work() -> None:
+        async with Client(build_server(resolve)) as client:
+            await client.call_tool("search", {"query": "join paths"})
+
+    api.run(work)
+    spans = exporter.get_finished_spans()
+    call = next(s for s in spans if s.name == "tools/call search")  # the MCP SDK's span
+    search = next(s for s in spans if s.name == "retrieval.search")
+    assert search.context.trace_id == call.context.trace_id
+
+
+def test_log_lines_carry_the_trace_id(traced: tuple[Api, InMemorySpanExporter]) -> None:
+    from opentelemetry import trace
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello", None, None)
+    with trace.get_tracer("test").start_as_current_span("outer") as span:
+        line = json.loads(JsonFormatter().format(record))
+    assert line["trace_id"] == format(span.get_span_context().trace_id, "032x")
+    assert "trace_id" not in json.loads(JsonFormatter().format(record))
+
+
+def test_tracing_is_off_without_an_endpoint(make_settings: Any) -> None:
+    assert configure_tracing(make_settings()) is None
