@@ -158,6 +158,7 @@ def completion(done: DoneEvent, *, model: str) -> ChatCompletion:
             total_tokens=usage.total_tokens,
         ),
         citations=_citations(done.citations),
+        no_answer=done.no_answer,
     )
 
 
@@ -207,6 +208,7 @@ class ChunkEncoder:
                 finish_reason=reason,
                 finish_detail=detail,
                 citations=_citations(event.citations),
+                no_answer=event.no_answer or None,
             )
             if self.include_usage:
                 u = event.usage

@@ -137,6 +137,11 @@ class ChatCompletion(BaseModel):
     choices: list[Choice]
     usage: CompletionUsage
     citations: list[CitationEvent] = Field(description="Extension: the sources cited as `[n]` in the content.")
+    no_answer: bool = Field(
+        default=False,
+        description="Extension: the documents do not cover the question (the grounding guard abstained; "
+        "the content says so and the closest sources are cited).",
+    )
 
 
 class Delta(BaseModel):
@@ -167,6 +172,9 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: CompletionUsage | None = None
     citations: list[CitationEvent] | None = None
+    no_answer: bool | None = Field(
+        default=None, description="Extension, on the last chunk: the documents do not cover the question."
+    )
 
 
 class ModelOut(BaseModel):

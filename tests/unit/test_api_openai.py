@@ -141,3 +141,28 @@ def test_finish_reason_is_always_an_openai_value(make_api: Callable[..., Api]) -
     last = [c for c in stream if c.choices and c.choices[0].finish_reason][-1]
     assert last.choices[0].finish_reason == "stop"
     assert (last.choices[0].model_extra or {})["finish_detail"] == "repetition"
+
+
+def test_no_answer_reaches_openai_clients() -> None:
+    # Issue 14: an abstention is a structured field in the OpenAI facade too, streamed or not.
+    import json as json_module
+
+    from app.api.openai_compat import ChunkEncoder, completion
+    from generation.types import DoneEvent, Usage
+
+    done = DoneEvent(
+        answer="The documents do not cover this.",
+        citations=(),
+        retrievals=(),
+        usage=Usage(1, 2),
+        timings={},
+        mode="single",
+        finish_reason="guard",
+        no_answer=True,
+    )
+    whole = completion(done, model="rag:docs")
+    assert whole.no_answer and whole.choices[0].finish_reason == "stop"
+    assert whole.choices[0].finish_detail == "guard"
+    frames = ChunkEncoder(model="rag:docs", include_usage=False).encode(done).decode().split("\n\n")
+    last = json_module.loads([f for f in frames if f.startswith("data: {")][-1][len("data: ") :])
+    assert last["no_answer"] is True and last["choices"][0]["finish_reason"] == "stop"
