@@ -35,8 +35,9 @@ $(STAMP): pyproject.toml
 	@$(STEP) "app virtualenv $(VENV): create, upgrade pip" "10-30 s" \
 		sh -c 'test -x $(PY) || $(PYTHON) -m venv $(VENV); $(PIP) install -q --upgrade pip'
 	@$(STEP) "app virtualenv: torch (CPU build)" "1-3 min the first time" $(PIP) install -q "$(TORCH_SPEC)"
+	@# PYTHONWARNINGS: setuptools warns about editable installs on every build (nothing to act on).
 	@$(STEP) "app virtualenv: the app and its dev tools" "2-5 min the first time, seconds after" \
-		$(PIP) install -q -e ".[dev]"
+		env PYTHONWARNINGS=ignore $(PIP) install -q -e ".[dev]"
 	@touch $(STAMP)
 
 venv: $(STAMP)

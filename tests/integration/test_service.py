@@ -238,10 +238,19 @@ def upstream(llm_server: LLMServerInfo) -> Iterator[UpstreamProxy]:
 def llm_service(
     stack: dict[str, Any], embedder: Any, llm_server: LLMServerInfo, upstream: UpstreamProxy, query_threads: None
 ) -> Iterator[LiveServer]:
-    """The API answering with the real model server (through the watching proxy)."""
+    """The API answering with the real model server (through the watching proxy).
+
+    The grounding guard is off here: these tests are about the transports (token-by-token streaming,
+    cancellation reaching the model server, usage accounting), which need the model's own stream;
+    the guard holds text per sentence and may answer from quotes without the model. The guard has
+    its own tests against the real server (tests/integration/test_generation.py, the chat page).
+    """
     base = stack["settings"]
     settings = base.model_copy(
-        update={"llm": base.llm.model_copy(update={"base_url": upstream.url, "model": llm_server.model})}
+        update={
+            "llm": base.llm.model_copy(update={"base_url": upstream.url, "model": llm_server.model}),
+            "grounding": base.grounding.model_copy(update={"policy": "off"}),
+        }
     )
     with LiveServer(create_app(settings, embedder=embedder)) as server:
         yield server
