@@ -48,7 +48,9 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal, TypeVar
+
+from opentelemetry import trace
 
 from generation.client import aclosing_iter
 from generation.grounding import (
@@ -74,6 +76,9 @@ from generation.types import (
     TokenEvent,
 )
 from retrieval.types import Chunk, Embedder
+
+_tracer = trace.get_tracer(__name__)
+T = TypeVar("T")
 
 __all__ = ["GUARD_POLICIES", "GroundingParams", "GuardPolicy", "guard_stream"]
 
@@ -186,12 +191,17 @@ class _Guard:
         self.retrieval_score: float | None = None
         self.chunk_relevance: dict[int, float] = {}  # citation number -> question relevance of its source
 
+    async def _check(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run a scorer call off the event loop (it embeds text), inside a ``grounding.check`` span."""
+        with _tracer.start_as_current_span("grounding.check", attributes={"rag.check": what}):
+            return await asyncio.to_thread(fn, *args)
+
     # --- sources and abstention --------------------------------------------------------------
 
     async def add_retrieval(self, event: RetrievalEvent) -> None:
         new = {n: sc.chunk for sc, n in zip(event.chunks, event.numbers, strict=False) if n is not None}
         self.sources.update(new)
-        await asyncio.to_thread(self.scorer.add_sources, new)
+        await self._check("add_sources", self.scorer.add_sources, new)
         if event.round > 0:
             await self._relevance()
         if event.round == 0:
@@ -200,7 +210,7 @@ class _Guard:
 
     async def _relevance(self) -> float:
         """Refresh the question relevance per source; returns the best sentence relevance."""
-        relevance = await asyncio.to_thread(self.scorer.relevance, self.question)
+        relevance = await self._check("relevance", self.scorer.relevance, self.question)
         self.chunk_relevance = {}
         for sentence, r in relevance:
             score = r + self.params.rank_bonus / sentence.n
@@ -246,7 +256,7 @@ class _Guard:
             return []
         self.seen.add(key)
         cited = [n for n in marker_numbers(raw) if n in self.sources]
-        support = await asyncio.to_thread(self.scorer.judge, plain)
+        support = await self._check("judge", self.scorer.judge, plain)
         sentence = _Sentence(plain, support, "model", separator, cited)
         if copies_source_header(raw, self.sources):
             sentence.reason = "source_header"
@@ -385,7 +395,7 @@ class _Guard:
         return events
 
     async def _quote(self) -> list[AnswerEvent]:
-        relevance = await asyncio.to_thread(self.scorer.relevance, self.question)
+        relevance = await self._check("relevance", self.scorer.relevance, self.question)
         exclude = [
             (s.support.source.chunk.id, s.support.source.start, s.support.source.end)
             for s in self.shown
