@@ -54,7 +54,6 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Literal
 
 from generation.client import LLMClient, aclosing_iter
 from generation.errors import GenerationError
@@ -64,7 +63,9 @@ from generation.prompts import CHATML, SYSTEM_PROMPT, ChatTemplate
 from generation.queries import continuation_query, standalone_query
 from generation.session import AnswerSession
 from generation.types import (
+    ANSWER_MODES,
     AnswerEvent,
+    AnswerMode,
     ChatMessage,
     ErrorEvent,
     GenerationParams,
@@ -89,8 +90,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-AnswerMode = Literal["single", "interval", "flare", "extractive"]
-ANSWER_MODES: tuple[AnswerMode, ...] = ("single", "interval", "flare", "extractive")
 ModeRunner = Callable[["AnswerSession"], AsyncIterator[AnswerEvent]]
 
 

@@ -16,7 +16,9 @@ from typing import Literal
 from retrieval.types import Chunk, ScoredChunk
 
 __all__ = [
+    "ANSWER_MODES",
     "AnswerEvent",
+    "AnswerMode",
     "ChatMessage",
     "CitationEvent",
     "Completion",
@@ -33,6 +35,10 @@ __all__ = [
 ]
 
 Role = Literal["system", "user", "assistant"]
+
+AnswerMode = Literal["single", "interval", "flare", "extractive"]
+"""How :func:`generation.rag.answer` answers (its module docstring describes each mode)."""
+ANSWER_MODES: tuple[AnswerMode, ...] = ("single", "interval", "flare", "extractive")
 
 
 @dataclass(frozen=True, slots=True)

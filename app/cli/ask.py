@@ -27,11 +27,12 @@ from app.cli.common import (
     setup_logging,
 )
 from core.settings import Settings
+from generation.types import ANSWER_MODES, AnswerMode
 
 if TYPE_CHECKING:
     from app.cli.remote import ApiClient
 
-ModeOpt = Annotated[Literal["single", "interval", "flare"], typer.Option(help="single | interval | flare")]
+ModeOpt = Annotated[AnswerMode, typer.Option(help=" | ".join(ANSWER_MODES))]
 QueryModeOpt = Annotated[Literal["masked", "question"] | None, typer.Option(help="flare: masked | question.")]
 
 
@@ -121,7 +122,7 @@ async def _ask(
     settings: Settings,
     question: str,
     collections: list[str] | None,
-    mode: Literal["single", "interval", "flare"],
+    mode: AnswerMode,
     k: int | None,
     max_tokens: int | None,
     temperature: float | None,

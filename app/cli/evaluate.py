@@ -17,6 +17,7 @@ from rich.table import Table
 from app.cli.common import JsonOpt, VerboseOpt, console, err_console, fail, load_settings, setup_logging
 from core.progress import Progress
 from core.settings import Settings
+from generation.types import ANSWER_MODES, AnswerMode
 
 DatasetOpt = Annotated[Path, typer.Option("--dataset", "-d", help="A BEIR-layout dataset folder.")]
 QuestionsOpt = Annotated[
@@ -125,8 +126,8 @@ async def _eval_retrieval(settings: Settings, data: Any, *, sweep: bool, quiet: 
 def answers(
     dataset: DatasetOpt,
     mode: Annotated[
-        Literal["single", "interval", "flare", "extractive"],
-        typer.Option("--mode", "-m", help="single | interval | flare | extractive"),
+        AnswerMode,
+        typer.Option("--mode", "-m", help=" | ".join(ANSWER_MODES)),
     ] = "single",
     questions: QuestionsOpt = None,
     as_json: JsonOpt = False,
@@ -230,7 +231,7 @@ def answers(
 async def _eval_answers(
     settings: Settings,
     data: Any,
-    mode: Literal["single", "interval", "flare", "extractive"],
+    mode: AnswerMode,
     questions: int | None,
     max_tokens: int | None,
     k: int | None,
