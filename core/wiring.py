@@ -288,6 +288,9 @@ class Tracing:
 
     def shutdown(self) -> None:
         """Export what is buffered and stop this configuration's exporter."""
+        from retrieval import tracing as stage_spans
+
+        stage_spans.flush()  # the search stages still waiting to become spans
         self.processor.force_flush()
         self.processor.shutdown()
 

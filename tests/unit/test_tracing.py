@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 from app.main import create_app
 from app.observability import JsonFormatter
 from core.wiring import configure_tracing
+from retrieval import tracing as stage_spans
 from tests.unit.api_support import CORPUS, Api, default_responder
 from tests.unit.fakes_llm import FakeLLM
 from tests.unit.fakes_retrieval import HashEmbedder
@@ -42,6 +43,12 @@ def traced(make_settings: Any) -> Iterator[tuple[Api, InMemorySpanExporter]]:
         yield api, exporter
 
 
+def finished(exporter: InMemorySpanExporter) -> tuple[ReadableSpan, ...]:
+    """Every finished span, once the search stages timed inline have become spans."""
+    assert stage_spans.flush(), "stage spans were not emitted in time"
+    return exporter.get_finished_spans()
+
+
 def tree(spans: tuple[ReadableSpan, ...], root: ReadableSpan) -> list[ReadableSpan]:
     """Every span under ``root`` (same trace)."""
     return [s for s in spans if s.context.trace_id == root.context.trace_id and s is not root]
@@ -56,7 +63,7 @@ def test_ask_stream_is_one_trace_whose_stages_add_up(traced: tuple[Api, InMemory
     api, exporter = traced
     r = api.client.post("/v1/ask/stream", json={"question": "How do I join paths in Python?"})
     assert r.status_code == 200 and '"type":"done"' in r.text.replace(" ", "")
-    spans = exporter.get_finished_spans()
+    spans = finished(exporter)
     roots = [s for s in spans if s.parent is None]
     assert [s.name for s in roots] == ["POST /v1/ask/stream"]
     root = roots[0]
@@ -91,7 +98,7 @@ def test_search_and_mcp_calls_are_traced(traced: tuple[Api, InMemorySpanExporter
 
     api, exporter = traced
     assert api.client.post("/v1/search", json={"query": "join paths"}).status_code == 200
-    names = [s.name for s in exporter.get_finished_spans()]
+    names = [s.name for s in finished(exporter)]
     assert "POST /v1/search" in names and "retrieval.fusion" in names
 
     exporter.clear()
@@ -104,7 +111,7 @@ def test_search_and_mcp_calls_are_traced(traced: tuple[Api, InMemorySpanExporter
             await client.call_tool("search", {"query": "join paths"})
 
     api.run(work)
-    spans = exporter.get_finished_spans()
+    spans = finished(exporter)
     call = next(s for s in spans if s.name == "tools/call search")  # the MCP SDK's span
     search = next(s for s in spans if s.name == "retrieval.search")
     assert search.context.trace_id == call.context.trace_id
@@ -122,3 +129,42 @@ def test_log_lines_carry_the_trace_id(traced: tuple[Api, InMemorySpanExporter]) 
 
 def test_tracing_is_off_without_an_endpoint(make_settings: Any) -> None:
     assert configure_tracing(make_settings()) is None
+
+
+def test_stages_become_spans_under_their_parent_with_their_own_times() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("parent") as parent:
+        stages = stage_spans.Stages(tracer)
+        assert stages.recording
+        with stages.stage("first") as attributes:
+            attributes["rag.depth"] = 7
+        with stages.stage("second"):
+            pass
+        stages.publish()
+    assert stage_spans.flush()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    first, second = spans["first"], spans["second"]
+    for child in (first, second):
+        assert child.parent is not None and child.parent.span_id == parent.get_span_context().span_id
+        assert child.context.trace_id == parent.get_span_context().trace_id
+    assert first.attributes == {"rag.depth": 7}
+    assert first.start_time is not None and first.end_time is not None and second.start_time is not None
+    assert first.start_time <= first.end_time <= second.start_time  # the times recorded inline, not emission times
+    assert spans["parent"].start_time <= first.start_time  # type: ignore[operator]
+
+
+def test_stages_under_a_span_that_is_not_recording_cost_nothing() -> None:
+    from opentelemetry import trace
+
+    stages = stage_spans.Stages(trace.get_tracer("test"))  # no SDK here: the API's no-op span
+    assert not stages.recording
+    with stages.stage("x") as attributes:
+        attributes["ignored"] = 1
+    stages.publish()
+    assert stage_spans.flush(timeout=0.1)
