@@ -20,11 +20,13 @@ so equal inputs always give equal output.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["RankedDocument", "rank_documents"]
+from retrieval.types import ScoredChunk
+
+__all__ = ["DocumentHit", "RankedDocument", "group_hits", "rank_documents"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -89,3 +91,38 @@ def rank_documents(
     position = {key: i for i, key in enumerate(chunks)}
     order = sorted(chunks, key=lambda key: (-scores[key], position[key]))
     return [RankedDocument(key=key, score=scores[key], chunks=tuple(chunks[key])) for key in order]
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentHit:
+    """One document of a search grouped by document (``group_by: "document"``).
+
+    Attributes:
+        rank: 1-based rank among the documents.
+        score: The document's score (:func:`rank_documents` over the chunk scores).
+        evidence: Its best chunks in the result list, best first (at most the requested number).
+    """
+
+    rank: int
+    score: float
+    evidence: tuple[ScoredChunk, ...]
+
+
+def group_hits(hits: Sequence[ScoredChunk], k: int, *, decay: float = 0.0, evidence: int = 3) -> list[DocumentHit]:
+    """The ``k`` best documents of a best-first chunk list, each with its ``evidence`` best chunks.
+
+    The same rule ranks documents everywhere (:func:`rank_documents`): the API's grouped search
+    and ``rag eval retrieval``'s passage ranking. Document ids are database keys, unique across
+    collections, so hits of several collections group correctly.
+
+    Raises:
+        ValueError: If ``evidence < 1`` or ``decay`` is outside [0, 1).
+    """
+    if evidence < 1:
+        raise ValueError(f"evidence must be >= 1, got {evidence}")
+    by_id = {h.chunk.id: h for h in hits}
+    ranked = rank_documents(((h.chunk.id, h.score) for h in hits), lambda i: by_id[i].chunk.document_id, decay=decay)
+    return [
+        DocumentHit(rank=rank, score=doc.score, evidence=tuple(by_id[i] for i in doc.chunks[:evidence]))
+        for rank, doc in enumerate(ranked[: max(k, 0)], start=1)
+    ]

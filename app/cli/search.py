@@ -32,6 +32,10 @@ ModeOpt = Annotated[
     Literal["hybrid", "dense", "sparse"] | None, typer.Option(help="hybrid | dense | sparse (default: configured).")
 ]
 FusionOpt = Annotated[Literal["rrf", "weighted"] | None, typer.Option(help="rrf | weighted (hybrid only).")]
+GroupByOpt = Annotated[
+    Literal["chunk", "document"],
+    typer.Option("--group-by", help="chunk | document: the k best documents, each with its best chunks."),
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -49,6 +53,7 @@ def search(
     alpha: Annotated[float | None, typer.Option(help="Dense weight of weighted fusion.")] = None,
     k: Annotated[int, typer.Option("--k", "-k", min=1, help="Number of results.")] = 10,
     path_prefix: Annotated[str | None, typer.Option(help="Only chunks of documents under this path.")] = None,
+    group_by: GroupByOpt = "chunk",
     as_json: JsonOpt = False,
     local: LocalOpt = False,
     verbose: VerboseOpt = False,
@@ -61,6 +66,8 @@ def search(
     client = api_client(settings, local=local)
     if client is not None:
         body: dict[str, Any] = {"query": query, "k": k, "mode": mode, "fusion": fusion, "alpha": alpha}
+        if group_by != "chunk":
+            body["group_by"] = group_by
         if collection:
             body["collections"] = collection
         if path_prefix is not None:
@@ -71,11 +78,14 @@ def search(
         except ApiError as e:
             api_failure(e, settings)
     else:
-        result = _search_local(settings, query, collection, mode, fusion, alpha, k, path_prefix)
+        result = _search_local(settings, query, collection, mode, fusion, alpha, k, path_prefix, group_by)
     if as_json:
         typer.echo(json.dumps(result))
         return
-    console.print(hits_table(result, width=console.width))
+    if result.get("documents") is not None:
+        console.print(documents_table(result, width=console.width))
+    else:
+        console.print(hits_table(result, width=console.width))
     if not result["hits"]:
         console.print("no results (is the collection ingested? rag ingest PATH -c NAME)")
 
@@ -89,10 +99,12 @@ def _search_local(
     alpha: float | None,
     k: int,
     path_prefix: str | None,
+    group_by: Literal["chunk", "document"],
 ) -> dict[str, Any]:
     from app.schemas.search import SearchResponse
-    from app.services.search import search_options
+    from app.services.search import CHUNKS_PER_DOCUMENT, DOCUMENT_DECAY, search_options
     from core.wiring import build_retriever, load_embedder, open_store, search_defaults
+    from retrieval.documents import group_hits
     from retrieval.types import RetrievalError, SearchFilters
 
     embedder = load_embedder(settings, threads=1)
@@ -100,13 +112,20 @@ def _search_local(
     options = search_options(search_defaults(settings), mode=mode, fusion=fusion, alpha=alpha)
     names = list(dict.fromkeys(collection)) if collection else None
     filters = SearchFilters(collections=tuple(names) if names else None, path_prefix=path_prefix)
+    grouped = group_by == "document"
     started = time.perf_counter()
     try:
-        hits = build_retriever(settings, store, embedder).search_sync(query, k=k, filters=filters, options=options)
+        retriever = build_retriever(settings, store, embedder)
+        hits = retriever.search_sync(
+            query, k=k * CHUNKS_PER_DOCUMENT if grouped else k, filters=filters, options=options
+        )
     except (RetrievalError, ValueError) as e:
         fail(str(e))
     took_ms = (time.perf_counter() - started) * 1000
-    return SearchResponse.build(query, options, names, hits, took_ms).model_dump(mode="json")
+    documents = group_hits(hits, k, decay=DOCUMENT_DECAY) if grouped else None
+    if documents is not None:
+        hits = [h for doc in documents for h in doc.evidence]
+    return SearchResponse.build(query, options, names, hits, took_ms, documents=documents).model_dump(mode="json")
 
 
 def hits_table(result: dict[str, Any], *, width: int) -> Table:
@@ -138,5 +157,28 @@ def hits_table(result: dict[str, Any], *, width: int) -> Table:
             prefix + short_path(h["path"], max(8, budget - len(prefix))),
             str(h["page"]) if h.get("page") else "",
             " ".join(h["text"].split())[:160],
+        )
+    return table
+
+
+def documents_table(result: dict[str, Any], *, width: int) -> Table:
+    """The documents of a grouped ``SearchResponse`` (wire form): rank, score, source and the
+    best chunk's snippet (with how many chunks back the document)."""
+    table = Table(title=f"{result['query']!r} · documents")
+    for col in ("#", "score", "chunks"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("source", no_wrap=True)
+    table.add_column("best chunk", overflow="fold", ratio=1)
+    budget = path_width(width, 40)
+    for d in result["documents"]:
+        best = d["evidence"][0]
+        prefix = f"{d['collection']}:"
+        snippet = " ".join(best["text"].split())[:160]
+        table.add_row(
+            str(d["rank"]),
+            f"{d['score']:.4f}",
+            str(len(d["evidence"])),
+            prefix + short_path(d["path"], max(8, budget - len(prefix))),
+            f"p.{best['page']} {snippet}" if best.get("page") else snippet,
         )
     return table

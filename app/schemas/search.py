@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 from app.schemas.common import Collections, CollectionsField, Request, Text
+from retrieval.documents import DocumentHit
 from retrieval.types import ScoredChunk, SearchOptions
 
 
@@ -38,8 +39,14 @@ class SearchRequest(CollectionsField, SearchParams):
     """A search in the named collections (``collections``)."""
 
     query: Annotated[Text, StringConstraints(min_length=1, max_length=4000)]
-    k: int = Field(default=10, ge=1, le=100, description="Number of results.")
+    k: int = Field(default=10, ge=1, le=100, description="Number of results (chunks, or documents when grouped).")
     filters: SearchFilters = Field(default_factory=SearchFilters)
+    group_by: Literal["chunk", "document"] = Field(
+        default="chunk",
+        description="`document`: return the `k` best documents (`documents`), each with its best chunks as "
+        "evidence; a document ranks by its best chunk.",
+    )
+    evidence: int = Field(default=3, ge=1, le=10, description="Chunks per document when `group_by` is `document`.")
 
     @model_validator(mode="after")
     def _one_scope(self) -> Any:
@@ -101,6 +108,32 @@ class HitOut(BaseModel):
         )
 
 
+class DocumentOut(BaseModel):
+    """One document of a search grouped by document."""
+
+    rank: int
+    score: float = Field(description="The document's score: its best chunk's.")
+    document_id: int
+    collection: str
+    path: str
+    title: str | None
+    evidence: list[HitOut] = Field(description="Its best chunks in this search, best first.")
+
+    @classmethod
+    def from_hit(cls, doc: DocumentHit) -> DocumentOut:
+        """The wire form of a grouped result."""
+        first = doc.evidence[0].chunk
+        return cls(
+            rank=doc.rank,
+            score=doc.score,
+            document_id=first.document_id,
+            collection=first.collection,
+            path=first.path,
+            title=first.title,
+            evidence=[HitOut.from_scored(h) for h in doc.evidence],
+        )
+
+
 class OptionsOut(BaseModel):
     """The options the search ran with."""
 
@@ -117,7 +150,10 @@ class SearchResponse(BaseModel):
     query: str
     options: OptionsOut
     collections: list[str] | None = Field(description="Collections searched; null: all of them (admin).")
-    hits: list[HitOut]
+    hits: list[HitOut] = Field(description="The chunks found; when grouped, the documents' evidence in order.")
+    documents: list[DocumentOut] | None = Field(
+        default=None, description='The ranked documents when `group_by` is `"document"`, else null.'
+    )
     took_ms: float
     unavailable: list[str] = Field(
         default_factory=list,
@@ -134,6 +170,7 @@ class SearchResponse(BaseModel):
         hits: Sequence[ScoredChunk],
         took_ms: float,
         unavailable: Sequence[str] = (),
+        documents: Sequence[DocumentHit] | None = None,
     ) -> SearchResponse:
         """The wire form of a search (``POST /v1/search`` and ``rag search --json`` both print it)."""
         o = options
@@ -142,6 +179,7 @@ class SearchResponse(BaseModel):
             options=OptionsOut(mode=o.mode, fusion=o.fusion, alpha=o.alpha, rrf_k=o.rrf_k, depth=o.depth),
             collections=list(collections) if collections is not None else None,
             hits=[HitOut.from_scored(h) for h in hits],
+            documents=[DocumentOut.from_hit(d) for d in documents] if documents is not None else None,
             took_ms=round(took_ms, 3),
             unavailable=list(unavailable),
         )

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -21,6 +22,7 @@ from app.services.collections import valid_name
 from app.services.errors import InvalidInput, NotFound
 from app.services.keys import Principal
 from core.db.models import Collection
+from retrieval.documents import DocumentHit, group_hits
 from retrieval.store import IndexStore
 from retrieval.types import (
     FusionMethod,
@@ -43,6 +45,17 @@ class SearchOutcome:
     took_ms: float
     unavailable: tuple[str, ...] = ()
     """Collections left out because their index is unreadable (the worker rebuilds them)."""
+    documents: list[DocumentHit] | None = None
+    """With ``group_by="document"``: the ranked documents, each with its best chunks."""
+
+
+GroupBy = Literal["chunk", "document"]
+CHUNKS_PER_DOCUMENT = 5
+"""A grouped search ranks documents from ``k`` x this many chunks: enough for ``k`` documents
+with their evidence even when the best documents have several strong chunks each."""
+DOCUMENT_DECAY = 0.0
+"""How a document's further chunks add to its best one's score (:func:`retrieval.documents.rank_documents`);
+the best chunk alone measured best on the dev sets (docs/retrieval.md)."""
 
 
 def search_options(
@@ -108,8 +121,11 @@ async def search(
     collections: Sequence[str] | None,
     path_prefix: str | None,
     options: SearchOptions,
+    group_by: GroupBy = "chunk",
+    evidence: int = 3,
 ) -> SearchOutcome:
-    """Run a scoped search.
+    """Run a scoped search: ``k`` chunks, or with ``group_by="document"`` ``k`` documents with
+    up to ``evidence`` chunks each (``hits`` then holds those chunks, document by document).
 
     Raises:
         NotFound: A requested collection is missing or outside the principal's scope.
@@ -118,12 +134,14 @@ async def search(
     """
     allowed = await scope(session, principal, store, collections)
     started = time.perf_counter()
+    grouped = group_by == "document"
     if allowed is not None and not allowed:
-        return SearchOutcome([], options, allowed, 0.0)
+        return SearchOutcome([], options, allowed, 0.0, documents=[] if grouped else None)
+    chunks = k * CHUNKS_PER_DOCUMENT if grouped else k
     try:
         async with gate.slot():  # bounded: beyond the slots and the short queue, refused (503) at once
             hits = await retriever.search(
-                query, k=k, filters=SearchFilters(collections=allowed, path_prefix=path_prefix), options=options
+                query, k=chunks, filters=SearchFilters(collections=allowed, path_prefix=path_prefix), options=options
             )
     except UnknownCollectionError as e:  # dropped between the scope check and the search
         raise NotFound(str(e)) from e
@@ -135,4 +153,8 @@ async def search(
     if collections is None:
         visible = principal.visible(sorted(store.unreadable()))
         unavailable = tuple(visible)
-    return SearchOutcome(hits, options, allowed, elapsed * 1000.0, unavailable)
+    documents = None
+    if grouped:
+        documents = group_hits(hits, k, decay=DOCUMENT_DECAY, evidence=evidence)
+        hits = [h for doc in documents for h in doc.evidence]
+    return SearchOutcome(hits, options, allowed, elapsed * 1000.0, unavailable, documents)

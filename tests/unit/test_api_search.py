@@ -86,3 +86,23 @@ def test_search_works_while_the_model_server_is_down(api: Api) -> None:
     ready = api.client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "degraded"
     assert ready.json()["checks"]["model_server"]["ok"] is False
+
+
+def test_search_grouped_by_document(api: Api) -> None:
+    r = api.client.post(
+        "/v1/search", json={"query": "join paths in Python", "k": 2, "group_by": "document", "evidence": 1}
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    documents = body["documents"]
+    assert [d["rank"] for d in documents] == [1, 2]
+    assert documents[0]["path"] == "/docs/python/paths.md" and documents[0]["collection"] == "docs"
+    assert len({d["document_id"] for d in documents}) == 2
+    for d in documents:
+        assert len(d["evidence"]) == 1 and d["evidence"][0]["document_id"] == d["document_id"]
+        assert d["score"] == d["evidence"][0]["score"]  # a document ranks by its best chunk
+    assert [h["chunk_id"] for h in body["hits"]] == [d["evidence"][0]["chunk_id"] for d in documents]
+    # Ungrouped searches say so.
+    assert api.client.post("/v1/search", json={"query": "python"}).json()["documents"] is None
+    bad = api.client.post("/v1/search", json={"query": "python", "group_by": "page", "evidence": 0})
+    assert bad.status_code == 422

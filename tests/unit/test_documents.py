@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from retrieval.documents import RankedDocument, rank_documents
+from retrieval.documents import RankedDocument, group_hits, rank_documents
+from retrieval.types import Chunk, ScoredChunk
 
 pytestmark = pytest.mark.unit
 
@@ -68,3 +69,31 @@ def test_invalid_arguments(decay: float, top: int) -> None:
 def test_repeated_chunk_is_an_error() -> None:
     with pytest.raises(ValueError, match="chunk 1 appears twice"):
         rank_documents([(1, 0.9), (1, 0.8)], OWNER.get)
+
+
+def _hit(chunk_id: int, document_id: int, score: float, rank: int) -> ScoredChunk:
+    chunk = Chunk(
+        id=chunk_id,
+        document_id=document_id,
+        collection="c",
+        path=f"/d{document_id}.md",
+        ordinal=chunk_id,
+        text=f"chunk {chunk_id}",
+        start=0,
+        end=7,
+    )
+    return ScoredChunk(chunk=chunk, score=score, rank=rank)
+
+
+def test_grouped_hits_give_documents_with_their_best_chunks_as_evidence() -> None:
+    # Document 10 owns chunks 1-3, document 20 chunks 4-5, document 30 chunk 6 (OWNER above).
+    docs = {"a": 10, "b": 20, "c": 30}
+    hits = [_hit(cid, docs[OWNER[cid]], score, rank) for rank, (cid, score) in enumerate(ROWS, start=1)]
+    grouped = group_hits(hits, k=2, evidence=2)
+    assert [(d.rank, d.evidence[0].chunk.document_id) for d in grouped] == [(1, 20), (2, 10)]
+    assert [h.chunk.id for h in grouped[0].evidence] == [4, 5]
+    assert [h.chunk.id for h in grouped[1].evidence] == [1, 2]  # cut at two, best first
+    assert grouped[0].score == pytest.approx(0.90)
+    assert len(group_hits(hits, k=10)) == 3  # fewer documents than asked: all of them
+    with pytest.raises(ValueError, match="evidence"):
+        group_hits(hits, k=2, evidence=0)

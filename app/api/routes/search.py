@@ -18,6 +18,7 @@ async def search_chunks(
 ) -> SearchResponse:
     """Dense + BM25 search with the mode, fusion and parameters of this request; every hit says
     where each leg ranked it. Without `collections`, searches every collection the key may read.
+    With `group_by: "document"`, returns documents, each with its best chunks as evidence.
     Works while the model server is down."""
     options = search.search_options(
         resources.retriever.defaults,
@@ -39,7 +40,15 @@ async def search_chunks(
         collections=body.requested(),
         path_prefix=body.filters.path_prefix,
         options=options,
+        group_by=body.group_by,
+        evidence=body.evidence,
     )
     return SearchResponse.build(
-        body.query, outcome.options, outcome.collections, outcome.hits, outcome.took_ms, outcome.unavailable
+        body.query,
+        outcome.options,
+        outcome.collections,
+        outcome.hits,
+        outcome.took_ms,
+        outcome.unavailable,
+        outcome.documents,
     )
