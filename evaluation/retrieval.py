@@ -7,6 +7,9 @@ nDCG@10, Recall@10, Recall@100 and MRR@10.
 
 ``sweep`` scores a grid of fusion parameters from legs computed once per query; it is how
 the defaults in ``docs/retrieval.md`` were chosen (on the development set only).
+
+``passage_baseline`` scores the plain alternative in the same run (whole passages, dense only),
+so every report shows whether chunking and fusion still gain anything over it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from retrieval.documents import rank_documents
 from retrieval.fusion import Fused, Legs, rrf, weighted
 from retrieval.hybrid import HybridRetriever
 from retrieval.metrics import evaluate, run_from_rankings
-from retrieval.types import Normalization, ScoredChunk, SearchFilters, SearchOptions
+from retrieval.types import Embedder, Normalization, ScoredChunk, SearchFilters, SearchOptions
 
 DEPTH = 100  # Recall@100 needs 100 distinct passages per query
 
@@ -206,3 +209,61 @@ def _options_json(options: SearchOptions) -> dict[str, Any]:
         "alpha": options.alpha,
         "normalization": options.normalization,
     }
+
+
+BASELINE = "passage-dense (baseline)"
+"""The name of the baseline row: the plain retriever every chunked recipe must beat."""
+
+
+def passage_text(title: str, text: str) -> str:
+    """What the baseline embeds for a passage: its title and text, as one string."""
+    return f"{title}\n\n{text}" if title else text
+
+
+def passage_baseline(
+    dataset: Dataset,
+    embedder: Embedder,
+    cache: Path,
+    *,
+    batch: int = 64,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, float], float]:
+    """The plain baseline, computed in the same run: each *whole passage* (title + text, cut
+    only by the model's own input limit) embedded once, exact inner-product search, no chunking,
+    no BM25, same model. Returns its metrics and the mean query latency in ms.
+
+    The passage vectors are cached in ``cache`` (a ``.npy`` file named by the model and a digest
+    of the corpus file), so only the first run of a dataset pays for embedding it.
+    """
+    import numpy as np
+
+    passages = list(dataset.passages())
+    corpus = dataset.root / "corpus.jsonl"
+    digest = hashlib.sha1(corpus.read_bytes()).hexdigest()[:12]  # a cache key
+    model = "".join(c if c.isalnum() else "-" for c in embedder.model_id)[:60]
+    path = cache / f"baseline-{model}-{digest}.npy"
+    if path.is_file():
+        vectors = np.load(path)
+    else:
+        parts = []
+        for start in range(0, len(passages), batch):
+            chunk = passages[start : start + batch]
+            parts.append(np.asarray(embedder.embed_documents([passage_text(p.title, p.text) for p in chunk])))
+            if on_progress is not None:
+                on_progress(min(start + batch, len(passages)), len(passages))
+        vectors = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, embedder.dimension), np.float32)
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, vectors)
+        tmp.replace(path)
+    ids = [p.id for p in passages]
+    rankings: dict[str, list[str]] = {}
+    started = time.perf_counter()
+    depth = min(DEPTH, len(ids))
+    for qid, text in dataset.queries.items():
+        scores = vectors @ np.asarray(embedder.embed_query(text), dtype=np.float32)
+        top = np.argpartition(-scores, depth - 1)[:depth] if depth else np.zeros(0, dtype=np.int64)
+        rankings[qid] = [ids[i] for i in top[np.argsort(-scores[top], kind="stable")]]
+    elapsed = (time.perf_counter() - started) * 1000 / max(len(dataset.queries), 1)
+    metrics = evaluate(run_from_rankings(rankings), dataset.qrels)
+    return {k: round(v, 4) for k, v in metrics.items()}, elapsed

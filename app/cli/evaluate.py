@@ -55,6 +55,8 @@ def retrieval(
     settings = load_settings()
     data = load_dataset_or_fail(dataset)
     report, sweep_rows = asyncio.run(_eval_retrieval(settings, data, sweep=sweep, quiet=as_json))
+    from evaluation.retrieval import BASELINE
+
     if as_json:
         out = report.as_json()
         if sweep_rows:
@@ -75,6 +77,9 @@ def retrieval(
             f"{report.seconds[name]:.1f}",
         )
     console.print(table)
+    if BASELINE in report.results and "hybrid" in report.results:
+        gain = report.results["hybrid"]["ndcg@10"] - report.results[BASELINE]["ndcg@10"]
+        console.print(f"hybrid vs the passage-dense baseline: {gain:+.4f} nDCG@10")
     if sweep_rows:
         st = Table(title="fusion sweep (same legs, best first)")
         st.add_column("fusion")
@@ -88,10 +93,12 @@ def retrieval(
 async def _eval_retrieval(settings: Settings, data: Any, *, sweep: bool, quiet: bool) -> tuple[Any, list[Any]]:
     from core.wiring import build_retriever, search_defaults
     from evaluation.retrieval import (
+        BASELINE,
         RetrievalEvaluator,
         default_grid,
         materialize_dataset,
         mode_options,
+        passage_baseline,
         scratch_collection,
     )
     from ingest.worker import build_ingest_context, enqueue_path, run_job
@@ -113,9 +120,20 @@ async def _eval_retrieval(settings: Settings, data: Any, *, sweep: bool, quiet: 
         with Progress("eval retrieval", unit=None, usually="a few seconds per mode") as progress:
             progress.update(current="hybrid, dense and sparse over every query")
             report = await asyncio.to_thread(evaluator.evaluate, mode_options(search_defaults(settings)))
-            rows: list[Any] = []
-            if sweep:
-                progress.update(current="fusion sweep")
+        with Progress("eval baseline: whole passages, dense", unit="passages") as progress:
+            baseline, ms = await asyncio.to_thread(
+                passage_baseline,
+                data,
+                ctx.embedder,
+                settings.data_dir / "eval" / collection,
+                on_progress=lambda done, total: progress.update(done, total=total),
+            )
+        report.results[BASELINE] = baseline
+        report.seconds[BASELINE] = round(ms, 2)
+        rows: list[Any] = []
+        if sweep:
+            with Progress("eval fusion sweep", unit=None, usually="a minute") as progress:
+                progress.update(current="legs of every query, then each fusion")
                 legs = await asyncio.to_thread(evaluator.legs, 300)
                 rows = await asyncio.to_thread(evaluator.sweep, legs, default_grid())
         return report, rows

@@ -69,6 +69,10 @@ def test_eval_retrieval_and_search_json(tmp_path: Path) -> None:
     assert report["results"]["dense"]["recall@10"] == 1.0
     assert report["results"]["hybrid"]["recall@10"] == 1.0
     assert report["results"]["hybrid"]["mrr@10"] >= 0.8
+    # The plain baseline of the same run: whole passages, dense only, its passage vectors cached.
+    baseline = report["results"]["passage-dense (baseline)"]
+    assert baseline["recall@10"] == 1.0 and baseline["mrr@10"] >= 0.8
+    assert list((tmp_path / "data" / "eval" / report["collection"]).glob("baseline-*.npy"))
 
     # The eval collection is reused (incremental) and searchable from the CLI.
     collection = report["collection"]
@@ -80,6 +84,24 @@ def test_eval_retrieval_and_search_json(tmp_path: Path) -> None:
     assert hits[0]["dense"]["rank"] >= 1 and hits[0]["rank"] == 1
     sparse = run(env, "search", "chomp newline", "-c", collection, "--mode", "sparse", "--json", "--local")
     assert "chomp" in json.loads(sparse.stdout)["hits"][0]["text"]
+    grouped = run(
+        env,
+        "search",
+        "undo last git commit",
+        "-c",
+        collection,
+        "-k",
+        "2",
+        "--group-by",
+        "document",
+        "--json",
+        "--local",
+    )
+    assert grouped.returncode == 0, grouped.stderr
+    documents = json.loads(grouped.stdout)["documents"]
+    assert len(documents) == 2 and "git reset --soft" in documents[0]["evidence"][0]["text"]
+    table = run(env, "search", "undo last git commit", "-c", collection, "--group-by", "document", "--local")
+    assert table.returncode == 0 and "documents" in table.stdout
 
     bad = run(env, "search", "x", "--mode", "fuzzy")
     assert bad.returncode != 0 and "--mode" in bad.stderr
