@@ -107,10 +107,13 @@ class RetrievalSettings(BaseModel):
     """Weight of the dense leg in RRF."""
     sparse_weight: float = 1.0
     """Weight of the BM25 leg in RRF."""
-    alpha: float = 0.65
+    alpha: float = 0.75
     """Weight of the dense leg in weighted fusion (1 - alpha for BM25)."""
     normalization: Literal["minmax", "zscore"] = "zscore"
     """Score normalization of each leg before weighted fusion."""
+    lead_weight: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Document-aware dense scores: weight of a chunk's document's lead chunk (its first) in the
+    chunk's dense score, ``(1 - w)·cos(chunk) + w·cos(lead)``; 0 turns it off (docs/retrieval.md)."""
     stopwords: bool = True
     """Drop English stopwords in BM25 (+0.07 nDCG@10 for BM25 on the FAQ dev set)."""
     stem: bool = True

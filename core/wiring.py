@@ -120,6 +120,7 @@ def search_defaults(settings: Settings) -> SearchOptions:
         sparse_weight=r.sparse_weight,
         alpha=r.alpha,
         normalization=r.normalization,
+        lead_weight=r.lead_weight,
     )
 
 

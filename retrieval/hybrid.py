@@ -115,6 +115,8 @@ def _validate(options: SearchOptions) -> None:
         raise ValueError(f"unknown fusion {options.fusion!r}")
     if options.depth < 1:
         raise ValueError(f"depth must be >= 1, got {options.depth}")
+    if not 0.0 <= options.lead_weight <= 1.0:
+        raise ValueError(f"lead_weight must be in [0, 1], got {options.lead_weight}")
 
 
 class HybridRetriever:
@@ -284,7 +286,11 @@ class HybridRetriever:
                     vector = self._embedder.embed_query(query)  # once per request, for all collections
                 with stages.stage("retrieval.dense") as attributes:
                     for i, snap, ok in searchable:
-                        dense_leg.extend(i, *snap.dense.search(vector, depth, ok))
+                        found: tuple[npt.NDArray[np.int64], npt.NDArray[np.floating]]
+                        found = snap.dense.search(vector, depth, ok)
+                        if opts.lead_weight > 0:
+                            found = snap.leads().blend(vector, *found, weight=opts.lead_weight, k=depth, allowed=ok)
+                        dense_leg.extend(i, *found)
                     attributes["rag.depth"] = depth
         finally:
             if pending is not None and not pending.done():

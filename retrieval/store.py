@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrieval.dense import DEFAULT_ACCELERATE_FROM, DEFAULT_NPROBE, AcceleratorKind, DenseIndex
+from retrieval.leads import DocumentLeads
 from retrieval.sparse import BM25Params, SparseIndex
 from retrieval.tokenize import Tokenizer, TokenizerOptions
 from retrieval.types import (
@@ -167,6 +168,8 @@ class Snapshot:
 
     __slots__ = (
         "_by_path",
+        "_leads",
+        "_leads_lock",
         "_paths",
         "chunks",
         "collection",
@@ -199,6 +202,16 @@ class Snapshot:
         by_path = sorted(self.chunks.values(), key=lambda c: (c.path, c.id))
         self._paths = [c.path for c in by_path]
         self._by_path: IntArray = np.array([c.id for c in by_path], dtype=np.int64)
+        self._leads: DocumentLeads | None = None
+        self._leads_lock = threading.Lock()
+
+    def leads(self) -> DocumentLeads:
+        """Each document's lead chunk and its vector (built on first use, then kept)."""
+        if self._leads is None:
+            with self._leads_lock:
+                if self._leads is None:
+                    self._leads = DocumentLeads(self.chunks.values(), self.dense)
+        return self._leads
 
     def __len__(self) -> int:
         return int(self.ids.size)

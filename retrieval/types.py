@@ -181,8 +181,10 @@ class SearchOptions:
     rrf_k: int = 60
     dense_weight: float = 1.0
     sparse_weight: float = 1.0
-    alpha: float = 0.65
+    alpha: float = 0.75
     normalization: Normalization = "zscore"
+    lead_weight: float = 0.5
+    """Weight of a chunk's document lead in its dense score (:mod:`retrieval.leads`); 0: off."""
 
 
 @runtime_checkable
