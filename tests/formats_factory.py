@@ -261,7 +261,7 @@ def write_formats(folder: Path) -> list[FormatFact]:
     return [writer(folder / names.get(fmt, f"sample.{fmt}")) for fmt, writer in WRITERS.items()]
 
 
-def zip_bomb_docx(path: Path, *, expanded_bytes: int = 300 * 1024 * 1024) -> None:
+def zip_bomb_docx(path: Path, *, expanded_bytes: int = 64 * 1024 * 1024) -> None:
     """A .docx whose one extra member inflates ``expanded_bytes`` of zeros from a few hundred KiB."""
     import docx
 

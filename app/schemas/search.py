@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from app.schemas.common import Collections, CollectionsField, Request, Text
+from app.schemas.common import LOCATION_DESCRIPTION, Collections, CollectionsField, Request, Text
 from retrieval.types import ScoredChunk, SearchOptions
 
 
@@ -76,6 +76,10 @@ class HitOut(BaseModel):
     path: str
     title: str | None
     page: int | None
+    location: str | None = Field(
+        default=None,
+        description=LOCATION_DESCRIPTION,
+    )
     start: int
     end: int
     text: str
@@ -95,6 +99,7 @@ class HitOut(BaseModel):
             path=c.path,
             title=c.title,
             page=c.page,
+            location=c.location,
             start=c.start,
             end=c.end,
             text=c.text,

@@ -4,7 +4,8 @@ Paragraphs and tables are read in the order they appear in the body. Paragraphs 
 ``Title`` or ``Heading 1``-``Heading 9`` (by name or by the built-in style id, so localized
 documents work too) become markdown headings, which give chunks their heading path: a Word
 document has no fixed pages (the layout is computed when it is displayed), so the heading path
-is its location. Not read: headers and footers, footnotes, comments, text boxes, images.
+is its location, and each heading starts a section no chunk crosses. Not read: headers and
+footers, footnotes, comments, text boxes, images.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from ingest.loaders.base import EmptyFileError, LoadedDocument, LoaderLimits, read_bytes
 from ingest.loaders.containers import check_zip, library_errors
-from ingest.loaders.structured import MarkdownText, collapse
+from ingest.loaders.structured import MarkdownText, collapse, heading_sections
 
 FORMAT = "docx"
 _HEADING = re.compile(r"^heading\s*([1-9])$", re.IGNORECASE)
@@ -75,4 +76,7 @@ class DocxLoader:
             title = collapse(document.core_properties.title or "")
         if not out.text.strip():
             raise EmptyFileError("the document has no text")
-        return LoadedDocument(text=out.text, format=FORMAT, title=title or path.stem, markdown=True)
+        text = out.text
+        return LoadedDocument(
+            text=text, format=FORMAT, pages=heading_sections(text), title=title or path.stem, markdown=True
+        )

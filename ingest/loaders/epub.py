@@ -2,8 +2,8 @@
 
 Each document of the spine (a chapter, usually) is an XHTML page whose visible text is read
 by the HTML loader's rules, with ``<h1>``-``<h6>`` written as markdown headings: a chunk's
-location is its heading path (e-books reflow, they have no fixed pages). Chapters are sections,
-so no chunk spans two of them. A book whose content is encrypted (DRM: ``encryption.xml`` names
+location is its heading path (e-books reflow, they have no fixed pages). Chapters and headings start
+sections, so no chunk spans two of them. A book whose content is encrypted (DRM: ``encryption.xml`` names
 an AES algorithm; font obfuscation alone is fine) is refused as such. Not read: images,
 the navigation document's links (it is read as text only when it is in the spine).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from ingest.loaders.base import EmptyFileError, EncryptedFileError, LoadedDocument, LoaderLimits, PageSpan, read_bytes
 from ingest.loaders.containers import check_zip, library_errors
 from ingest.loaders.html import html_text
-from ingest.loaders.structured import collapse
+from ingest.loaders.structured import collapse, heading_sections
 
 FORMAT = "epub"
 CHAPTER_SEPARATOR = "\n\n"
@@ -71,6 +71,6 @@ class EpubLoader:
             title = collapse(str(titles[0][0])) if titles else ""
         if not spans:
             raise EmptyFileError("no chapter has text")
-        return LoadedDocument(
-            text="".join(parts), format=FORMAT, pages=tuple(spans), title=title or path.stem, markdown=True
-        )
+        text = "".join(parts)
+        sections = heading_sections(text, starts=[span.start for span in spans])
+        return LoadedDocument(text=text, format=FORMAT, pages=sections, title=title or path.stem, markdown=True)

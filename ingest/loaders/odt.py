@@ -1,10 +1,10 @@
 """OpenDocument text loader (``.odt``) built on odfpy: body text in document order as markdown.
 
 ``text:h`` headings (with their outline level) become markdown headings, which give chunks
-their heading path (the location: like a Word document, an ODT file has no fixed pages);
-paragraphs, list items, sections and tables are read in order. A password-protected file
-(its manifest lists encryption data) is refused as such. Not read: headers and footers,
-notes, frames, images.
+their heading path (the location: like a Word document, an ODT file has no fixed pages; each
+heading starts a section no chunk crosses); paragraphs, list items, sections and tables are
+read in order. A password-protected file (its manifest lists encryption data) is refused as
+such. Not read: headers and footers, notes, frames, images.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from ingest.loaders.base import EmptyFileError, EncryptedFileError, LoadedDocument, LoaderLimits, read_bytes
 from ingest.loaders.containers import check_zip, library_errors
-from ingest.loaders.structured import MarkdownText, collapse
+from ingest.loaders.structured import MarkdownText, collapse, heading_sections
 
 FORMAT = "odt"
 _TEXT_NS = "urn:oasis:names:tc:opendocument:xmlns:text:1.0"
@@ -93,4 +93,7 @@ class OdtLoader:
             title = collapse(teletype.extractText(titles[0])) if titles else ""
         if not out.text.strip():
             raise EmptyFileError("the document has no text")
-        return LoadedDocument(text=out.text, format=FORMAT, title=title or path.stem, markdown=True)
+        text = out.text
+        return LoadedDocument(
+            text=text, format=FORMAT, pages=heading_sections(text), title=title or path.stem, markdown=True
+        )

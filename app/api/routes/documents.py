@@ -31,6 +31,7 @@ def _out(doc: Document, collection: str) -> DocumentOut:
         page_count=doc.page_count,
         chunk_count=doc.chunk_count,
         metadata=dict(doc.meta or {}),
+        report=doc.report,
         last_job_id=doc.last_job_id,
         created_at=doc.created_at,
         updated_at=doc.updated_at,
