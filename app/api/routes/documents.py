@@ -49,7 +49,13 @@ def _out(doc: Document, collection: str) -> DocumentOut:
 )
 async def upload_documents(
     name: CollectionName,
-    files: Annotated[list[UploadFile], File(description="One or more .txt, .md, .html or .pdf files.")],
+    files: Annotated[
+        list[UploadFile],
+        File(
+            description="One or more documents: text, markdown, HTML, PDF, Word, PowerPoint, Excel, CSV, "
+            "OpenDocument, EPUB, e-mail (docs/ingestion.md)."
+        ),
+    ],
     session: SessionDep,
     principal: PrincipalDep,
     resources: ResourcesDep,
