@@ -123,10 +123,11 @@ def hits_table(result: dict[str, Any], *, width: int) -> Table:
     for col in ("#", "score", "dense", "bm25"):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("source", no_wrap=True)
-    table.add_column("page", justify="right", no_wrap=True)
+    table.add_column("where", overflow="fold", max_width=18)  # location: page, slide, sheet and rows
     table.add_column("snippet", overflow="fold", ratio=1)
-    # Borders and padding of 7 columns (22) plus the numeric columns' widths (~21).
-    budget = path_width(width, 43)
+    # Borders and padding of 7 columns (22) plus the numeric columns' widths (~21) and a short
+    # location ("page 12", "slide 3"; longer ones fold within 18).
+    budget = path_width(width, 50)
     for h in result["hits"]:
         dense, sparse = h.get("dense"), h.get("sparse")
         prefix = f"{h['collection']}:"
@@ -136,7 +137,7 @@ def hits_table(result: dict[str, Any], *, width: int) -> Table:
             str(dense["rank"]) if dense else "-",
             str(sparse["rank"]) if sparse else "-",
             prefix + short_path(h["path"], max(8, budget - len(prefix))),
-            str(h["page"]) if h.get("page") else "",
+            h.get("location") or (f"page {h['page']}" if h.get("page") else ""),
             " ".join(h["text"].split())[:160],
         )
     return table

@@ -16,7 +16,6 @@ from email.parser import BytesParser
 from pathlib import Path
 
 from ingest.loaders.base import (
-    DEFAULT_MAX_BYTES,
     CorruptFileError,
     EmptyFileError,
     LoadedDocument,
@@ -57,7 +56,7 @@ class EmlLoader:
     extensions: tuple[str, ...] = (".eml",)
 
     def __init__(self, *, limits: LoaderLimits | None = None) -> None:
-        self.limits = limits or LoaderLimits(max_bytes=DEFAULT_MAX_BYTES)
+        self.limits = limits or LoaderLimits()
 
     def load(self, path: Path) -> LoadedDocument:
         """Return the text of the message in ``path``.
