@@ -7,9 +7,10 @@ the same embedder, in the same process, and reports both rates and their ratio (
 is end-to-end >= 0.85x raw). Ratios from one run are what to compare across machines.
 
 Formats section (``run_formats``): for each format of tests/formats_factory.py (.docx, .pptx,
-.xlsx, .csv, .odt, .epub, .eml and a scanned PDF read by OCR) a folder of copies is ingested as
-its own job through the same worker pipeline; it reports documents/s, chunks/s and the loader's
-own time per document, and the OCR cost per page (render + Tesseract) of the scanned PDF.
+.xlsx, .csv, .odt, .epub, .eml and a scanned PDF read by OCR), and a markdown file as the text
+baseline of the same run, a folder of copies is ingested as its own job through the same worker
+pipeline; it reports documents/s, chunks/s, tokens/s and the loader's own time per document, and
+the OCR cost per page (render + Tesseract) of the scanned PDF.
 
     .venv/bin/python bench/ingest.py [--dataset DIR] [--limit N] [--out bench/results/ingest.json]
                                      [--format-copies N] [--no-formats | --formats-only]
@@ -110,11 +111,23 @@ async def run_formats(copies: int) -> dict[str, object]:
     """
     import shutil
 
+    from sqlalchemy import func, select
+
+    from core.db.models import Chunk as ChunkRow
+    from core.db.models import Collection
     from core.settings import Settings
     from core.wiring import load_embedder
     from ingest.loaders import loader_for
     from ingest.worker import build_ingest_context, enqueue_path, loader_limits, run_job
-    from tests.formats_factory import WRITERS
+    from tests.formats_factory import WRITERS, FormatFact, filler
+
+    def write_markdown(path: Path) -> FormatFact:
+        # The text baseline of the same run: headings and prose of about the other files' size.
+        sections = [f"## Part {i}\n\n{filler(40 + i)}\n\n{filler(60 + i)}" for i in range(3)]
+        path.write_text("# Notes\n\n" + "\n\n".join(sections) + "\n", encoding="utf-8")
+        return FormatFact("md", path, "", "", "")
+
+    writers = {"md": write_markdown, **WRITERS}
 
     rows: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-formats-") as tmp:
@@ -126,7 +139,7 @@ async def run_formats(copies: int) -> dict[str, object]:
         ctx = await build_ingest_context(settings, embedder=embedder)
         load0 = os.getloadavg()[0]
         try:
-            for fmt, write in WRITERS.items():
+            for fmt, write in writers.items():
                 folder = tmpdir / fmt
                 folder.mkdir()
                 n = min(copies, 5) if fmt == "pdf" else copies
@@ -144,12 +157,21 @@ async def run_formats(copies: int) -> dict[str, object]:
                 seconds = time.perf_counter() - t0
                 assert summary is not None and summary.files["failed"] == 0, summary and summary.errors
                 chunks = summary.chunks["added"]
+                async with ctx.sessionmaker() as session:
+                    tokens = await session.scalar(
+                        select(func.coalesce(func.sum(ChunkRow.token_count), 0))
+                        .join(Collection, Collection.id == ChunkRow.collection_id)
+                        .where(Collection.name == f"bench-{fmt}")
+                    )
                 row: dict[str, object] = {
                     "documents": n,
                     "chunks": chunks,
                     "seconds": round(seconds, 2),
                     "documents_per_second": round(n / seconds, 2),
                     "chunks_per_second": round(chunks / seconds, 1),
+                    # Chunks differ in length between formats (spreadsheet chunks are packed rows):
+                    # tokens/s is the rate that compares the formats' embedding work.
+                    "tokens_per_second": round(int(tokens or 0) / seconds),
                     "load_ms_per_document": round(load_s * 1000, 1),
                 }
                 if document.ocr_pages:
@@ -178,7 +200,7 @@ def print_formats(result: dict[str, object]) -> None:
     rows = result["formats"]
     assert isinstance(rows, dict)
     table = Table(title=f"ingestion by format · load average {result['load_average_before_after']}")
-    for column in ("format", "docs", "chunks", "docs/s", "chunks/s", "load ms/doc", "OCR s/page"):
+    for column in ("format", "docs", "chunks", "docs/s", "chunks/s", "tokens/s", "load ms/doc", "OCR s/page"):
         table.add_column(column, justify="left" if column == "format" else "right")
     for fmt, row in rows.items():
         table.add_row(
@@ -187,6 +209,7 @@ def print_formats(result: dict[str, object]) -> None:
             str(row["chunks"]),
             str(row["documents_per_second"]),
             str(row["chunks_per_second"]),
+            str(row["tokens_per_second"]),
             str(row["load_ms_per_document"]),
             str(row.get("ocr_seconds_per_page", "")),
         )

@@ -100,8 +100,9 @@ class HuggingFaceTokenizer(Protocol):
 class Piece:
     """A contiguous span of a document's text, sized for the embedding model.
 
-    ``text == doc.text[start:end]``; ``page`` is 1-based where known; ``heading`` is
-    the markdown heading path at ``start``; ``token_count`` excludes special tokens;
+    ``text == doc.text[start:end]``; ``page`` is the 1-based page or slide where known;
+    ``heading`` is the heading path of its text, else its section's name (see
+    :meth:`Splitter.split`); ``token_count`` excludes special tokens;
     ``context`` is what is embedded before ``text`` (title and heading path), if anything;
     ``location`` is where a citation says it is (``slide 2, Launch plan``), if anything is known.
     """
