@@ -370,3 +370,15 @@ def test_add_report_totals_and_notable_files() -> None:
         "warnings": 0,
     }
     assert out["reports"] == [{"path": "/s.pdf", **scan}]
+
+
+def test_rag_ingest_prints_the_extraction_report() -> None:
+    from app.cli.ingest import extraction_lines
+
+    scan = {"format": "pdf", "pages": 3, "pages_ocr": 2, "characters": 99, "ocr_seconds": 1.5, "warnings": []}
+    mail = {"format": "eml", "pages": None, "pages_ocr": 0, "characters": 50, "ocr_seconds": 0.0, "warnings": ["x"]}
+    extraction = add_report(add_report(None, "/s.pdf", scan), "/m.eml", mail)
+    lines = extraction_lines(extraction)
+    assert lines[0] == ("extracted: 2 files, 3 pages/slides/sheets, 2 OCR'd in 1.5s, 149 characters, 1 warnings")
+    assert lines[1:] == ["  /s.pdf: 2 pages OCR'd", "  /m.eml: x"]
+    assert extraction_lines({}) == []
