@@ -4,8 +4,8 @@ Each document of the spine (a chapter, usually) is an XHTML page whose visible t
 by the HTML loader's rules, with ``<h1>``-``<h6>`` written as markdown headings: a chunk's
 location is its heading path (e-books reflow, they have no fixed pages). Chapters and headings start
 sections, so no chunk spans two of them. A book whose content is encrypted (DRM: ``encryption.xml`` names
-an AES algorithm; font obfuscation alone is fine) is refused as such. Not read: images,
-the navigation document's links (it is read as text only when it is in the spine).
+an AES algorithm; font obfuscation alone is fine) is refused as such. Not read: images, the
+navigation document (the table of contents repeats the headings).
 """
 
 from __future__ import annotations
