@@ -1,4 +1,4 @@
-"""Word loader (``.docx``, ``.docm``) built on python-docx: body text in document order as markdown.
+"""Word loader (``.docx``) built on python-docx: body text in document order as markdown.
 
 Paragraphs and tables are read in the order they appear in the body. Paragraphs styled
 ``Title`` or ``Heading 1``-``Heading 9`` (by name or by the built-in style id, so localized
@@ -41,7 +41,8 @@ def heading_level(style: Any) -> int | None:
 class DocxLoader:
     """Loads the body of a Word document as markdown; title = the core ``title`` property, else the stem."""
 
-    extensions: tuple[str, ...] = (".docx", ".docm")
+    # Not .docm: python-docx refuses the macro-enabled content type.
+    extensions: tuple[str, ...] = (".docx",)
 
     def __init__(self, *, limits: LoaderLimits | None = None) -> None:
         self.limits = limits or LoaderLimits()

@@ -91,7 +91,7 @@ def test_registry_extensions_and_max_bytes_are_passed_on() -> None:
     registry = LoaderRegistry(default_loaders(max_bytes=123))
     assert registry.extensions == {
         *(".txt", ".text", ".md", ".markdown", ".html", ".htm", ".pdf"),
-        *(".docx", ".docm", ".pptx", ".pptm", ".xlsx", ".xlsm", ".csv", ".tsv", ".odt", ".epub", ".eml"),
+        *(".docx", ".pptx", ".pptm", ".xlsx", ".xlsm", ".csv", ".tsv", ".odt", ".epub", ".eml"),
     }
     loader = registry.for_path("x.md")
     assert isinstance(loader, MarkdownLoader)
