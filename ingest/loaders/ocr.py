@@ -6,7 +6,8 @@ output), with a time limit and ``OMP_THREAD_LIMIT=1``: on a small shared machine
 per page is steadier than OpenMP's fight for cores, and a page that hangs is cut off instead
 of holding the job. A page is rendered in grayscale at ``dpi`` (300 is Tesseract's sweet spot),
 scaled down when that would exceed :data:`MAX_PIXELS` (a hostile page size must not allocate
-gigabytes).
+gigabytes). A page that renders blank (every pixel near white: an empty page between chapters)
+is not sent to Tesseract at all.
 
 PDFium is not thread-safe; the pipeline prepares files on one thread, and pypdfium2
 serializes calls itself.
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 
 MAX_PIXELS = 40_000_000
 """Largest rendered page (pixels); an A4 page at 300 dpi is 8.7 million."""
+BLANK_ABOVE = 245
+"""A rendered page whose darkest pixel is lighter than this (0 black, 255 white) is blank."""
 
 
 class OcrError(Exception):
@@ -88,13 +91,16 @@ class TesseractOcr:
         if close is not None:
             close()
 
-    def page_text(self, document: object, index: int) -> str:
-        """OCR page ``index`` (0-based) of a document opened by :meth:`open`.
+    def page_text(self, document: object, index: int) -> str | None:
+        """OCR page ``index`` (0-based) of a document opened by :meth:`open`; ``None`` when the
+        page renders blank (nothing to read, Tesseract not run).
 
         Raises:
             OcrError: rendering failed, or Tesseract failed or ran out of time.
         """
         png = self._render(document, index)
+        if png is None:
+            return None
         path = tesseract_path(self.binary)
         if path is None:
             raise OcrError("Tesseract is not installed (apt-get install tesseract-ocr tesseract-ocr-eng)")
@@ -117,7 +123,7 @@ class TesseractOcr:
             raise OcrError(f"Tesseract failed ({done.returncode}): {lines[-1] if lines else 'no message'}")
         return done.stdout.decode("utf-8", "replace")
 
-    def _render(self, document: object, index: int) -> bytes:
+    def _render(self, document: object, index: int) -> bytes | None:
         try:
             page = document[index]  # type: ignore[index]
             try:
@@ -128,6 +134,9 @@ class TesseractOcr:
                 image = page.render(scale=scale, grayscale=True).to_pil()
             finally:
                 page.close()
+            darkest, _ = image.convert("L").getextrema()
+            if darkest >= BLANK_ABOVE:
+                return None
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
         except Exception as e:  # a page PDFium cannot draw
@@ -135,7 +144,7 @@ class TesseractOcr:
         return buffer.getvalue()
 
 
-def timed_page_text(ocr: TesseractOcr, document: object, index: int, stats: OcrStats) -> str:
+def timed_page_text(ocr: TesseractOcr, document: object, index: int, stats: OcrStats) -> str | None:
     """:meth:`TesseractOcr.page_text`, its time added to ``stats`` (failures included)."""
     start = time.perf_counter()
     try:

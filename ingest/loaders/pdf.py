@@ -177,7 +177,7 @@ class PdfLoader:
         if not spans:
             if failed and len(failed) == page_count:
                 raise CorruptFileError(f"text extraction failed on every page: {failed[0][1]}")
-            raise EmptyFileError(f"no extractable text: {self._why_no_text(stats)}")
+            raise EmptyFileError(f"no extractable text: {self._why_no_text(stats, warnings)}")
 
         metadata = _metadata(reader)
         title = metadata.get("title")
@@ -214,21 +214,28 @@ class PdfLoader:
         try:
             for index in indexes:
                 try:
-                    text = clean_page_text(timed_page_text(self.ocr, document, index, stats))
+                    raw = timed_page_text(self.ocr, document, index, stats)
                 except OcrError as e:
                     warnings.append(f"page {index + 1}: OCR failed: {e}")
                     continue
+                if raw is None:  # a blank page: nothing to read
+                    continue
+                text = clean_page_text(raw)
                 stats.pages.append(index + 1)
                 if len(text) > len(texts[index] or ""):
                     texts[index] = text
         finally:
             self.ocr.close(document)
 
-    def _why_no_text(self, stats: OcrStats) -> str:
+    def _why_no_text(self, stats: OcrStats, warnings: list[str]) -> str:
         if self.ocr is None:
             return "no page has a text layer (a scan?) and OCR is off (RAG_INGEST__OCR)"
         if not self.ocr.available:
             return "no page has a text layer (a scan?) and Tesseract is not installed"
         if stats.pages:
             return f"no text on any page, OCR included ({len(stats.pages)} pages OCR'd)"
-        return "no page has a text layer and OCR failed on every page"
+        failures = [w for w in warnings if "OCR failed" in w or "OCR skipped" in w]
+        if failures:
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            return f"no page has a text layer and OCR read none: {failures[0]}{more}"
+        return "no page has a text layer and every page is blank"

@@ -353,8 +353,14 @@ def test_scan_is_read_by_ocr(tmp_path: Path, tesseract: None) -> None:
     assert report["pages"] == 2 and report["pages_ocr"] == 2 and report["ocr_seconds"] > 0
     # A page OCR cannot finish in time is a warning, not a failure of the file.
     slow = PdfLoader(ocr=TesseractOcr(timeout_seconds=0.001)).load
-    with pytest.raises(EmptyFileError, match="OCR failed on every page"):
+    with pytest.raises(
+        EmptyFileError, match=r"OCR read none: page 1: OCR failed: Tesseract took longer .* \(and 1 more\)"
+    ):
         slow(tmp_path / "scan.pdf")
+    # A blank page is not sent to Tesseract: nothing is OCR'd, and the reason says so.
+    (tmp_path / "blank.pdf").write_bytes(scanned_pdf_bytes([""]))
+    with pytest.raises(EmptyFileError, match="every page is blank"):
+        load(tmp_path / "blank.pdf")
 
 
 def test_add_report_totals_and_notable_files() -> None:
