@@ -29,7 +29,7 @@ LLAMACPP_PY := $(LLAMACPP_VENV)/bin/python
 LLAMACPP_STAMP := $(LLAMACPP_VENV)/.installed
 LLAMACPP_SPEC ?= llama-cpp-python[server]==0.3.36
 
-.PHONY: run test lint bench venv llm llamacpp clean format
+.PHONY: run test lint bench venv llm llamacpp clean format ocr
 
 $(STAMP): pyproject.toml
 	@$(STEP) "app virtualenv $(VENV): create, upgrade pip" "10-30 s" \
@@ -40,7 +40,12 @@ $(STAMP): pyproject.toml
 		env PYTHONWARNINGS=ignore $(PIP) install -q -e ".[dev]"
 	@touch $(STAMP)
 
-venv: $(STAMP)
+# OCR of scanned PDFs: Debian's tesseract-ocr and tesseract-ocr-eng, installed where missing.
+ocr:
+	@$(STEP) "OCR: tesseract-ocr, tesseract-ocr-eng (apt-get, where missing)" "0 s if present, 20-60 s to install" \
+		sh tools/install-ocr
+
+venv: $(STAMP) ocr
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -55,15 +60,15 @@ format: $(STAMP)
 # The model-server tests need .venv-llm and the prepared model, and .venv-llamacpp for the second
 # server (they fail under CI=true without them, skip otherwise); building here keeps the one-off
 # ~3-5 min quantization and the ~7-10 min llama.cpp compile out of test timeouts.
-test: lint llm llamacpp
+test: lint llm llamacpp ocr
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP) ocr
 	$(PY) bench/ingest.py
 
 # The whole embedded stack: vLLM CPU model server, ingestion worker, API on 127.0.0.1:8000. `rag run`
 # names each step with its elapsed time and prints the URL once /readyz answers ok.
-run: $(STAMP) $(LLM_STAMP)
+run: $(STAMP) $(LLM_STAMP) ocr
 	@echo "==> virtualenvs $(VENV) and $(LLM_VENV): ready"
 	@$(VENV)/bin/rag run
 

@@ -6,7 +6,16 @@ publish) into a fresh data dir, then embeds exactly the chunks that ingestion pr
 the same embedder, in the same process, and reports both rates and their ratio (the target
 is end-to-end >= 0.85x raw). Ratios from one run are what to compare across machines.
 
+Formats section (``run_formats``): for each format of tests/formats_factory.py (.docx, .pptx,
+.xlsx, .csv, .odt, .epub, .eml and a scanned PDF read by OCR), and a markdown file as the text
+baseline of the same run, a folder of copies is ingested as its own job through the same worker
+pipeline; it reports documents/s, chunks/s, tokens/s and the loader's own time per document, and
+the OCR cost per page (render + Tesseract) of the scanned PDF.
+
     .venv/bin/python bench/ingest.py [--dataset DIR] [--limit N] [--out bench/results/ingest.json]
+                                     [--format-copies N] [--no-formats | --formats-only]
+
+    --formats-only --out bench/results/ingest_formats.json   # the formats section alone
 """
 
 from __future__ import annotations
@@ -92,12 +101,139 @@ async def run(dataset_dir: Path, limit: int | None) -> dict[str, object]:
     }
 
 
+async def run_formats(copies: int) -> dict[str, object]:
+    """Per-format ingestion throughput and the OCR cost per page, in one process and one run.
+
+    Each format's folder holds ``copies`` generated files (the scanned PDF: at most 5, OCR is
+    slow), ingested as one job into its own collection with the same embedder, so the rates of
+    one run compare formats on this machine; ``load_ms_per_document`` is the loader alone
+    (parse and extract, OCR included), the rest of a document's time is splitting and embedding.
+    """
+    import shutil
+
+    from sqlalchemy import func, select
+
+    from core.db.models import Chunk as ChunkRow
+    from core.db.models import Collection
+    from core.settings import Settings
+    from core.wiring import load_embedder
+    from ingest.loaders import loader_for
+    from ingest.worker import build_ingest_context, enqueue_path, loader_limits, run_job
+    from tests.formats_factory import WRITERS, FormatFact, filler
+
+    def write_markdown(path: Path) -> FormatFact:
+        # The text baseline of the same run: headings and prose of about the other files' size.
+        sections = [f"## Part {i}\n\n{filler(40 + i)}\n\n{filler(60 + i)}" for i in range(3)]
+        path.write_text("# Notes\n\n" + "\n\n".join(sections) + "\n", encoding="utf-8")
+        return FormatFact("md", path, "", "", "")
+
+    writers = {"md": write_markdown, **WRITERS}
+
+    rows: dict[str, dict[str, object]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-formats-") as tmp:
+        tmpdir = Path(tmp)
+        settings = Settings(data_dir=tmpdir / "data")
+        limits = loader_limits(settings)
+        embedder = load_embedder(settings)
+        embedder.embed_documents(["warm up the model"] * 8)
+        ctx = await build_ingest_context(settings, embedder=embedder)
+        load0 = os.getloadavg()[0]
+        try:
+            for fmt, write in writers.items():
+                folder = tmpdir / fmt
+                folder.mkdir()
+                n = min(copies, 5) if fmt == "pdf" else copies
+                first = write(folder / f"doc-0000.{fmt}").path
+                for i in range(1, n):
+                    shutil.copyfile(first, folder / f"doc-{i:04d}.{fmt}")
+                loader = loader_for(first, limits=limits)
+                assert loader is not None
+                t = time.perf_counter()
+                document = loader.load(first)
+                load_s = time.perf_counter() - t
+                t0 = time.perf_counter()
+                job_id, _ = await enqueue_path(ctx.sessionmaker, folder, collection=f"bench-{fmt}")
+                summary = await run_job(ctx, job_id)
+                seconds = time.perf_counter() - t0
+                assert summary is not None and summary.files["failed"] == 0, summary and summary.errors
+                chunks = summary.chunks["added"]
+                async with ctx.sessionmaker() as session:
+                    tokens = await session.scalar(
+                        select(func.coalesce(func.sum(ChunkRow.token_count), 0))
+                        .join(Collection, Collection.id == ChunkRow.collection_id)
+                        .where(Collection.name == f"bench-{fmt}")
+                    )
+                row: dict[str, object] = {
+                    "documents": n,
+                    "chunks": chunks,
+                    "seconds": round(seconds, 2),
+                    "documents_per_second": round(n / seconds, 2),
+                    "chunks_per_second": round(chunks / seconds, 1),
+                    # Chunks differ in length between formats (spreadsheet chunks are packed rows):
+                    # tokens/s is the rate that compares the formats' embedding work.
+                    "tokens_per_second": round(int(tokens or 0) / seconds),
+                    "load_ms_per_document": round(load_s * 1000, 1),
+                }
+                if document.ocr_pages:
+                    pages = len(document.ocr_pages)
+                    row["ocr_pages_per_document"] = pages
+                    row["ocr_seconds_per_page"] = round(document.ocr_seconds / pages, 3)
+                    row["ocr_dpi"] = limits.ocr_dpi
+                    row["ocr_share_of_ingest_time"] = round(document.ocr_seconds * n / seconds, 3)
+                rows["scanned-pdf" if fmt == "pdf" else fmt] = row
+        finally:
+            await ctx.aclose()
+        load1 = os.getloadavg()[0]
+    return {
+        "copies": copies,
+        "embedding_dtype": embedder.dtype,
+        "formats": rows,
+        "load_average_before_after": [round(load0, 2), round(load1, 2)],
+    }
+
+
+def print_formats(result: dict[str, object]) -> None:
+    """The formats section as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = result["formats"]
+    assert isinstance(rows, dict)
+    table = Table(title=f"ingestion by format · load average {result['load_average_before_after']}")
+    for column in ("format", "docs", "chunks", "docs/s", "chunks/s", "tokens/s", "load ms/doc", "OCR s/page"):
+        table.add_column(column, justify="left" if column == "format" else "right")
+    for fmt, row in rows.items():
+        table.add_row(
+            fmt,
+            str(row["documents"]),
+            str(row["chunks"]),
+            str(row["documents_per_second"]),
+            str(row["chunks_per_second"]),
+            str(row["tokens_per_second"]),
+            str(row["load_ms_per_document"]),
+            str(row.get("ocr_seconds_per_page", "")),
+        )
+    Console().print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "eval" / "faq-dev-small")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N passages.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
+    parser.add_argument("--format-copies", type=int, default=20, help="Files per format in the formats section.")
+    sections = parser.add_mutually_exclusive_group()
+    sections.add_argument("--no-formats", action="store_true", help="Skip the per-format section.")
+    sections.add_argument("--formats-only", action="store_true", help="Only the per-format section.")
     args = parser.parse_args()
+    if args.formats_only:
+        formats = asyncio.run(run_formats(args.format_copies))
+        print_formats(formats)
+        machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"benchmark": "ingest-formats", **formats, "machine": machine}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
     result = asyncio.run(run(args.dataset, args.limit))
 
     from rich.console import Console
@@ -118,6 +254,9 @@ def main() -> None:
     ):
         table.add_row(key, str(result[key]))
     Console().print(table)
+    if not args.no_formats:
+        result["formats"] = asyncio.run(run_formats(args.format_copies))
+        print_formats(result["formats"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

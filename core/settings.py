@@ -86,6 +86,28 @@ class IngestSettings(BaseModel):
     """During a long job, publish a new index version at most this often (searches see progress)."""
     allowed_roots: list[Path] = Field(default_factory=list)
     """Folders the API may ingest from (the CLI may ingest anything its user can read)."""
+    ocr: bool = True
+    """Read PDF pages that have no text layer (scans, image-only PDFs) with Tesseract OCR
+    (Debian's ``tesseract-ocr`` and ``tesseract-ocr-eng``). Off: such pages stay empty and the
+    extraction report says so."""
+    ocr_language: str = Field(default="eng", pattern=r"^[A-Za-z0-9_]+(\+[A-Za-z0-9_]+)*$")
+    """Tesseract language(s), ``+``-joined (``eng+deu``); each needs its ``tesseract-ocr-<lang>`` package."""
+    ocr_dpi: int = Field(default=300, ge=72, le=600)
+    """Resolution pages are rendered at for OCR (300 suits Tesseract; lower is faster, less accurate)."""
+    ocr_timeout_seconds: float = Field(default=120.0, gt=0)
+    """Give up on one page's OCR after this long (the page is a warning, the file goes on)."""
+    max_uncompressed_mb: int = Field(default=512, ge=1)
+    """A .docx/.pptx/.xlsx/.odt/.epub whose zip members declare more than this in total is refused
+    as failed before it is parsed (a zip bomb)."""
+    max_compression_ratio: float = Field(default=200.0, ge=10)
+    """A zip member (of 1 MiB or more) of such a file that expands more than this many times is
+    refused (zip bombs reach 1,000x; Office XML 5-30x)."""
+    max_sheet_rows: int = Field(default=100_000, ge=1)
+    """Rows read from one spreadsheet file (.xlsx, .csv; all sheets together); more and the file is
+    recorded as failed with the reason."""
+    max_sheet_cells: int = Field(default=5_000_000, ge=1)
+    """Cells read from one spreadsheet file (all sheets together); more and the file is recorded as
+    failed with the reason."""
     nice: int = Field(default=10, ge=0, le=19)
     """CPU priority the ingestion processes (``rag worker``, ``rag ingest``) lower themselves by
     (Unix ``nice``): embedding a folder must not starve the API's event loop on a small machine.

@@ -7,8 +7,11 @@ Contract:
   chunks are replaced in the same transaction that records the new ones, together with
   the job's counters, so a crash (even ``kill -9``) leaves the database at a batch
   boundary; the job is then claimed again and the files already recorded are unchanged.
-- A file that fails (corrupt, binary, empty, too large) is recorded as ``failed`` with
-  the reason and the batch goes on.
+- A file that fails (corrupt, encrypted, binary, empty, too large, over a limit such as a zip
+  bomb or a huge sheet) is recorded as ``failed`` with the reason and the batch goes on.
+- Every loaded file's extraction report (pages read, pages OCR'd, characters, warnings) is
+  stored with its document; the job keeps the totals and the reports of the files that were
+  OCR'd or warned about (:func:`add_report`), written with the batch that loaded them.
 - With ``prune``, documents under a folder root that are no longer on disk are deleted.
 - The index is published by reconciling it with the database (see ``ingest.indexer``),
   during long jobs every ``publish_every`` seconds and always at the end.
@@ -37,7 +40,7 @@ from core.db.models import Chunk as ChunkRow
 from core.db.models import Collection, Document, IngestJob
 from ingest import queue
 from ingest.indexer import reconcile, vector_to_bytes
-from ingest.loaders import LoaderError, loader_for
+from ingest.loaders import LoaderError, LoaderLimits, loader_for
 from ingest.loaders.base import LoadedDocument
 from ingest.splitter import Piece, Splitter
 from retrieval.chunk_context import embedded_text
@@ -47,6 +50,31 @@ from retrieval.types import Embedder
 logger = logging.getLogger(__name__)
 
 MAX_RECORDED_ERRORS = 1000
+MAX_RECORDED_REPORTS = 1000
+_TOTALS = ("files", "pages", "pages_ocr", "characters", "ocr_seconds", "warnings")
+
+
+def add_report(extraction: dict[str, Any] | None, path: str, report: dict[str, Any]) -> dict[str, Any]:
+    """A job's ``extraction`` with one more file's report (a new dict; the argument is not changed).
+
+    Totals: ``files`` (loaded), ``pages`` (sections read: pages, slides, sheets), ``pages_ocr``,
+    ``characters``, ``ocr_seconds``, ``warnings`` (their number). ``reports`` lists, up to
+    :data:`MAX_RECORDED_REPORTS`, the reports (with their ``path``) of files that were OCR'd or
+    had warnings: the ones worth a look; every document keeps its own report.
+    """
+    out: dict[str, Any] = {name: 0 for name in _TOTALS}
+    out.update({k: v for k, v in (extraction or {}).items() if k in _TOTALS})
+    out["files"] += 1
+    out["pages"] += int(report.get("pages") or 0)
+    out["pages_ocr"] += int(report.get("pages_ocr") or 0)
+    out["characters"] += int(report.get("characters") or 0)
+    out["ocr_seconds"] = round(float(out["ocr_seconds"]) + float(report.get("ocr_seconds") or 0.0), 3)
+    out["warnings"] += len(report.get("warnings") or ())
+    notable = list((extraction or {}).get("reports") or [])
+    if (report.get("pages_ocr") or report.get("warnings")) and len(notable) < MAX_RECORDED_REPORTS:
+        notable.append({"path": path, **report})
+    out["reports"] = notable
+    return out
 
 
 class ProgressCallback(Protocol):
@@ -90,6 +118,7 @@ class JobSummary:
     chunks: dict[str, int]
     errors: list[dict[str, str]]
     seconds: float = 0.0
+    extraction: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         """The documented JSON shape (scripts rely on these keys)."""
@@ -100,6 +129,7 @@ class JobSummary:
             "files": self.files,
             "chunks": self.chunks,
             "errors": self.errors,
+            "extraction": self.extraction,
             "seconds": round(self.seconds, 3),
         }
 
@@ -173,6 +203,7 @@ class IngestPipeline:
         splitter: Splitter,
         worker_id: str,
         max_file_bytes: int,
+        limits: LoaderLimits | None = None,
         batch_chunks: int = 256,
         prefetch: int = 8,
         heartbeat_seconds: float = 5.0,
@@ -185,6 +216,8 @@ class IngestPipeline:
         self._splitter = splitter
         self._worker_id = worker_id
         self._max_file_bytes = max_file_bytes
+        # What a loader may spend on one file (sizes, zip bombs, sheet rows and cells, OCR).
+        self._limits = limits or LoaderLimits(max_bytes=max_file_bytes)
         self._batch_chunks = batch_chunks
         self._prefetch = prefetch
         self._heartbeat_seconds = heartbeat_seconds
@@ -208,7 +241,7 @@ class IngestPipeline:
         if sha == known_sha:
             return Prepared(entry, sha, "unchanged")
         outcome = "new" if known_sha is None else "changed"
-        loader = loader_for(entry.path, max_bytes=self._max_file_bytes)
+        loader = loader_for(entry.path, limits=self._limits)
         if loader is None:  # filtered before, but a race with a rename must not crash the job
             return Prepared(entry, sha, outcome, error="unsupported file type")
         try:
@@ -424,6 +457,9 @@ class IngestPipeline:
                 document.title = loaded.title if loaded else None
                 document.page_count = loaded.page_count if loaded else None
                 document.meta = dict(loaded.metadata) if loaded else {}
+                document.report = loaded.report() if loaded else None
+                if loaded is not None:
+                    job.extraction = add_report(job.extraction, path, loaded.report())
                 document.chunk_count = len(p.pieces) if p.error is None else 0
                 if p.error is not None:
                     document.status, document.error = "failed", p.error
@@ -449,6 +485,7 @@ class IngestPipeline:
                             "page": piece.page,
                             "token_count": piece.token_count,
                             "heading": piece.heading,
+                            "location": piece.location,
                             "embedding": vector_to_bytes(vectors[row + i]),
                         }
                         for i, piece in enumerate(p.pieces)
@@ -499,6 +536,7 @@ def summarize(job: IngestJob, collection: str, total_chunks: int, seconds: float
         chunks={"added": job.chunks_added, "removed": job.chunks_removed, "total": total_chunks},
         errors=list(job.errors or []),
         seconds=seconds,
+        extraction=dict(job.extraction or {}),
     )
 
 

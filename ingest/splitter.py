@@ -16,8 +16,18 @@ Contract of :meth:`Splitter.split`, for every returned piece ``p``:
   start first, so ``p.page`` (the page holding ``p.start``; ``None`` if the
   document has no pages) is the page of the whole piece and citations are exact.
   Short pages give short pieces; that is the price;
-* ``p.heading`` is, for markdown, the path of the nearest heading at or before
-  ``p.start`` ("Install > Linux"), else ``None``;
+* ``p.heading`` is, for markdown (and the formats loaders render as markdown: .docx,
+  .odt, .epub), the path of the nearest heading at or before the piece's first line that is
+  not a heading (``p.start`` if it holds only headings): "Install > Linux" for a piece that
+  starts "## Install", "### Linux", then text;
+  else the name of the section holding it (a sheet, a slide's title, an e-mail attachment),
+  else ``None``;
+* rows stay whole (one rule, for spreadsheets): a document with row spans is cut between rows
+  only, consecutive rows of a section packed into a piece while they fit its budget, without
+  overlap (a row is never repeated); a single row longer than the budget is cut like text;
+* ``p.location`` is :func:`~ingest.loaders.base.location_label` of the piece's page or slide,
+  heading (or section name) and rows: ``page 4``, ``slide 2, Launch plan``, ``Prices, rows
+  2-14``, ``Install > Linux``; ``None`` for plain text;
 * ``p.token_count`` is the number of tokens of ``p.text`` without special tokens;
 * together the pieces cover every non-whitespace character of the text;
 * with ``context_tokens > 0``, ``p.context`` is the document's title and ``p.heading``
@@ -49,8 +59,7 @@ from typing import Any, Protocol
 
 from langchain_text_splitters import Language, RecursiveCharacterTextSplitter
 
-from ingest.loaders.base import LoadedDocument
-from ingest.loaders.markdown import FORMAT as MARKDOWN_FORMAT
+from ingest.loaders.base import LoadedDocument, RowSpan, location_label
 from ingest.loaders.markdown import iter_headings
 from retrieval.chunk_context import CONTEXT_SEPARATOR, chunk_context
 
@@ -91,9 +100,11 @@ class HuggingFaceTokenizer(Protocol):
 class Piece:
     """A contiguous span of a document's text, sized for the embedding model.
 
-    ``text == doc.text[start:end]``; ``page`` is 1-based where known; ``heading`` is
-    the markdown heading path at ``start``; ``token_count`` excludes special tokens;
-    ``context`` is what is embedded before ``text`` (title and heading path), if anything.
+    ``text == doc.text[start:end]``; ``page`` is the 1-based page or slide where known;
+    ``heading`` is the heading path of its text, else its section's name (see
+    :meth:`Splitter.split`); ``token_count`` excludes special tokens;
+    ``context`` is what is embedded before ``text`` (title and heading path), if anything;
+    ``location`` is where a citation says it is (``slide 2, Launch plan``), if anything is known.
     """
 
     ordinal: int
@@ -104,6 +115,7 @@ class Piece:
     token_count: int
     heading: str | None
     context: str | None = None
+    location: str | None = None
 
 
 class _TokenCounter:
@@ -220,10 +232,14 @@ class Splitter:
         text = doc.text
         if not text.strip():
             return []
-        markdown = doc.format == MARKDOWN_FORMAT
+        markdown = doc.is_markdown
         headings = _HeadingIndex(text) if markdown else None
+        labels = sorted({span.label for span in doc.pages if span.label})
         # Headings are compared and shown without code backticks; so is a markdown title.
-        contexts = self._contexts(_plain_heading(doc.title) if markdown and doc.title else doc.title, headings)
+        contexts = self._contexts(
+            _plain_heading(doc.title) if markdown and doc.title else doc.title,
+            [*(headings.paths if headings is not None else ()), *labels],
+        )
         # The longest context line of the document decides its pieces' budget ("\n" joins them,
         # and one token of slack: a piece may exceed its budget where a cut splits a word).
         longest = max(map(self._counter.count, contexts.values()), default=0)
@@ -234,38 +250,82 @@ class Splitter:
         # into its neighbour still fits it.
         splitter = self._langchain_splitter(markdown=markdown, memo=memo, chunk_tokens=budget - self.min_piece_tokens)
 
-        located: list[tuple[str, int]] = []
+        located: list[tuple[str, int, tuple[int, int] | None]] = []
+        row_starts = [row.start for row in doc.rows]
         for base, end in _segments(doc):
             segment = text[base:end]
             if not segment.strip():
                 continue
-            previous_start, previous_end = -1, 0
-            spans: list[tuple[int, int]] = []
-            for chunk in splitter.split_text(segment):
-                if not chunk.strip():
-                    continue
-                start = self._locate(segment, chunk, previous_start, previous_end)
-                spans.append((base + start, base + start + len(chunk)))
-                previous_start, previous_end = start, start + len(chunk)
-            located += [(text[a:b], a) for a, b in self._merge_short(text, spans, budget, memo)]
+            rows = doc.rows[bisect.bisect_left(row_starts, base) : bisect.bisect_left(row_starts, end)]
+            if rows:
+                located += [(text[a:b], a, r) for a, b, r in self._row_pieces(text, rows, budget, splitter)]
+                continue
+            spans = [(base + a, base + b) for a, b in self._split_segment(segment, splitter)]
+            located += [(text[a:b], a, None) for a, b in self._merge_short(text, spans, budget, memo)]
 
-        counts = self._piece_counts([chunk for chunk, _ in located], memo)
+        counts = self._piece_counts([chunk for chunk, _, _ in located], memo)
         pieces = []
-        for ordinal, ((chunk, start), count) in enumerate(zip(located, counts, strict=True)):
-            heading = headings.at(start) if headings is not None else None
+        for ordinal, ((chunk, start, rows_of_piece), count) in enumerate(zip(located, counts, strict=True)):
+            section = doc.span_at(start)
+            heading = headings.at(_body_start(text, start, start + len(chunk))) if headings is not None else None
+            if heading is None and section is not None:
+                heading = section.label
+            page = section.page if section is not None else None
             pieces.append(
                 Piece(
                     ordinal=ordinal,
                     text=chunk,
                     start=start,
                     end=start + len(chunk),
-                    page=doc.page_at(start),
+                    page=page,
                     token_count=count,
                     heading=heading,
                     context=contexts.get(heading),
+                    location=location_label(unit=doc.page_unit, page=page, heading=heading, rows=rows_of_piece),
                 )
             )
         return pieces
+
+    def _split_segment(self, segment: str, splitter: RecursiveCharacterTextSplitter) -> list[tuple[int, int]]:
+        """langchain's pieces of ``segment`` as ``(start, end)`` offsets into it."""
+        previous_start, previous_end = -1, 0
+        spans: list[tuple[int, int]] = []
+        for chunk in splitter.split_text(segment):
+            if not chunk.strip():
+                continue
+            start = self._locate(segment, chunk, previous_start, previous_end)
+            spans.append((start, start + len(chunk)))
+            previous_start, previous_end = start, start + len(chunk)
+        return spans
+
+    def _row_pieces(
+        self, text: str, rows: Sequence[RowSpan], budget: int, splitter: RecursiveCharacterTextSplitter
+    ) -> list[tuple[int, int, tuple[int, int]]]:
+        """Pack consecutive whole rows into pieces of at most ``budget`` tokens: ``(start, end,
+        (first row, last row))``. A row over the budget alone is cut like text (its pieces all
+        carry its row number); rows are never repeated across pieces."""
+        counts = self._counter.count_many([text[row.start : row.end] for row in rows])
+        # The newline between two rows costs a token only where whitespace is not free.
+        joint = 0 if self._counter.ignores_whitespace else 1
+        out: list[tuple[int, int, tuple[int, int]]] = []
+        group: list[RowSpan] = []
+        total = 0
+        for row, n in zip(rows, counts, strict=True):
+            if group and (n > budget or total + joint + n > budget):
+                out.append((group[0].start, group[-1].end, (group[0].row, group[-1].row)))
+                group, total = [], 0
+            if n > budget:
+                segment = text[row.start : row.end]
+                out += [
+                    (row.start + a, row.start + b, (row.row, row.row))
+                    for a, b in self._split_segment(segment, splitter)
+                ]
+                continue
+            total += (joint if group else 0) + n
+            group.append(row)
+        if group:
+            out.append((group[0].start, group[-1].end, (group[0].row, group[-1].row)))
+        return out
 
     def _merge_short(
         self, text: str, spans: list[tuple[int, int]], budget: int, memo: dict[str, int]
@@ -302,12 +362,13 @@ class Splitter:
                 out.append(pending)
         return out
 
-    def _contexts(self, title: str | None, headings: _HeadingIndex | None) -> dict[str | None, str]:
-        """Context line by heading path (``None``: before any heading), cut to ``context_tokens``."""
+    def _contexts(self, title: str | None, headings: Sequence[str]) -> dict[str | None, str]:
+        """Context line by heading path or section name (``None``: before any heading), cut to
+        ``context_tokens``."""
         if not self.context_tokens:
             return {}
         out: dict[str | None, str] = {}
-        for heading in (None, *(headings.paths if headings is not None else ())):
+        for heading in (None, *headings):
             line = chunk_context(title, heading)
             if line is not None and heading not in out:
                 line = self._counter.truncate(line, self.context_tokens)
@@ -389,6 +450,23 @@ class Splitter:
             length_function=length,
             strip_whitespace=True,
         )
+
+
+_HEADING_LINE = re.compile(r" {0,3}#{1,6}(?:[ \t]|$)")
+
+
+def _body_start(text: str, start: int, end: int) -> int:
+    """Where the first line of ``text[start:end]`` that is neither blank nor an ATX heading
+    starts; ``start`` if there is none. The heading path there is the one of the piece's text."""
+    offset = start
+    while offset < end:
+        line_end = text.find("\n", offset, end)
+        line_end = end if line_end < 0 else line_end
+        line = text[offset:line_end]
+        if line.strip() and not _HEADING_LINE.match(line):
+            return offset
+        offset = line_end + 1
+    return start
 
 
 def _segments(doc: LoadedDocument) -> list[tuple[int, int]]:

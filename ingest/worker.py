@@ -24,6 +24,7 @@ from core.settings import Settings
 from core.wiring import configure_tracing, load_embedder, open_database, open_store
 from ingest import queue
 from ingest.indexer import reconcile_all
+from ingest.loaders import LoaderLimits
 from ingest.pipeline import IngestPipeline, JobSummary, ProgressCallback, default_worker_id
 from ingest.splitter import Splitter
 from retrieval.embedders import SentenceTransformerEmbedder
@@ -79,11 +80,28 @@ async def build_ingest_context(
         splitter=splitter,
         worker_id=worker_id,
         max_file_bytes=settings.ingest.max_file_mb * 1024 * 1024,
+        limits=loader_limits(settings),
         batch_chunks=max(settings.embedding.batch_size * 4, 64),
         heartbeat_seconds=settings.ingest.heartbeat_seconds,
         publish_every=settings.ingest.publish_every_seconds,
     )
     return IngestContext(settings, engine, sessionmaker, store, embedder, pipeline, worker_id)
+
+
+def loader_limits(settings: Settings) -> LoaderLimits:
+    """What a loader may spend on one file, from the ``ingest`` settings."""
+    ingest = settings.ingest
+    return LoaderLimits(
+        max_bytes=ingest.max_file_mb * 1024 * 1024,
+        max_uncompressed_bytes=ingest.max_uncompressed_mb * 1024 * 1024,
+        max_compression_ratio=ingest.max_compression_ratio,
+        max_sheet_rows=ingest.max_sheet_rows,
+        max_sheet_cells=ingest.max_sheet_cells,
+        ocr=ingest.ocr,
+        ocr_language=ingest.ocr_language,
+        ocr_dpi=ingest.ocr_dpi,
+        ocr_timeout_seconds=ingest.ocr_timeout_seconds,
+    )
 
 
 async def enqueue_path(

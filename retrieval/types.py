@@ -95,7 +95,9 @@ class Chunk:
     ``id`` is the database primary key of the chunk and, by design, also its
     FAISS id and its BM25 id: the three stores are reconciled on that key.
     ``start``/``end`` are character offsets into the document's extracted text
-    (``text == extracted[start:end]``), ``page`` is 1-based where known.
+    (``text == extracted[start:end]``), ``page`` is the 1-based page or slide where known,
+    ``location`` the human-readable place a citation names (``page 4``, ``slide 2, Launch
+    plan``, ``Prices, rows 2-14``, ``Install > Linux``), where known.
     """
 
     id: int
@@ -109,6 +111,7 @@ class Chunk:
     page: int | None = None
     title: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    location: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as JSON types (``metadata`` a plain dict); :meth:`from_dict` reads it back."""
@@ -124,6 +127,7 @@ class Chunk:
             "page": self.page,
             "title": self.title,
             "metadata": dict(self.metadata),
+            "location": self.location,
         }
 
     @classmethod
@@ -141,6 +145,7 @@ class Chunk:
             page=None if data.get("page") is None else int(data["page"]),
             title=None if data.get("title") is None else str(data["title"]),
             metadata=MappingProxyType({str(k): str(v) for k, v in (data.get("metadata") or {}).items()}),
+            location=None if data.get("location") is None else str(data["location"]),
         )
 
 

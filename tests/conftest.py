@@ -97,6 +97,18 @@ def make_settings(tmp_path: Path) -> Any:
 
 
 @pytest.fixture(scope="session")
+def tesseract() -> None:
+    """Tesseract is installed (skips without it, or fails under CI: make venv installs it)."""
+    from ingest.loaders.ocr import tesseract_path
+
+    if tesseract_path() is None:
+        reason = "tesseract is not installed (apt-get install tesseract-ocr tesseract-ocr-eng)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI is set, so OCR tests must run)")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
 def embedder() -> Any:
     """The real packaged embedding model, loaded once per test session."""
     from retrieval.embedders import SentenceTransformerEmbedder

@@ -190,7 +190,8 @@ def _print_sources(done: dict[str, Any]) -> None:
         return
     console.print("[bold]sources[/]")
     for c in done["citations"]:
-        page = f" p.{c['page']}" if c.get("page") else ""
+        where = c.get("location") or (f"page {c['page']}" if c.get("page") else "")
+        page = f" · {where} ·" if where else ""
         flag = " (inferred)" if c.get("inferred") else ""
         console.print(
             f"  [{c['n']}] {c['path']}{page} chars {c['start']}-{c['end']}{flag}", markup=False, highlight=False

@@ -110,6 +110,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     console.print(
         f"chunks: +{chunks['added']} -{chunks['removed']} = {chunks['total']} in collection · {summary['seconds']:.1f}s"
     )
+    for line in extraction_lines(summary.get("extraction") or {}):
+        console.print(line, markup=False, highlight=False)
     if summary["errors"]:
         errors = Table(title="failed files", show_lines=False)
         errors.add_column("path", overflow="fold")
@@ -119,6 +121,28 @@ def _print_summary(summary: dict[str, Any]) -> None:
         console.print(errors)
         if len(summary["errors"]) > 50:
             console.print(f"... and {len(summary['errors']) - 50} more (rag jobs --json)")
+
+
+def extraction_lines(extraction: dict[str, Any], *, limit: int = 20) -> list[str]:
+    """A job's extraction report as text: the totals, then each file OCR'd or warned about
+    (``rag jobs --json`` and ``GET /v1/jobs/{id}`` have all of it)."""
+    if not extraction.get("files"):
+        return []
+    ocr = (
+        f", {extraction['pages_ocr']} OCR'd in {extraction['ocr_seconds']:.1f}s" if extraction.get("pages_ocr") else ""
+    )
+    lines = [
+        f"extracted: {extraction['files']} files, {extraction['pages']} pages/slides/sheets{ocr}, "
+        f"{extraction['characters']:,} characters, {extraction['warnings']} warnings"
+    ]
+    reports = extraction.get("reports") or []
+    for report in reports[:limit]:
+        notes = [f"{report['pages_ocr']} pages OCR'd"] if report.get("pages_ocr") else []
+        notes += list(report.get("warnings") or [])
+        lines.append(f"  {report['path']}: {'; '.join(notes)}")
+    if len(reports) > limit:
+        lines.append(f"  ... and {len(reports) - limit} more (rag jobs --json)")
+    return lines
 
 
 def jobs(

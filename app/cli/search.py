@@ -128,6 +128,11 @@ def _search_local(
     return SearchResponse.build(query, options, names, hits, took_ms, documents=documents).model_dump(mode="json")
 
 
+def where(hit: dict[str, Any]) -> str:
+    """Where a hit (wire form) sits in its document: its location, else its page, else nothing."""
+    return str(hit.get("location") or (f"page {hit['page']}" if hit.get("page") else ""))
+
+
 def hits_table(result: dict[str, Any], *, width: int) -> Table:
     """The hits of a ``SearchResponse`` (wire form) as a table ``width`` characters wide.
 
@@ -142,10 +147,11 @@ def hits_table(result: dict[str, Any], *, width: int) -> Table:
     for col in ("#", "score", "dense", "bm25"):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("source", no_wrap=True)
-    table.add_column("page", justify="right", no_wrap=True)
+    table.add_column("where", overflow="fold", max_width=18)  # location: page, slide, sheet and rows
     table.add_column("snippet", overflow="fold", ratio=1)
-    # Borders and padding of 7 columns (22) plus the numeric columns' widths (~21).
-    budget = path_width(width, 43)
+    # Borders and padding of 7 columns (22) plus the numeric columns' widths (~21) and a short
+    # location ("page 12", "slide 3"; longer ones fold within 18).
+    budget = path_width(width, 50)
     for h in result["hits"]:
         dense, sparse = h.get("dense"), h.get("sparse")
         prefix = f"{h['collection']}:"
@@ -155,7 +161,7 @@ def hits_table(result: dict[str, Any], *, width: int) -> Table:
             str(dense["rank"]) if dense else "-",
             str(sparse["rank"]) if sparse else "-",
             prefix + short_path(h["path"], max(8, budget - len(prefix))),
-            str(h["page"]) if h.get("page") else "",
+            where(h),
             " ".join(h["text"].split())[:160],
         )
     return table
@@ -179,6 +185,6 @@ def documents_table(result: dict[str, Any], *, width: int) -> Table:
             f"{d['score']:.4f}",
             str(len(d["evidence"])),
             prefix + short_path(d["path"], max(8, budget - len(prefix))),
-            f"p.{best['page']} {snippet}" if best.get("page") else snippet,
+            f"{where(best)}: {snippet}" if where(best) else snippet,
         )
     return table

@@ -8,6 +8,12 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from retrieval.types import COLLECTION_NAME_PATTERN, validate_collection_name
 
+LOCATION_DESCRIPTION = (
+    "Where the chunk is, for people: `page 4`, `slide 2, Launch plan`, `Prices, rows 2-14` (sheet and rows), "
+    "`Install > Linux` (heading path); null when unknown."
+)
+"""The one description of a chunk's ``location`` on the wire (chunks, hits, citations)."""
+
 
 def _no_nul(value: str) -> str:
     # PostgreSQL text cannot hold NUL; refusing it here keeps both backends alike.

@@ -25,6 +25,11 @@ class DocumentOut(BaseModel):
     page_count: int | None
     chunk_count: int
     metadata: dict[str, Any]
+    report: dict[str, Any] | None = Field(
+        default=None,
+        description="The extraction report of the last load: `format`, `pages` (pages, slides or sheets read), "
+        "`pages_ocr`, `characters`, `ocr_seconds`, `warnings`.",
+    )
     last_job_id: int | None
     created_at: datetime
     updated_at: datetime

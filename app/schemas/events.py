@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
 
+from app.schemas.common import LOCATION_DESCRIPTION
 from generation import types as domain
 from retrieval.types import Chunk
 
@@ -30,9 +31,13 @@ class ChunkOut(BaseModel):
     text: str
     start: int = Field(description="Character offset of the chunk in the document's extracted text.")
     end: int
-    page: int | None = Field(description="1-based page (PDF), when known.")
+    page: int | None = Field(description="1-based page (PDF) or slide (PPTX), when known.")
     title: str | None
     metadata: dict[str, str]
+    location: str | None = Field(
+        default=None,
+        description=LOCATION_DESCRIPTION,
+    )
 
 
 class TokenLogprobOut(BaseModel):
@@ -82,6 +87,10 @@ class CitationEvent(BaseModel):
     path: str
     title: str | None
     page: int | None
+    location: str | None = Field(
+        default=None,
+        description=LOCATION_DESCRIPTION,
+    )
     start: int = Field(description="Offset of `snippet` in the document's extracted text.")
     end: int
     snippet: str = Field(description="The passage of the chunk that best supports the citing sentence.")
@@ -176,6 +185,7 @@ def _citation(event: domain.CitationEvent) -> CitationEvent:
         path=event.path,
         title=event.title,
         page=event.page,
+        location=event.chunk.location,
         start=event.start,
         end=event.end,
         snippet=event.snippet,

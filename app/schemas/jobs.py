@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -53,6 +54,11 @@ class JobOut(BaseModel):
     chunks_removed: int
     error: str | None
     errors: list[JobError]
+    extraction: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extraction totals of the files loaded so far (`files`, `pages`, `pages_ocr`, `characters`, "
+        "`ocr_seconds`, `warnings`) and `reports`: the per-file reports of those OCR'd or warned about.",
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -74,6 +80,7 @@ class JobOut(BaseModel):
             chunks_removed=job.chunks_removed,
             error=job.error,
             errors=[JobError(path=e.get("path", ""), reason=e.get("reason", "")) for e in job.errors or []],
+            extraction=dict(job.extraction or {}),
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,

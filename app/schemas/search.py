@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from app.schemas.common import Collections, CollectionsField, Request, Text
+from app.schemas.common import LOCATION_DESCRIPTION, Collections, CollectionsField, Request, Text
 from retrieval.documents import DocumentHit
 from retrieval.types import ScoredChunk, SearchOptions
 
@@ -83,6 +83,10 @@ class HitOut(BaseModel):
     path: str
     title: str | None
     page: int | None
+    location: str | None = Field(
+        default=None,
+        description=LOCATION_DESCRIPTION,
+    )
     start: int
     end: int
     text: str
@@ -102,6 +106,7 @@ class HitOut(BaseModel):
             path=c.path,
             title=c.title,
             page=c.page,
+            location=c.location,
             start=c.start,
             end=c.end,
             text=c.text,

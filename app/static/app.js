@@ -65,6 +65,14 @@
     return parts[parts.length - 1] || String(path || "");
   }
 
+  // Where a chunk or citation is, as the server names it ("slide 2, Launch plan", "Prices, rows
+  // 2-14", "Install > Linux", "page 4"); older servers send only the page.
+  function whereText(item) {
+    if (!item) return "";
+    if (item.location) return item.location;
+    return item.page ? `page ${item.page}` : "";
+  }
+
   function errorText(code, message) {
     return ERROR_TEXT[code] || message || `Something went wrong (${code}).`;
   }
@@ -219,7 +227,7 @@
     const { chunk, n } = answer.chunks.get(support.chunk_id);
     ui.passageTitle.textContent = `${n ? `[${n}] ` : ""}${baseName(chunk.path)}`;
     const meta = [chunk.path];
-    if (chunk.page) meta.push(`page ${chunk.page}`);
+    if (whereText(chunk)) meta.push(whereText(chunk));
     meta.push(support.verdict === "supported" ? "the sentence that supports the answer is marked" : "closest passage: it does not support the answer");
     ui.passageMeta.textContent = meta.join(" · ");
     const text = chunk.text;
@@ -257,7 +265,7 @@
           citeButton(answer, c.n),
           " ",
           el("span", { class: "source-path", text: baseName(c.path), title: c.path }),
-          c.page ? el("span", { class: "source-page", text: ` p. ${c.page}` }) : null,
+          whereText(c) ? el("span", { class: "source-page", text: ` · ${whereText(c)}` }) : null,
           c.inferred ? el("span", { class: "source-flag", text: " (matched by wording)" }) : null,
         ),
       ),
@@ -299,7 +307,7 @@
                 el("button", {
                   type: "button",
                   class: "link",
-                  text: baseName(c.chunk.path) + (c.chunk.page ? ` p. ${c.chunk.page}` : ""),
+                  text: baseName(c.chunk.path) + (whereText(c.chunk) ? ` · ${whereText(c.chunk)}` : ""),
                   "aria-label": `Read retrieved passage from ${baseName(c.chunk.path)}`,
                   onclick: () => openChunk(c.chunk, c.n),
                 }),
@@ -365,10 +373,10 @@
     const entry = citation ? answer.chunks.get(citation.chunk_id) : chunkForNumber(answer, n);
     const chunk = entry ? entry.chunk : null;
     const path = citation ? citation.path : chunk?.path;
-    const page = citation ? citation.page : chunk?.page;
+    const where = whereText(citation || chunk);
     ui.passageTitle.textContent = `[${n}] ${baseName(path)}`;
     const meta = [path];
-    if (page) meta.push(`page ${page}`);
+    if (where) meta.push(where);
     if (citation) meta.push(`characters ${citation.start}–${citation.end}`);
     ui.passageMeta.textContent = meta.join(" · ");
     ui.passageText.replaceChildren(...highlighted(chunk, citation));
@@ -378,7 +386,7 @@
   function openChunk(chunk, n) {
     ui.passageTitle.textContent = `${n ? `[${n}] ` : ""}${baseName(chunk.path)}`;
     const meta = [chunk.path];
-    if (chunk.page) meta.push(`page ${chunk.page}`);
+    if (whereText(chunk)) meta.push(whereText(chunk));
     meta.push(`characters ${chunk.start}–${chunk.end}`, "retrieved passage");
     ui.passageMeta.textContent = meta.join(" · ");
     ui.passageText.replaceChildren(chunk.text);

@@ -63,6 +63,8 @@ class Document(Base):
     page_count: Mapped[int | None] = mapped_column(Integer)
     chunk_count: Mapped[int] = mapped_column(Integer, default=0)
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """The extraction report of the last load: format, pages, pages_ocr, characters, ocr_seconds, warnings."""
     last_job_id: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
@@ -97,6 +99,8 @@ class Chunk(Base):
     page: Mapped[int | None] = mapped_column(Integer)
     token_count: Mapped[int] = mapped_column(Integer)
     heading: Mapped[str | None] = mapped_column(Text)
+    location: Mapped[str | None] = mapped_column(Text)
+    """Where a citation says the chunk is (``slide 2, Launch plan``, ``Prices, rows 2-14``)."""
     embedding: Mapped[bytes] = mapped_column(LargeBinary)
 
     document: Mapped[Document] = relationship(back_populates="chunks")
@@ -116,6 +120,7 @@ class Chunk(Base):
             page=self.page,
             title=title,
             metadata={"heading": self.heading} if self.heading else {},
+            location=self.location,
         )
 
 
@@ -145,6 +150,9 @@ class IngestJob(Base):
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     error: Mapped[str | None] = mapped_column(Text)
     errors: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
+    extraction: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """Extraction totals (pages, pages_ocr, characters, ocr_seconds, warnings) and ``files``: the
+    reports of the files that were OCR'd or warned about (``ingest.pipeline`` writes it)."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

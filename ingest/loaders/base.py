@@ -11,9 +11,17 @@ document's ``error`` column)::
 
     LoaderError               the file could not be turned into text (also: unreadable file)
     ├── CorruptFileError      the container is damaged, encrypted or not what its extension says
+    │   └── EncryptedFileError    it needs a password (Office, OpenDocument, PDF, DRM'd EPUB)
     ├── BinaryFileError       a text format holds binary content
     ├── EmptyFileError        the file has no extractable text
-    └── FileTooLargeError     the file is larger than the loader's ``max_bytes``
+    ├── FileTooLargeError     the file is larger than the loader's ``max_bytes``
+    └── LimitExceededError    reading it would pass a limit of :class:`LoaderLimits` (a zip bomb
+                              inside an Office file, a sheet with too many rows or cells)
+
+Location: a chunk of a document is cited by one label, :func:`location_label`, built from what
+the loader knows: the numbered page or slide (:class:`PageSpan`), a named section (a sheet, an
+e-mail attachment: :attr:`PageSpan.label`), the heading path and, for spreadsheets, the rows
+(:class:`RowSpan`). It is the one rule for every format.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import codecs
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 """Default size limit of a loader (100 MiB); larger files raise :class:`FileTooLargeError`."""
@@ -71,13 +79,89 @@ class FileTooLargeError(LoaderError):
     """The file is larger than the loader's ``max_bytes`` limit."""
 
 
+class EncryptedFileError(CorruptFileError):
+    """The file is protected by a password (or DRM) and cannot be read without it."""
+
+
+class LimitExceededError(LoaderError):
+    """Reading the file would pass one of the :class:`LoaderLimits` (decompressed size,
+    compression ratio, spreadsheet rows or cells): refused before it can exhaust memory or time."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoaderLimits:
+    """What a loader may spend on one file; hashable, so a registry can be cached per value.
+
+    Attributes:
+        max_bytes: Files larger than this on disk are refused (:class:`FileTooLargeError`).
+        max_uncompressed_bytes: A zip container (.docx, .pptx, .xlsx, .odt, .epub) whose members
+            declare more than this in total is refused before any member is parsed.
+        max_compression_ratio: A zip member of at least 1 MiB uncompressed that is more than this
+            many times smaller compressed is refused (zip bombs reach 1,000x; Office XML 5-30x).
+        max_sheet_rows: Rows read from one spreadsheet file (.xlsx, .csv; all sheets together).
+        max_sheet_cells: Non-empty cells read from one spreadsheet file (all sheets together).
+        ocr: Read the text of PDF pages without a text layer with Tesseract.
+        ocr_language: Tesseract language(s), e.g. ``eng`` or ``eng+deu``.
+        ocr_dpi: Resolution at which a page is rendered for OCR.
+        ocr_timeout_seconds: Give up on one page's OCR after this long (a warning, not a failure).
+    """
+
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_uncompressed_bytes: int = 512 * 1024 * 1024
+    max_compression_ratio: float = 200.0
+    max_sheet_rows: int = 100_000
+    max_sheet_cells: int = 2_000_000
+    ocr: bool = True
+    ocr_language: str = "eng"
+    ocr_dpi: int = 300
+    ocr_timeout_seconds: float = 120.0
+
+
 @dataclass(frozen=True, slots=True)
 class PageSpan:
-    """Where one page's text lies in :attr:`LoadedDocument.text`: ``text[start:end]``, 1-based ``page``."""
+    """Where one section's text lies in :attr:`LoadedDocument.text`: ``text[start:end]``.
+
+    A section is a page (PDF), a slide (PPTX), a sheet (XLSX), a chapter (EPUB) or a part of
+    an e-mail: no chunk crosses its boundaries. ``page`` is its 1-based number where the format
+    numbers them (pages, slides), else ``None``; ``label`` names it where it has a name (a sheet,
+    a slide's title, ``attachment notes.txt``), else ``None``.
+    """
 
     start: int
     end: int
-    page: int
+    page: int | None
+    label: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RowSpan:
+    """One spreadsheet row's text, ``text[start:end]``; ``row`` is its number in the file (1-based,
+    as a spreadsheet program shows it; the header row included). Chunks hold whole rows."""
+
+    start: int
+    end: int
+    row: int
+
+
+def location_label(
+    *, unit: str = "page", page: int | None = None, heading: str | None = None, rows: tuple[int, int] | None = None
+) -> str | None:
+    """The one human-readable location of a chunk, as citations show it.
+
+    Parts, joined by ``", "``: ``"<unit> <page>"`` (``page 4``, ``slide 3``), the heading path or
+    section name (``Install > Linux``, ``Prices``), and ``row N`` / ``rows N-M``. Examples:
+    ``"page 4"``, ``"slide 3, Quarterly results"``, ``"Prices, rows 2-14"``. ``None`` when
+    nothing is known (a plain-text file).
+    """
+    parts: list[str] = []
+    if page is not None:
+        parts.append(f"{unit} {page}")
+    if heading:
+        parts.append(heading)
+    if rows is not None:
+        first, last = rows
+        parts.append(f"row {first}" if first == last else f"rows {first}-{last}")
+    return ", ".join(parts) or None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,12 +171,21 @@ class LoadedDocument:
     Attributes:
         text: The full extracted text, newlines normalised to ``\\n``. Every offset
             in the ingestion pipeline (pieces, chunks, page spans) indexes this string.
-        pages: For paged formats (PDF), the span of each page that produced text,
-            in page order, non-overlapping; empty for other formats.
+        pages: The span of each section that produced text (pages, slides, sheets, chapters,
+            e-mail parts), in order, non-overlapping; empty for formats without sections.
         title: A display title (the built-in loaders fall back to the file stem).
         metadata: Format-specific string facts (e.g. ``encoding``, PDF ``author``).
-        page_count: Number of physical pages for paged formats, else ``None``.
-        format: The loader's format name: ``text``, ``markdown``, ``html`` or ``pdf``.
+        page_count: Number of physical pages (PDF), slides (PPTX) or sheets (XLSX), else ``None``.
+        format: The loader's format name: ``text``, ``markdown``, ``html``, ``pdf``, ``docx``,
+            ``pptx``, ``xlsx``, ``csv``, ``odt``, ``epub`` or ``eml``.
+        markdown: The text is markdown (ATX headings give chunks their heading path); set by the
+            markdown loader and by loaders that render document structure as markdown headings.
+        page_unit: What a numbered :class:`PageSpan` is called in a location (``page``, ``slide``).
+        rows: Spreadsheet rows, in order; chunks are cut between rows, never inside one (unless
+            a row alone exceeds a chunk).
+        ocr_pages: Pages whose text came from OCR.
+        ocr_seconds: Time spent in OCR (rendering and Tesseract).
+        warnings: What was skipped or doubtful (a page that failed, an attachment not read).
     """
 
     text: str
@@ -101,18 +194,47 @@ class LoadedDocument:
     title: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
     page_count: int | None = None
+    markdown: bool = False
+    page_unit: str = "page"
+    rows: tuple[RowSpan, ...] = ()
+    ocr_pages: tuple[int, ...] = ()
+    ocr_seconds: float = 0.0
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def is_markdown(self) -> bool:
+        """Whether the splitter reads the text as markdown (headings, fences)."""
+        return self.markdown or self.format == "markdown"
+
+    def report(self) -> dict[str, Any]:
+        """The extraction report stored with the document and the job: sections read (pages,
+        slides, sheets; ``None`` for formats without them), pages OCR'd, characters, OCR
+        seconds and warnings."""
+        return {
+            "format": self.format,
+            "pages": self.page_count,
+            "pages_ocr": len(self.ocr_pages),
+            "characters": len(self.text),
+            "ocr_seconds": round(self.ocr_seconds, 3),
+            "warnings": list(self.warnings),
+        }
 
     def page_at(self, offset: int) -> int | None:
         """Return the 1-based page holding ``offset`` (or the last page starting before it).
 
         Offsets that fall between two pages (in the separator) belong to the earlier
         page; offsets before the first page belong to the first page. Returns ``None``
-        when the document has no page spans.
+        when the document has no page spans or the section holding ``offset`` is not numbered.
         """
+        span = self.span_at(offset)
+        return span.page if span is not None else None
+
+    def span_at(self, offset: int) -> PageSpan | None:
+        """The section holding ``offset``, by the rule of :meth:`page_at`; ``None`` without sections."""
         if not self.pages:
             return None
         i = bisect.bisect_right(self.pages, offset, key=lambda span: span.start) - 1
-        return self.pages[max(i, 0)].page
+        return self.pages[max(i, 0)]
 
 
 class Loader(Protocol):

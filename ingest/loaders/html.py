@@ -217,7 +217,10 @@ def _is_hidden_or_navigation(node: LexborNode) -> bool:
     return _has_class(attrs.get("class"), "headerlink")
 
 
-def _visible_text(root: LexborNode) -> str:
+_HEADING_LEVELS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "h5": 5, "h6": 6}
+
+
+def _visible_text(root: LexborNode, *, heading_marks: bool = False) -> str:
     out = _TextBuilder()
     # Iterative walk with explicit exit markers: broken pages can nest deeper than the recursion limit.
     stack: list[tuple[LexborNode, bool]] = [(root, False)]
@@ -240,6 +243,8 @@ def _visible_text(root: LexborNode) -> str:
             continue
         if tag in _PARAGRAPH_TAGS:
             out.brk(_PARAGRAPH)
+            if heading_marks and tag in _HEADING_LEVELS and node.text(deep=True).strip():
+                out.text("#" * _HEADING_LEVELS[tag] + " ")
         elif tag in _LINE_TAGS:
             out.brk(_LINE)
         elif tag in _CELL_TAGS:
@@ -258,6 +263,21 @@ def _title(tree: LexborHTMLParser) -> str | None:
             if title:
                 return title
     return None
+
+
+def html_text(data: bytes, *, heading_marks: bool = False) -> str:
+    """The visible text of an HTML (or XHTML) document by this module's rules.
+
+    With ``heading_marks``, ``<h1>``-``<h6>`` are written as markdown headings (``## Title``),
+    for loaders whose documents are read as markdown (EPUB chapters, HTML e-mail bodies).
+
+    Raises:
+        BinaryFileError: no BOM and the content looks binary.
+    """
+    markup, _ = decode_html(data)
+    tree = LexborHTMLParser(markup)
+    root = tree.body or tree.root
+    return _visible_text(root, heading_marks=heading_marks) if root is not None else ""
 
 
 class HtmlLoader:

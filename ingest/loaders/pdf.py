@@ -6,6 +6,13 @@ files; this module is the boundary that turns all of them into
 whose extraction fails is skipped (and listed in ``metadata["failed_pages"]``)
 rather than failing a 700-page manual.
 
+OCR: a page whose text layer holds fewer than :data:`OCR_BELOW_CHARS` non-space characters
+(a scan, a photographed page, an image-only PDF) is rendered and read by Tesseract when the
+loader has an OCR engine (:mod:`ingest.loaders.ocr`); the longer of the two texts is kept.
+Pages read that way are listed in ``ocr_pages``; a page OCR could not read is a warning, not a
+failure. Without an engine (``RAG_INGEST__OCR=false``) or without Tesseract installed, such
+pages stay empty and the extraction report says why.
+
 pypdf (and fontTools, which it uses for some fonts) log a warning for every odd
 font or object they meet. On first use this module lowers the ``pypdf`` and
 ``fontTools`` loggers to ERROR, unless the application already gave them a level.
@@ -23,15 +30,20 @@ from ingest.loaders.base import (
     DEFAULT_MAX_BYTES,
     CorruptFileError,
     EmptyFileError,
+    EncryptedFileError,
     LoadedDocument,
     PageSpan,
     normalize_newlines,
     read_bytes,
 )
+from ingest.loaders.ocr import OcrError, OcrStats, TesseractOcr, timed_page_text
 
 FORMAT = "pdf"
 PAGE_SEPARATOR = "\n\n"
 """What joins the text of consecutive pages in :attr:`LoadedDocument.text`."""
+
+OCR_BELOW_CHARS = 16
+"""A page whose text layer has fewer non-space characters than this is OCR'd (when OCR is on)."""
 
 logger = logging.getLogger(__name__)
 
@@ -83,20 +95,23 @@ class PdfLoader:
     of physical pages; ``title`` is the document-info title, else the file stem;
     ``metadata`` holds the document-info fields that are set (``title``, ``author``,
     ``subject``, ``creator``, ``producer``) and ``failed_pages`` if any page failed.
+    ``ocr`` reads pages without a text layer (``None``: they stay empty).
     """
 
     extensions: tuple[str, ...] = (".pdf",)
 
-    def __init__(self, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, *, max_bytes: int = DEFAULT_MAX_BYTES, ocr: TesseractOcr | None = None) -> None:
         self.max_bytes = max_bytes
+        self.ocr = ocr
 
     def load(self, path: Path) -> LoadedDocument:
         """Return the text of ``path`` with one span per page.
 
         Raises:
             FileTooLargeError, LoaderError: the file cannot be read within the limit.
-            CorruptFileError: not a PDF, damaged, or encrypted with a password.
-            EmptyFileError: the file is empty or no page has extractable text.
+            CorruptFileError: not a PDF, or damaged.
+            EncryptedFileError: encrypted with a password.
+            EmptyFileError: the file is empty or no page has extractable text (OCR included).
         """
         data = read_bytes(path, self.max_bytes)
         if not data.strip():
@@ -120,26 +135,36 @@ class PdfLoader:
             try:
                 opened = reader.decrypt("")
             except Exception as e:  # e.g. AES without the cryptography package
-                raise CorruptFileError(f"encrypted PDF: {_reason(e)}") from e
+                raise EncryptedFileError(f"encrypted PDF: {_reason(e)}") from e
             if not opened:
-                raise CorruptFileError("encrypted PDF: a password is required")
+                raise EncryptedFileError("encrypted PDF: a password is required")
         pages = reader.pages
         page_count = len(pages)
         if page_count == 0:
             raise EmptyFileError("PDF has no pages")
 
-        parts: list[str] = []
-        spans: list[PageSpan] = []
+        texts: list[str | None] = []  # None: extraction failed
         failed: list[tuple[int, str]] = []
-        offset = 0
         for number in range(1, page_count + 1):
             try:
                 raw = pages[number - 1].extract_text()
             except Exception as e:  # one bad page must not lose the rest of the document
                 failed.append((number, _reason(e)))
                 logger.warning("%s: text extraction failed on page %d: %s", path, number, _reason(e))
+                texts.append(None)
                 continue
-            text = clean_page_text(raw or "")
+            texts.append(clean_page_text(raw or ""))
+
+        warnings = [f"page {number}: text extraction failed: {why}" for number, why in failed]
+        stats = OcrStats()
+        textless = [i for i, text in enumerate(texts) if len("".join((text or "").split())) < OCR_BELOW_CHARS]
+        if textless:
+            self._ocr_pages(data, texts, textless, stats, warnings)
+
+        parts: list[str] = []
+        spans: list[PageSpan] = []
+        offset = 0
+        for number, text in enumerate(texts, start=1):
             if not text:
                 continue
             if parts:
@@ -152,7 +177,7 @@ class PdfLoader:
         if not spans:
             if failed and len(failed) == page_count:
                 raise CorruptFileError(f"text extraction failed on every page: {failed[0][1]}")
-            raise EmptyFileError("no extractable text (scanned?)")
+            raise EmptyFileError(f"no extractable text: {self._why_no_text(stats, warnings)}")
 
         metadata = _metadata(reader)
         title = metadata.get("title")
@@ -165,4 +190,52 @@ class PdfLoader:
             title=title or path.stem,
             metadata=metadata,
             page_count=page_count,
+            ocr_pages=tuple(stats.pages),
+            ocr_seconds=stats.seconds,
+            warnings=tuple(warnings),
         )
+
+    def _ocr_pages(
+        self, data: bytes, texts: list[str | None], indexes: list[int], stats: OcrStats, warnings: list[str]
+    ) -> None:
+        """OCR the pages at ``indexes`` (0-based) in place: keep the longer of layer and OCR text."""
+        listed = ", ".join(str(i + 1) for i in indexes[:20]) + (" ..." if len(indexes) > 20 else "")
+        if self.ocr is None:
+            warnings.append(f"pages without a text layer not read (OCR is off): {listed}")
+            return
+        if not self.ocr.available:
+            warnings.append(f"pages without a text layer not read (Tesseract is not installed): {listed}")
+            return
+        try:
+            document = self.ocr.open(data)
+        except OcrError as e:
+            warnings.append(f"OCR skipped: {e}")
+            return
+        try:
+            for index in indexes:
+                try:
+                    raw = timed_page_text(self.ocr, document, index, stats)
+                except OcrError as e:
+                    warnings.append(f"page {index + 1}: OCR failed: {e}")
+                    continue
+                if raw is None:  # a blank page: nothing to read
+                    continue
+                text = clean_page_text(raw)
+                stats.pages.append(index + 1)
+                if len(text) > len(texts[index] or ""):
+                    texts[index] = text
+        finally:
+            self.ocr.close(document)
+
+    def _why_no_text(self, stats: OcrStats, warnings: list[str]) -> str:
+        if self.ocr is None:
+            return "no page has a text layer (a scan?) and OCR is off (RAG_INGEST__OCR)"
+        if not self.ocr.available:
+            return "no page has a text layer (a scan?) and Tesseract is not installed"
+        if stats.pages:
+            return f"no text on any page, OCR included ({len(stats.pages)} pages OCR'd)"
+        failures = [w for w in warnings if "OCR failed" in w or "OCR skipped" in w]
+        if failures:
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            return f"no page has a text layer and OCR read none: {failures[0]}{more}"
+        return "no page has a text layer and every page is blank"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -105,3 +106,27 @@ def test_static_files_ship_in_the_package() -> None:
     assert data is not None
     for ext in ("*.html", "*.js", "*.css"):
         assert f'"{ext}"' in data.group(1), f"{ext} is not package data: the wheel (and the image) would lack it"
+
+
+def test_sources_show_their_location() -> None:
+    """The page names where a source is as the server does (slide, sheet and rows, heading path),
+    falling back to the page number for servers that send none: ``whereText`` run by node."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the browser test covers the page")
+    script = SCRIPT.read_text(encoding="utf-8")
+    m = re.search(r"^  function whereText\(item\) \{\n.*?^  \}\n", script, re.MULTILINE | re.DOTALL)
+    assert m is not None, "app.js defines whereText"
+    cases = [
+        {"location": "slide 2, Launch plan", "page": 2},
+        {"location": "Prices, rows 12-24", "page": None},
+        {"location": None, "page": 4},
+        {"page": None},
+        None,
+    ]
+    program = m.group(0) + f"console.log(JSON.stringify({json.dumps(cases)}.map(whereText)));"
+    proc = subprocess.run([node, "-e", program], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == ["slide 2, Launch plan", "Prices, rows 12-24", "page 4", "", ""]
+    # Every place the page shows a source's position goes through it.
+    assert "`page ${" not in script.replace('return item.page ? `page ${item.page}` : "";', "")

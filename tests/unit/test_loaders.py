@@ -82,14 +82,17 @@ def test_loader_for_picks_by_lowercase_extension(name: str, loader_type: type) -
     assert isinstance(loader_for(name), loader_type)
 
 
-@pytest.mark.parametrize("name", ["a.xyz", "a.docx", "README", "a.txt.bak", ".hidden"])
+@pytest.mark.parametrize("name", ["a.xyz", "a.doc", "README", "a.txt.bak", ".hidden"])
 def test_loader_for_unknown_extension_is_none(name: str) -> None:
     assert loader_for(Path(name)) is None
 
 
 def test_registry_extensions_and_max_bytes_are_passed_on() -> None:
     registry = LoaderRegistry(default_loaders(max_bytes=123))
-    assert registry.extensions == {".txt", ".text", ".md", ".markdown", ".html", ".htm", ".pdf"}
+    assert registry.extensions == {
+        *(".txt", ".text", ".md", ".markdown", ".html", ".htm", ".pdf"),
+        *(".docx", ".pptx", ".pptm", ".xlsx", ".xlsm", ".csv", ".tsv", ".odt", ".epub", ".eml"),
+    }
     loader = registry.for_path("x.md")
     assert isinstance(loader, MarkdownLoader)
     assert loader.max_bytes == 123
@@ -441,13 +444,14 @@ def test_one_failing_page_does_not_lose_the_document(corpus: Corpus, monkeypatch
         return text
 
     monkeypatch.setattr(PageObject, "extract_text", flaky)
-    doc = load(corpus.pdf)
+    doc = PdfLoader(ocr=None).load(corpus.pdf)
     assert [span.page for span in doc.pages] == [1, 3]
     assert doc.metadata["failed_pages"] == "2"
     assert "32 bar" not in doc.text
+    assert any("page 2" in w for w in doc.warnings)
 
 
-def test_pdf_failing_on_every_page_is_corrupt(corpus: Corpus, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pdf_failing_on_every_page_is_corrupt(corpus: Corpus, monkeypatch: pytest.MonkeyPatch, tesseract: None) -> None:
     from pypdf import PageObject
 
     def broken(self: PageObject, *args: object, **kwargs: object) -> str:
@@ -455,7 +459,12 @@ def test_pdf_failing_on_every_page_is_corrupt(corpus: Corpus, monkeypatch: pytes
 
     monkeypatch.setattr(PageObject, "extract_text", broken)
     with pytest.raises(CorruptFileError, match="every page: ValueError: bad content stream"):
-        load(corpus.pdf)
+        PdfLoader(ocr=None).load(corpus.pdf)
+    # With OCR, pages whose text layer cannot be read are rendered and read instead.
+    doc = load(corpus.pdf)
+    assert doc.ocr_pages == (1, 2, 3)
+    assert "32 bar" in doc.text
+    assert doc.metadata["failed_pages"] == "1,2,3"
 
 
 # ---------------------------------------------------------------------------- values

@@ -31,6 +31,7 @@ def _out(doc: Document, collection: str) -> DocumentOut:
         page_count=doc.page_count,
         chunk_count=doc.chunk_count,
         metadata=dict(doc.meta or {}),
+        report=doc.report,
         last_job_id=doc.last_job_id,
         created_at=doc.created_at,
         updated_at=doc.updated_at,
@@ -48,7 +49,13 @@ def _out(doc: Document, collection: str) -> DocumentOut:
 )
 async def upload_documents(
     name: CollectionName,
-    files: Annotated[list[UploadFile], File(description="One or more .txt, .md, .html or .pdf files.")],
+    files: Annotated[
+        list[UploadFile],
+        File(
+            description="One or more documents: text, markdown, HTML, PDF, Word, PowerPoint, Excel, CSV, "
+            "OpenDocument, EPUB, e-mail (docs/ingestion.md)."
+        ),
+    ],
     session: SessionDep,
     principal: PrincipalDep,
     resources: ResourcesDep,
