@@ -68,6 +68,17 @@ class ChunkingSettings(BaseModel):
     Changing it needs a re-ingest."""
 
 
+class WatchedFolder(BaseModel):
+    """A folder the worker keeps ingested: changes queue a job for it (see ``ingest.watch``)."""
+
+    path: Path
+    """The folder (or file); it must exist when the worker starts."""
+    collection: str = "default"
+    """The collection it is ingested into (created if missing)."""
+    prune: bool = True
+    """Delete documents whose files left the folder."""
+
+
 class IngestSettings(BaseModel):
     """The ingestion worker."""
 
@@ -86,6 +97,18 @@ class IngestSettings(BaseModel):
     """During a long job, publish a new index version at most this often (searches see progress)."""
     allowed_roots: list[Path] = Field(default_factory=list)
     """Folders the API may ingest from (the CLI may ingest anything its user can read)."""
+    batch_chunks: int | None = Field(default=None, ge=1)
+    """Chunks embedded and recorded per transaction (default: 4 x ``embedding.batch_size``, at
+    least 64). A cancel stops within one such batch, and a crash loses at most one."""
+    watch: list[WatchedFolder] = Field(default_factory=list)
+    """Folders ``rag worker`` watches, as JSON: ``[{"path": "/srv/docs", "collection": "docs"}]``.
+    Each is ingested when the worker starts, and again within seconds of any file under it being
+    added, changed or deleted (debounced; the usual incremental rules apply)."""
+    watch_debounce_seconds: float = Field(default=1.0, gt=0)
+    """A burst of file changes is collected until it has been quiet this long, then one job runs."""
+    watch_force_polling: bool = False
+    """Watch by polling the folder (every 0.3 s) instead of inotify: for network and FUSE
+    filesystems, where inotify sees nothing."""
     nice: int = Field(default=10, ge=0, le=19)
     """CPU priority the ingestion processes (``rag worker``, ``rag ingest``) lower themselves by
     (Unix ``nice``): embedding a folder must not starve the API's event loop on a small machine.

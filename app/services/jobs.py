@@ -1,4 +1,4 @@
-"""Ingestion jobs through the API: enqueue a server folder, follow its progress, list jobs.
+"""Ingestion jobs through the API: enqueue a server folder, follow its progress, list jobs, cancel.
 
 The API never ingests: it queues a job row and the worker process claims it. A folder may be
 ingested only if it resolves (symlinks followed, ``..`` collapsed) to a path under one of the
@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.services import collections as collections_service
-from app.services.errors import Forbidden, InvalidInput, NotFound
+from app.services.errors import Conflict, Forbidden, InvalidInput, NotFound
 from app.services.keys import Principal
 from core.db.models import Collection, IngestJob
 from ingest import queue
@@ -89,6 +89,23 @@ async def get_job(session: AsyncSession, principal: Principal, job_id: int) -> t
     if row is None or not principal.can_read(row[1]):
         raise NotFound(f"job {job_id} not found")
     return row[0], row[1]
+
+
+async def cancel_job(session: AsyncSession, principal: Principal, job_id: int) -> tuple[IngestJob, str]:
+    """Cancel a queued job, or ask a running one to stop at its next batch boundary (commits).
+
+    Raises:
+        NotFound: Missing, or its collection is outside the principal's scope.
+        Conflict: The job already ended.
+    """
+    _job, collection = await get_job(session, principal, job_id)
+    try:
+        job = await queue.request_cancel(session, job_id)
+    except queue.JobFinished as e:
+        raise Conflict(str(e)) from None
+    except LookupError:  # deleted with its collection in between
+        raise NotFound(f"job {job_id} not found") from None
+    return job, collection
 
 
 async def list_jobs(

@@ -1,4 +1,4 @@
-"""``/v1/jobs``: queue a server folder for ingestion, follow jobs."""
+"""``/v1/jobs``: queue a server folder for ingestion, follow jobs (JSON or live events), cancel them."""
 
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ async def list_jobs(
     session: SessionDep,
     principal: PrincipalDep,
     collection: CollectionName | None = None,
-    status_filter: Annotated[Literal["queued", "running", "succeeded", "failed"] | None, Query(alias="status")] = None,
+    status_filter: Annotated[
+        Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query(alias="status")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> JobList:
@@ -59,4 +61,18 @@ async def list_jobs(
 async def get_job(job_id: RowId, session: SessionDep, principal: PrincipalDep) -> JobOut:
     """A job's status and progress."""
     job, collection = await jobs.get_job(session, principal, job_id)
+    return JobOut.from_row(job, collection)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    summary="Cancel a job",
+    responses={409: {"model": ErrorResponse, "description": "The job already ended."}},
+)
+async def cancel_job(job_id: RowId, session: SessionDep, principal: PrincipalDep) -> JobOut:
+    """Cancel a job. A queued job is `cancelled` at once. A running job gets `cancel_requested`
+    and keeps `running` until its worker stops at the next batch boundary (within one embedding
+    batch): what it committed stays indexed, the rest of the folder is left for the next job, and
+    the job ends `cancelled`. Repeating the request is harmless; a finished job answers 409."""
+    job, collection = await jobs.cancel_job(session, principal, job_id)
     return JobOut.from_row(job, collection)
