@@ -307,6 +307,9 @@ class ApiSettings(BaseModel):
     """Origins allowed to call the API from a browser (``["*"]`` for any); empty: CORS off."""
     sse_ping_seconds: float = Field(default=15.0, gt=0)
     """Keep-alive comment sent on an idle Server-Sent Events stream (proxies drop silent ones)."""
+    job_events_poll_seconds: float = Field(default=0.5, gt=0)
+    """How often a job's event stream (SSE ``/v1/jobs/{id}/events``, websocket ``watch_job``) reads
+    the worker's progress rows: the delay between a file finishing and its event reaching clients."""
     ws_ping_seconds: float = Field(default=20.0, gt=0)
     """A ``{"type": "ping"}`` message is sent on a websocket idle for this long."""
     ws_auth_timeout_seconds: float = Field(default=10.0, gt=0)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.db.base import utcnow
@@ -375,7 +375,7 @@ class IngestPipeline:
                 if on_progress:
                     on_progress(done, len(entries), str(prepared.entry.path), "unchanged")
                 if time.monotonic() - last_check >= self._check_seconds:
-                    if await self._tick(job_id):
+                    if await self._tick(job_id, done / len(entries)):
                         raise JobCancelled
                     last_check = time.monotonic()
                 continue
@@ -430,10 +430,12 @@ class IngestPipeline:
         events, self._events[:] = list(self._events), []
         session.add_all(IngestJobEvent(job_id=job_id, type="file", data=data) for data in events)
 
-    async def _tick(self, job_id: int) -> bool:
-        """Write the buffered file events; return whether the job was asked to stop."""
+    async def _tick(self, job_id: int, progress: float | None = None) -> bool:
+        """Write the buffered file events (and ``progress``); return whether the job was asked to stop."""
         async with self._sessionmaker() as session, session.begin():
             self._add_events(session, job_id)
+            if progress is not None:
+                await session.execute(update(IngestJob).where(IngestJob.id == job_id).values(progress=progress))
             return await queue.cancel_requested(session, job_id)
 
     async def _flush(

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.services import collections as collections_service
 from app.services.errors import Conflict, Forbidden, InvalidInput, NotFound
 from app.services.keys import Principal
-from core.db.models import Collection, IngestJob
+from core.db.models import Collection, IngestJob, IngestJobEvent
 from ingest import queue
 
 
@@ -106,6 +106,27 @@ async def cancel_job(session: AsyncSession, principal: Principal, job_id: int) -
     except LookupError:  # deleted with its collection in between
         raise NotFound(f"job {job_id} not found") from None
     return job, collection
+
+
+async def job_progress(
+    session: AsyncSession, principal: Principal, job_id: int, *, after: int = 0, limit: int = 500
+) -> tuple[IngestJob, str, list[IngestJobEvent]]:
+    """A job, its collection, and its progress events with an id above ``after`` (oldest first).
+
+    The job is read before the events: once it reads as ended, every event of it is visible
+    (the worker writes the last ones with the final status).
+
+    Raises:
+        NotFound: Missing, or its collection is outside the principal's scope.
+    """
+    job, collection = await get_job(session, principal, job_id)
+    events = await session.scalars(
+        select(IngestJobEvent)
+        .where(IngestJobEvent.job_id == job_id, IngestJobEvent.id > after)
+        .order_by(IngestJobEvent.id)
+        .limit(limit)
+    )
+    return job, collection, list(events)
 
 
 async def list_jobs(
