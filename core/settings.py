@@ -38,6 +38,12 @@ class EmbeddingSettings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """``auto`` uses bfloat16 autocast where the CPU supports it natively (AVX512-BF16/AMX:
     6.5x faster here with the same retrieval quality), float32 elsewhere."""
+    document_backend: Literal["auto", "torch", "onnx-int8"] = "auto"
+    """How the worker embeds passages. ``auto``: PyTorch in bfloat16 where the CPU has native
+    bf16; elsewhere the int8-quantized ONNX graph if it measured at least 2x the float32 rate on
+    this machine with vectors that agree with float32's (measured once, stored under
+    ``<data_dir>/models/onnx``), else PyTorch float32. ``torch`` never uses ONNX; ``onnx-int8``
+    uses it wherever it loads and agrees, however fast."""
     batch_size: int = 64
     """Chunks per embedding batch."""
     device: str = "cpu"

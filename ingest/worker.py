@@ -22,7 +22,7 @@ from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from core.settings import Settings
-from core.wiring import configure_tracing, load_embedder, open_database, open_store
+from core.wiring import configure_tracing, load_document_embedder, open_database, open_store
 from ingest import queue
 from ingest.indexer import reconcile_all
 from ingest.pipeline import IngestPipeline, JobSummary, ProgressCallback, default_worker_id
@@ -63,7 +63,7 @@ async def build_ingest_context(
     db = await open_database(settings)
     engine, sessionmaker = db.engine, db.sessionmaker
     if embedder is None:
-        embedder = await asyncio.to_thread(load_embedder, settings)
+        embedder = await asyncio.to_thread(load_document_embedder, settings)
     store = open_store(settings, model_id=embedder.model_id, dimension=embedder.dimension)
     splitter = Splitter(
         embedder.tokenizer,

@@ -67,14 +67,16 @@ def stack(database_url: str, tmp_path: Path, embedder: Any) -> Iterator[dict[str
         "RAG_INGEST__POLL_SECONDS": "0.2",
         "HF_HUB_OFFLINE": "1",
     }
-    with LiveServer(create_app(settings, embedder=embedder)) as server:
-        worker = subprocess.Popen(
-            [RAG, "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
+    log = (tmp_path / "worker.log").open("w")
+    with LiveServer(create_app(settings, embedder=embedder)) as server, log:
+        worker = subprocess.Popen([RAG, "worker"], env=env, stdout=subprocess.DEVNULL, stderr=log)
         try:
             client = httpx.Client(base_url=server.url, timeout=120)
             assert client.post("/v1/collections", json={"name": "docs"}).status_code == 201
             yield {"client": client, "root": root, "url": server.url, "worker": worker}
+        except BaseException:
+            print((tmp_path / "worker.log").read_text()[-3000:])  # shown with -s, and on failure
+            raise
         finally:
             worker.send_signal(signal.SIGTERM)
             try:
