@@ -268,3 +268,57 @@ def test_rag_ingest_watch_reingests_on_change(tmp_path: Path) -> None:
         finally:
             proc.kill()
     assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+
+
+async def test_a_job_abandoned_after_a_cancel_request_is_cancelled_not_retried(settings: Settings) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from core.db.base import utcnow
+
+    db = await open_database(settings)
+    try:
+        async with db.sessionmaker() as session:
+            coll = await queue.get_or_create_collection(session, "c")
+            job = await queue.enqueue(session, collection=coll, root_path="/nowhere", prune=True)
+            await session.commit()
+            job_id = job.id
+        async with db.sessionmaker() as session:
+            claimed = await queue.claim(session, worker_id="w1", stale_after=60)
+            assert claimed is not None and claimed.id == job_id
+        async with db.sessionmaker() as session:
+            assert (await queue.request_cancel(session, job_id)).status == "running"
+            # The worker dies before it sees the request: its heartbeat goes stale.
+            await session.execute(
+                update(IngestJob).values(heartbeat_at=utcnow() - timedelta(seconds=600)).where(IngestJob.id == job_id)
+            )
+            await session.commit()
+        async with db.sessionmaker() as session:
+            assert await queue.claim(session, worker_id="w2", stale_after=60) is None
+            row = await session.get(IngestJob, job_id)
+            assert row is not None and row.status == "cancelled" and row.attempts == 1
+    finally:
+        await db.aclose()
+
+
+def test_rag_jobs_cancel(tmp_path: Path) -> None:
+    folder = tmp_path / "docs"
+    write_files(folder, 1)
+    env = {**os.environ, "RAG_DATA_DIR": str(tmp_path / "data")}
+
+    def rag(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([RAG, *args], env=env, capture_output=True, text=True, timeout=120, check=False)
+
+    queued = rag("ingest", str(folder), "--no-wait", "--json")
+    assert queued.returncode == 0, queued.stderr
+    job_id = json.loads(queued.stdout)["job_id"]
+    cancelled = rag("jobs", "cancel", str(job_id), "--local", "--json")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert json.loads(cancelled.stdout)["status"] == "cancelled"
+    again = rag("jobs", "cancel", str(job_id), "--local")
+    assert again.returncode == 1 and "already ended (cancelled)" in again.stderr and "Traceback" not in again.stderr
+    missing = rag("jobs", "cancel", "999", "--local")
+    assert missing.returncode == 1 and "not found" in missing.stderr
+    listed = rag("jobs", "--local", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout)[0]["status"] == "cancelled"
