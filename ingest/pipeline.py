@@ -427,7 +427,10 @@ class IngestPipeline:
 
     def _add_events(self, session: AsyncSession, job_id: int) -> None:
         """Move the buffered file events into ``session`` (written when it commits)."""
-        events, self._events[:] = list(self._events), []
+        # Take a prefix and delete exactly it: an event the prep thread appends meanwhile stays queued.
+        taken = len(self._events)
+        events = self._events[:taken]
+        del self._events[:taken]
         session.add_all(IngestJobEvent(job_id=job_id, type="file", data=data) for data in events)
 
     async def _tick(self, job_id: int, progress: float | None = None) -> bool:

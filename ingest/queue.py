@@ -148,7 +148,7 @@ async def heartbeat(session: AsyncSession, job_id: int, worker_id: str) -> bool:
 
 
 async def request_cancel(session: AsyncSession, job_id: int) -> IngestJob:
-    """Cancel a queued job now, or ask a running job's worker to stop (commits).
+    """Cancel a queued job now, or ask a running job's worker to stop (flushes; the caller commits).
 
     Idempotent for a running job (the first request's time is kept).
 
@@ -173,7 +173,6 @@ async def request_cancel(session: AsyncSession, job_id: int) -> IngestJob:
         .where(IngestJob.id == job_id, IngestJob.status == "running", IngestJob.cancel_requested_at.is_(None))
         .values(cancel_requested_at=now)
     )
-    await session.commit()
     job = await session.get(IngestJob, job_id, populate_existing=True)
     if job is None:
         raise LookupError(f"no ingest job {job_id}")

@@ -68,7 +68,7 @@ _TEXT = (
 )
 
 
-def calibration_passages(n: int = 32) -> list[str]:
+def calibration_passages(n: int = 24) -> list[str]:
     """``n`` deterministic passages of chunk length (~150-220 tokens), different from each other."""
     words = _TEXT.split()
     out = []

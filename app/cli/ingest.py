@@ -320,6 +320,7 @@ async def _cancel(settings: Settings, job_id: int) -> dict[str, Any]:
                 job, name = await cancel_job(session, ANONYMOUS_ADMIN, job_id)
             except ServiceError as e:
                 fail(e.message)
+            await session.commit()
             return JobOut.from_row(job, name).model_dump(mode="json")
     finally:
         await db.aclose()

@@ -92,7 +92,7 @@ async def get_job(session: AsyncSession, principal: Principal, job_id: int) -> t
 
 
 async def cancel_job(session: AsyncSession, principal: Principal, job_id: int) -> tuple[IngestJob, str]:
-    """Cancel a queued job, or ask a running one to stop at its next batch boundary (commits).
+    """Cancel a queued job, or ask a running one to stop at its next batch boundary (never commits).
 
     Raises:
         NotFound: Missing, or its collection is outside the principal's scope.

@@ -23,7 +23,8 @@ from core.settings import Settings
 from serving.launcher import find_free_port
 from tests.e2e.test_chat_page import ARTIFACTS, LiveServer, build_app, chromium  # noqa: F401
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# A worker process loads torch and the model before its first job: minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 RAG = str(Path(sys.executable).with_name("rag"))
 
@@ -47,7 +48,7 @@ def server(tmp_path: Path, embedder: Any) -> Iterator[str]:
         finally:
             worker.send_signal(signal.SIGTERM)
             try:
-                worker.wait(timeout=60)
+                worker.wait(timeout=180)
             finally:
                 worker.kill()
 
@@ -71,7 +72,7 @@ def test_an_upload_shows_each_files_progress_until_the_job_ends(
         upload = page.locator(".upload").first
         # The job's id arrives with the 202; then the socket follows the job to its end.
         page.wait_for_selector(".upload[data-job-id]", timeout=30_000)
-        page.wait_for_selector('.upload[data-state="succeeded"]', timeout=300_000)
+        page.wait_for_selector('.upload[data-state="succeeded"]', timeout=1_200_000)
         rows = {
             row.locator(".name").inner_text(): (row.get_attribute("data-status"), row.locator(".status").inner_text())
             for row in upload.locator(".upload-files li").all()

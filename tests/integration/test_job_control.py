@@ -98,6 +98,7 @@ async def test_cancel_stops_a_running_job_within_one_batch_and_keeps_what_it_com
         await eventually(first_batch_committed)
         async with db.sessionmaker() as session:
             requested = await queue.request_cancel(session, job_id)
+            await session.commit()
             assert requested.status == "running" and requested.cancel_requested_at is not None
             at_request = requested.chunks_added
 
@@ -150,6 +151,7 @@ async def test_a_queued_job_cancelled_before_any_worker_is_never_run(
         job_id, _ = await enqueue_path(db.sessionmaker, tmp_path / "few", collection="q")
         async with db.sessionmaker() as session:
             assert (await queue.request_cancel(session, job_id)).status == "cancelled"
+            await session.commit()
             with pytest.raises(queue.JobFinished):
                 await queue.request_cancel(session, job_id)
         assert await run_worker(settings, once=True, embedder=embedder) == 0
@@ -289,6 +291,7 @@ async def test_a_job_abandoned_after_a_cancel_request_is_cancelled_not_retried(s
             assert claimed is not None and claimed.id == job_id
         async with db.sessionmaker() as session:
             assert (await queue.request_cancel(session, job_id)).status == "running"
+            await session.commit()
             # The worker dies before it sees the request: its heartbeat goes stale.
             await session.execute(
                 update(IngestJob).values(heartbeat_at=utcnow() - timedelta(seconds=600)).where(IngestJob.id == job_id)

@@ -29,7 +29,8 @@ from serving.launcher import find_free_port
 from tests.integration.test_job_control import write_files
 from tests.integration.test_service import LiveServer
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# A worker process loads torch and the model before its first job: minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 RAG = str(Path(sys.executable).with_name("rag"))
 
@@ -80,7 +81,7 @@ def stack(database_url: str, tmp_path: Path, embedder: Any) -> Iterator[dict[str
         finally:
             worker.send_signal(signal.SIGTERM)
             try:
-                worker.wait(timeout=60)
+                worker.wait(timeout=180)
             finally:
                 worker.kill()
 

@@ -78,6 +78,7 @@ async def cancel_job(job_id: RowId, session: SessionDep, principal: PrincipalDep
     batch): what it committed stays indexed, the rest of the folder is left for the next job, and
     the job ends `cancelled`. Repeating the request is harmless; a finished job answers 409."""
     job, collection = await jobs.cancel_job(session, principal, job_id)
+    await session.commit()
     return JobOut.from_row(job, collection)
 
 
