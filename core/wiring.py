@@ -82,6 +82,23 @@ def load_embedder(settings: Settings, *, threads: int | None = None) -> Sentence
     )
 
 
+def load_document_embedder(settings: Settings) -> SentenceTransformerEmbedder:
+    """The embedder of a process that embeds passages (the worker, ``rag ingest``, evaluations),
+    with the document path ``embedding.document_backend`` asks for (blocking: may export, quantize
+    and calibrate on first use).
+
+    ``auto`` keeps PyTorch where it already runs in bfloat16 (native bf16 CPUs) and otherwise
+    lets the int8 ONNX path prove itself on this machine (see ``use_int8_documents``).
+    """
+    embedder = load_embedder(settings)
+    backend = settings.embedding.document_backend
+    if backend == "onnx-int8" or (
+        backend == "auto" and embedder.dtype == "float32" and settings.embedding.device == "cpu"
+    ):
+        embedder.use_int8_documents(settings.data_dir / "models" / "onnx", require_speedup=backend == "auto")
+    return embedder
+
+
 def load_query_embedder(settings: Settings) -> SentenceTransformerEmbedder:
     """The embedder of a process that embeds queries only: one thread, ONNX Runtime when configured."""
     embedder = load_embedder(settings, threads=settings.embedding.query_threads)

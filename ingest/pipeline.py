@@ -15,6 +15,14 @@ Contract:
 - With ``prune``, documents under a folder root that are no longer on disk are deleted.
 - The index is published by reconciling it with the database (see ``ingest.indexer``),
   during long jobs every ``publish_every`` seconds and always at the end.
+- A cancel request (``queue.request_cancel``) is seen at the next batch boundary, or within
+  ``check_seconds`` while unchanged files stream by: the batch being embedded is still
+  committed, the files after it are left for the next job, nothing is pruned, the index is
+  published and the job ends ``cancelled``.
+- Progress leaves the process as ``file`` event rows (``IngestJobEvent``: started, indexed,
+  unchanged, failed, deleted), written with the batch that records them (or within
+  ``check_seconds`` for those that write nothing), so the API's event streams never show a
+  file before the counters that include it.
 Memory stays bounded: files are prepared a few at a time and embedded in batches.
 """
 
@@ -32,12 +40,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.db.base import utcnow
 from core.db.models import Chunk as ChunkRow
-from core.db.models import Collection, Document, IngestJob
+from core.db.models import Collection, Document, IngestJob, IngestJobEvent
 from ingest import queue
 from ingest.indexer import reconcile, vector_to_bytes
 from ingest.loaders import LoaderError, LoaderLimits, loader_for
@@ -134,6 +142,10 @@ class JobSummary:
         }
 
 
+class JobCancelled(Exception):
+    """Raised inside a job when its cancel request is seen (the job then ends ``cancelled``)."""
+
+
 class PathChangedError(Exception):
     """A job's folder resolves somewhere else than when the job was queued (a symlink swap)."""
 
@@ -208,6 +220,7 @@ class IngestPipeline:
         prefetch: int = 8,
         heartbeat_seconds: float = 5.0,
         publish_every: float = 30.0,
+        check_seconds: float = 1.0,
         executor: Executor | None = None,
     ) -> None:
         self._sessionmaker = sessionmaker
@@ -222,6 +235,9 @@ class IngestPipeline:
         self._prefetch = prefetch
         self._heartbeat_seconds = heartbeat_seconds
         self._publish_every = publish_every
+        self._check_seconds = check_seconds
+        # File events waiting to be written (the prep thread appends "started"; list.append is atomic).
+        self._events: list[dict[str, Any]] = []
         # Preparation (hash, parse, split) runs on its own thread so it overlaps with
         # embedding, which releases the GIL inside torch.
         self._prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-prep")
@@ -241,6 +257,7 @@ class IngestPipeline:
         if sha == known_sha:
             return Prepared(entry, sha, "unchanged")
         outcome = "new" if known_sha is None else "changed"
+        self._events.append({"path": str(entry.path), "status": "started"})
         loader = loader_for(entry.path, limits=self._limits)
         if loader is None:  # filtered before, but a race with a rename must not crash the job
             return Prepared(entry, sha, outcome, error="unsupported file type")
@@ -274,9 +291,13 @@ class IngestPipeline:
             root = Path(job.root_path)
             prune = job.prune
         heartbeat = asyncio.create_task(self._heartbeat(job_id))
+        self._events.clear()
         try:
             await self._run(job_id, collection_id, collection_name, root, prune, on_progress)
             status, error = "succeeded", None
+        except JobCancelled:
+            logger.info("ingest job cancelled", extra={"job_id": job_id})
+            status, error = "cancelled", "cancelled by request"
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -294,6 +315,7 @@ class IngestPipeline:
             job.status = status
             job.error = error
             job.finished_at = utcnow()
+            self._add_events(session, job_id)
             job.progress = 1.0 if status == "succeeded" else job.progress
             total = await session.scalar(
                 select(func.count()).select_from(ChunkRow).where(ChunkRow.collection_id == collection_id)
@@ -354,6 +376,9 @@ class IngestPipeline:
                 ]
             await session.commit()
 
+        if await self._tick(job_id):  # cancelled between the claim and now
+            raise JobCancelled
+        last_check = time.monotonic()
         supported = [e for e in entries if loader_for(e.path) is not None]
         skipped = len(entries) - len(supported)
         seen = {str(e.path) for e in supported}
@@ -379,25 +404,35 @@ class IngestPipeline:
                 counted_before = resumed and known.get(str(prepared.entry.path), ("", None))[1] == job_id
                 if not counted_before:
                     unchanged += 1
+                self._events.append({"path": str(prepared.entry.path), "status": "unchanged"})
                 if on_progress:
                     on_progress(done, len(entries), str(prepared.entry.path), "unchanged")
+                if time.monotonic() - last_check >= self._check_seconds:
+                    if await self._tick(job_id, done / len(entries)):
+                        raise JobCancelled
+                    last_check = time.monotonic()
                 continue
             batch.append(prepared)
             batch_pieces += len(prepared.pieces)
             if batch_pieces >= self._batch_chunks:
-                await self._flush(job_id, collection_id, batch, done, len(entries), unchanged)
+                cancel = await self._flush(job_id, collection_id, batch, done, len(entries), unchanged)
+                last_check = time.monotonic()
                 if on_progress:
                     for p in batch:
                         on_progress(done, len(entries), str(p.entry.path), _outcome(p), chunks=_added(p))
                 batch, batch_pieces, unchanged = [], 0, 0
+                if cancel:
+                    raise JobCancelled
                 if time.monotonic() - last_publish > self._publish_every:
                     await reconcile(self._sessionmaker, self._store, collection_name)
                     last_publish = time.monotonic()
         if batch or unchanged:
-            await self._flush(job_id, collection_id, batch, done, len(entries), unchanged)
+            cancel = await self._flush(job_id, collection_id, batch, done, len(entries), unchanged)
             if on_progress:
                 for p in batch:
                     on_progress(done, len(entries), str(p.entry.path), _outcome(p), chunks=_added(p))
+            if cancel:  # everything is recorded; only the prune is left undone
+                raise JobCancelled
         if prune and root.is_dir():
             gone = [path for path in known if path not in seen]
             await self._prune(job_id, collection_id, gone)
@@ -423,10 +458,30 @@ class IngestPipeline:
             for fut in pending:
                 fut.cancel()
 
+    def _add_events(self, session: AsyncSession, job_id: int) -> None:
+        """Move the buffered file events into ``session`` (written when it commits)."""
+        # Take a prefix and delete exactly it: an event the prep thread appends meanwhile stays queued.
+        taken = len(self._events)
+        events = self._events[:taken]
+        del self._events[:taken]
+        session.add_all(IngestJobEvent(job_id=job_id, type="file", data=data) for data in events)
+
+    async def _tick(self, job_id: int, progress: float | None = None) -> bool:
+        """Write the buffered file events (and ``progress``); return whether the job was asked to stop."""
+        async with self._sessionmaker() as session, session.begin():
+            self._add_events(session, job_id)
+            if progress is not None:
+                await session.execute(update(IngestJob).where(IngestJob.id == job_id).values(progress=progress))
+            return await queue.cancel_requested(session, job_id)
+
     async def _flush(
         self, job_id: int, collection_id: int, batch: list[Prepared], done: int, total: int, unchanged: int
-    ) -> None:
-        """Embed a batch and record it, with the job's counters, in one transaction."""
+    ) -> bool:
+        """Embed a batch and record it, with the job's counters and file events, in one transaction.
+
+        Returns:
+            Whether the job was asked to stop (read in the same transaction).
+        """
         # What is embedded carries the piece's context (title, headings); what is stored is its text.
         texts = [embedded_text(piece.text, piece.context) for p in batch for piece in p.pieces]
         loop = asyncio.get_running_loop()
@@ -461,6 +516,9 @@ class IngestPipeline:
                 if loaded is not None:
                     job.extraction = add_report(job.extraction, path, loaded.report())
                 document.chunk_count = len(p.pieces) if p.error is None else 0
+                self._events.append(
+                    {"path": path, "status": "failed" if p.error else "indexed", "chunks": _added(p), "error": p.error}
+                )
                 if p.error is not None:
                     document.status, document.error = "failed", p.error
                     job.files_failed += 1
@@ -497,6 +555,8 @@ class IngestPipeline:
             job.errors = errors
             job.progress = done / total if total else 1.0
             job.heartbeat_at = utcnow()
+            self._add_events(session, job_id)
+            return job.cancel_requested_at is not None
 
     async def _prune(self, job_id: int, collection_id: int, paths: list[str]) -> None:
         if not paths:
@@ -516,6 +576,8 @@ class IngestPipeline:
                 )
                 job.files_deleted += int(getattr(deleted, "rowcount", 0) or 0)
                 job.chunks_removed += int(removed or 0)
+                self._events.extend({"path": path, "status": "deleted"} for path in part)
+            self._add_events(session, job_id)
 
 
 def _outcome(p: Prepared) -> str:

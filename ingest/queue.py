@@ -6,6 +6,11 @@ Claiming is safe with several workers: on PostgreSQL the candidate row is locked
 than ``stale_after`` was abandoned (its worker died) and is claimed again; after
 ``max_attempts`` claims it is failed instead, so a file that kills the worker cannot loop
 forever.
+
+Cancelling (:func:`request_cancel`): a queued job is cancelled at once; a running one gets
+``cancel_requested_at`` and its worker stops at the next batch boundary (see
+``ingest.pipeline``), keeping what it committed. A running job abandoned after a cancel request
+is cancelled by the next claim instead of being retried.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from core.db.base import utcnow
 from core.db.models import Collection, IngestJob
 from retrieval.types import validate_collection_name
 
-TERMINAL = ("succeeded", "failed")
+TERMINAL = ("succeeded", "failed", "cancelled")
+STATUSES = ("queued", "running", *TERMINAL)
 
 
 class QueueError(Exception):
@@ -29,6 +35,15 @@ class QueueError(Exception):
 
 class InvalidCollectionName(QueueError):
     """A collection name that is not a safe identifier."""
+
+
+class JobFinished(QueueError):
+    """A cancel request for a job that already ended (``status`` says how)."""
+
+    def __init__(self, job_id: int, status: str) -> None:
+        super().__init__(f"job {job_id} already ended ({status}); nothing to cancel")
+        self.job_id = job_id
+        self.status = status
 
 
 def check_collection_name(name: str) -> str:
@@ -83,7 +98,7 @@ async def claim(
             IngestJob.status == "queued",
             and_(IngestJob.status == "running", IngestJob.heartbeat_at < stale),
         )
-        stmt = select(IngestJob.id, IngestJob.status, IngestJob.attempts).where(runnable)
+        stmt = select(IngestJob.id, IngestJob.status, IngestJob.attempts, IngestJob.cancel_requested_at).where(runnable)
         if job_id is not None:
             stmt = stmt.where(IngestJob.id == job_id)
         stmt = stmt.order_by(IngestJob.created_at, IngestJob.id).limit(1)
@@ -93,9 +108,11 @@ async def claim(
         if row is None:
             await session.commit()
             return None
-        candidate_id, status, attempts = row
+        candidate_id, status, attempts, cancel_requested = row
         values: dict[str, Any]
-        if attempts >= max_attempts:
+        if cancel_requested is not None:  # abandoned while a cancel was pending: honour it
+            values = {"status": "cancelled", "finished_at": now, "error": "cancelled by request"}
+        elif attempts >= max_attempts:
             values = {
                 "status": "failed",
                 "finished_at": now,
@@ -110,7 +127,7 @@ async def claim(
             .values(**values)
         )
         await session.commit()
-        if getattr(result, "rowcount", 0) != 1 or values["status"] == "failed":
+        if getattr(result, "rowcount", 0) != 1 or values["status"] != "running":
             continue
         job = await session.get(IngestJob, candidate_id, populate_existing=True)
         if job is not None and job.started_at is None:
@@ -128,3 +145,43 @@ async def heartbeat(session: AsyncSession, job_id: int, worker_id: str) -> bool:
     )
     await session.commit()
     return getattr(result, "rowcount", 0) == 1
+
+
+async def request_cancel(session: AsyncSession, job_id: int) -> IngestJob:
+    """Cancel a queued job now, or ask a running job's worker to stop (flushes; the caller commits).
+
+    Idempotent for a running job (the first request's time is kept).
+
+    Returns:
+        The job row as it is after the request (``cancelled``, or ``running`` with
+        ``cancel_requested_at`` set).
+
+    Raises:
+        LookupError: No such job.
+        JobFinished: The job had already ended.
+    """
+    now = utcnow()
+    # Conditional updates, so that a claim racing with the cancel cannot lose it: the queued job
+    # is either cancelled here or claimed (and then stopped through cancel_requested_at).
+    queued = await session.execute(
+        update(IngestJob)
+        .where(IngestJob.id == job_id, IngestJob.status == "queued")
+        .values(status="cancelled", finished_at=now, cancel_requested_at=now, error="cancelled by request")
+    )
+    await session.execute(
+        update(IngestJob)
+        .where(IngestJob.id == job_id, IngestJob.status == "running", IngestJob.cancel_requested_at.is_(None))
+        .values(cancel_requested_at=now)
+    )
+    job = await session.get(IngestJob, job_id, populate_existing=True)
+    if job is None:
+        raise LookupError(f"no ingest job {job_id}")
+    if job.status in TERMINAL and getattr(queued, "rowcount", 0) != 1:
+        raise JobFinished(job_id, job.status)
+    return job
+
+
+async def cancel_requested(session: AsyncSession, job_id: int) -> bool:
+    """Whether someone asked ``job_id`` to stop (a cheap read the worker makes between batches)."""
+    requested = await session.scalar(select(IngestJob.cancel_requested_at).where(IngestJob.id == job_id))
+    return requested is not None

@@ -2,7 +2,8 @@
 
 ``build_ingest_context(settings)`` turns Settings into the objects the pipeline needs
 (engine, store, embedding model, splitter); ``run_worker`` claims and runs queued jobs
-until stopped; ``ingest_now`` enqueues one job and runs it in this process (``rag ingest``).
+until stopped, and queues jobs for the watched folders (``ingest.watch``) as their files
+change; ``run_job`` runs one job in this process (``rag ingest``).
 At start-up the worker migrates the database and reconciles every collection's index with
 the database, which repairs whatever a crash left half-published.
 """
@@ -21,12 +22,13 @@ from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from core.settings import Settings
-from core.wiring import configure_tracing, load_embedder, open_database, open_store
+from core.wiring import configure_tracing, load_document_embedder, open_database, open_store
 from ingest import queue
 from ingest.indexer import reconcile_all
 from ingest.loaders import LoaderLimits
 from ingest.pipeline import IngestPipeline, JobSummary, ProgressCallback, default_worker_id
 from ingest.splitter import Splitter
+from ingest.watch import watch_folders
 from retrieval.embedders import SentenceTransformerEmbedder
 from retrieval.store import IndexStore
 
@@ -62,7 +64,7 @@ async def build_ingest_context(
     db = await open_database(settings)
     engine, sessionmaker = db.engine, db.sessionmaker
     if embedder is None:
-        embedder = await asyncio.to_thread(load_embedder, settings)
+        embedder = await asyncio.to_thread(load_document_embedder, settings)
     store = open_store(settings, model_id=embedder.model_id, dimension=embedder.dimension)
     splitter = Splitter(
         embedder.tokenizer,
@@ -81,7 +83,7 @@ async def build_ingest_context(
         worker_id=worker_id,
         max_file_bytes=settings.ingest.max_file_mb * 1024 * 1024,
         limits=loader_limits(settings),
-        batch_chunks=max(settings.embedding.batch_size * 4, 64),
+        batch_chunks=settings.ingest.batch_chunks or max(settings.embedding.batch_size * 4, 64),
         heartbeat_seconds=settings.ingest.heartbeat_seconds,
         publish_every=settings.ingest.publish_every_seconds,
     )
@@ -151,23 +153,58 @@ async def _repair(ctx: IngestContext, message: str) -> None:
             logger.warning(message, extra={"collection": r.collection, "added": r.added, "removed": r.removed})
 
 
+def _watched(settings: Settings) -> list[tuple[Path, str, bool]]:
+    """The watched folders as (path, collection, prune), checked before the model loads.
+
+    Raises:
+        FileNotFoundError: A watched folder does not exist.
+        QueueError: A watched folder names an invalid collection.
+    """
+    folders = [(f.path.expanduser(), queue.check_collection_name(f.collection), f.prune) for f in settings.ingest.watch]
+    for path, _collection, _prune in folders:
+        if not path.exists():
+            raise FileNotFoundError(f"watched folder {path} does not exist (RAG_INGEST__WATCH)")
+    return folders
+
+
 async def run_worker(
     settings: Settings,
     *,
     once: bool = False,
     stop: asyncio.Event | None = None,
     worker_id: str | None = None,
+    embedder: SentenceTransformerEmbedder | None = None,
 ) -> int:
     """Claim and run jobs until ``stop`` is set (or, with ``once``, until the queue is empty).
 
+    Unless ``once``, the watched folders (``settings.ingest.watch``) are ingested at start and
+    again after every burst of changes (see :mod:`ingest.watch`).
+
     Returns the number of jobs run.
+
+    Raises:
+        FileNotFoundError: A watched folder does not exist.
     """
+    folders = [] if once else _watched(settings)
     tracing = configure_tracing(settings, service_suffix="-worker")
-    ctx = await build_ingest_context(settings, worker_id=worker_id)
+    ctx = await build_ingest_context(settings, worker_id=worker_id, embedder=embedder)
     stop = stop or asyncio.Event()
+    wake = asyncio.Event()
+    watcher: asyncio.Task[None] | None = None
     ran = 0
     try:
         await _repair(ctx, "index repaired at start-up")
+        if folders:
+            watcher = asyncio.create_task(
+                watch_folders(
+                    ctx.sessionmaker,
+                    folders,
+                    quiet=settings.ingest.watch_debounce_seconds,
+                    force_polling=settings.ingest.watch_force_polling,
+                    stop=stop,
+                    wake=wake,
+                )
+            )
         checked = time.monotonic()
         while not stop.is_set():
             async with ctx.sessionmaker() as session:
@@ -184,15 +221,29 @@ async def run_worker(
                     # without waiting for a restart or a job of that collection.
                     await _repair(ctx, "index repaired")
                     checked = time.monotonic()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=settings.ingest.poll_seconds)
+                await _idle(stop, wake, settings.ingest.poll_seconds)
                 continue
             logger.info("job claimed", extra={"job_id": job.id, "root": job.root_path})
             summary = await _run_traced(ctx, job.id, job.root_path)
             ran += 1
             logger.info("job finished", extra={"job_id": job.id, "status": summary.status})
     finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
         await ctx.aclose()
         if tracing is not None:
             tracing.shutdown()
     return ran
+
+
+async def _idle(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:
+    """Wait up to ``seconds``, less if the worker is stopped or a watched folder queued a job."""
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(wake.wait())]
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+    wake.clear()

@@ -17,6 +17,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Every fresh data dir would otherwise export, quantize and time the int8 document path on a CPU
+# without bf16 (a minute on a busy machine) before its first ingest: tests embed documents with
+# PyTorch unless they test that path (tests/integration/test_onnx_documents.py sets it).
+os.environ.setdefault("RAG_EMBEDDING__DOCUMENT_BACKEND", "torch")
 
 pytest_plugins = ["tests.llm_server", "tests.llamacpp_server"]
 

@@ -6,8 +6,10 @@ One :class:`ChatSocket` per connection:
   ``{"type": "auth", "api_key"}`` message (browsers cannot set headers), then sends ``ready``;
 * reads client messages in one loop and runs each ``ask`` in a task of its own, keyed by its
   ``id``, so several questions may be in flight; their events are sent with the ``id`` added;
+* ``watch_job`` follows an ingestion job the same way (its ``file``/``progress``/``job_end``
+  events, from :mod:`app.api.job_events`, with the ``id`` added);
 * ``cancel`` cancels that task: the answer generator is closed, which closes the upstream model
-  request, and the ask ends with an ``error`` event of code ``cancelled``;
+  request, and the ask (or watch) ends with an ``error`` event of code ``cancelled``;
 * a disconnect cancels every task the same way;
 * a malformed message gets an ``error`` event (with the ``id`` when one could be read); the
   socket stays open;
@@ -27,20 +29,20 @@ from opentelemetry import trace
 from pydantic import TypeAdapter, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from app.api import answering
+from app.api import answering, job_events
 from app.api.deps import principal_for_token
 from app.api.errors import error_event
 from app.api.input_limits import BadInput, check_json_depth, decode_utf8
 from app.resources import Resources
 from app.schemas.events import wire_dict
-from app.schemas.websocket import ClientMessage, WsAsk, WsAuth, WsCancel, WsPing
+from app.schemas.websocket import ClientMessage, WsAsk, WsAuth, WsCancel, WsPing, WsWatchJob
 from app.services.errors import Unauthorized
 from app.services.keys import Principal
 from generation.client import aclosing_iter
 
 logger = logging.getLogger(__name__)
 
-_CLIENT_MESSAGE: TypeAdapter[WsAsk | WsCancel | WsPing | WsAuth] = TypeAdapter(ClientMessage)
+_CLIENT_MESSAGE: TypeAdapter[WsAsk | WsWatchJob | WsCancel | WsPing | WsAuth] = TypeAdapter(ClientMessage)
 POLICY_VIOLATION = 1008
 
 _tracer = trace.get_tracer(__name__)
@@ -230,6 +232,8 @@ class ChatSocket:
                         retryable=True,
                     )
                 )
+            elif isinstance(message, WsWatchJob):
+                self.tasks[message.id] = asyncio.create_task(self._follow(principal, message))
             else:
                 self.tasks[message.id] = asyncio.create_task(self._answer(principal, message))
 
@@ -267,6 +271,28 @@ class ChatSocket:
         finally:
             self.tasks.pop(ask.id, None)
             self._started.discard(ask.id)
+
+    async def _follow(self, principal: Principal, watch: WsWatchJob) -> None:
+        """Send a job's events until its ``job_end`` (or an ``error``); holds no connection in between."""
+        self._started.add(watch.id)
+        try:
+            await job_events.check_visible(self.resources, principal, watch.job_id)
+            events = job_events.job_events(self.resources, principal, watch.job_id, after=watch.after)
+            async with aclosing_iter(events) as stream:
+                async for _event_id, event in stream:
+                    await self.send({"id": watch.id, **event.model_dump(mode="json")})
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await self.send(_error("cancelled", "the job watch was cancelled (the job goes on)", id=watch.id))
+            raise
+        except WebSocketDisconnect:
+            pass
+        except Exception as exc:  # a missing job, a database error: this watch ends with an error event
+            with contextlib.suppress(Exception):
+                await self.send({"id": watch.id, **wire_dict(error_event(exc))})
+        finally:
+            self.tasks.pop(watch.id, None)
+            self._started.discard(watch.id)
 
 
 def _invalid(raw: str, exc: ValidationError) -> dict[str, Any]:

@@ -102,10 +102,16 @@ class EventPump(Generic[T]):
             await task
 
 
-def sse_event(name: str, data: dict[str, Any] | str) -> bytes:
-    """One SSE frame (``data`` is sent as one line of JSON, or as is when a string)."""
+def sse_event(name: str, data: dict[str, Any] | str, *, event_id: int | str | None = None) -> bytes:
+    """One SSE frame (``data`` is sent as one line of JSON, or as is when a string).
+
+    ``event_id`` becomes the frame's ``id:`` line: a reconnecting ``EventSource`` sends the last
+    one back as ``Last-Event-ID``.
+    """
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     head = f"event: {name}\n" if name else ""
+    if event_id is not None:
+        head += f"id: {event_id}\n"
     return f"{head}data: {payload}\n\n".encode()
 
 

@@ -1,9 +1,10 @@
-"""``rag ingest``, ``rag jobs``, ``rag worker``: putting documents into collections."""
+"""``rag ingest``, ``rag jobs`` (``rag jobs cancel ID``), ``rag worker``: putting documents into collections."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,7 +31,11 @@ from core.settings import Settings
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root ``rag`` app."""
     app.command()(ingest)
-    app.command()(jobs)
+    # ``rag jobs`` alone lists (as it always did); ``rag jobs cancel ID`` stops one.
+    group = typer.Typer(help="List ingestion jobs (newest first), or cancel one.")
+    group.callback(invoke_without_command=True)(jobs)
+    group.command("cancel")(cancel)
+    app.add_typer(group, name="jobs")
     app.command()(worker)
 
 
@@ -41,32 +46,63 @@ def ingest(
     prune: Annotated[
         bool, typer.Option("--prune/--no-prune", help="Delete documents whose files left the folder.")
     ] = True,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="Stay running: ingest again within seconds of any change under PATH (Ctrl-C stops).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Ingest a folder or file into a collection (incremental: unchanged files are skipped)."""
+    """Ingest a folder or file into a collection (incremental: unchanged files are skipped).
+
+    With ``--watch`` the command stays running and ingests again after every burst of changes
+    (debounced by ``RAG_INGEST__WATCH_DEBOUNCE_SECONDS``), printing one summary per job (with
+    ``--json``, one JSON object per line).
+    """
     from ingest.queue import QueueError
 
     setup_logging(verbose)
     settings = load_settings()
     if not path.exists():
         fail(f"{path} does not exist")
+    if watch and not wait:
+        fail("--watch runs the jobs itself; it cannot be combined with --no-wait")
     lower_priority(settings.ingest.nice)
+    failed = False
+
+    def report(summary: dict[str, Any]) -> None:
+        nonlocal failed
+        failed = summary.get("status") == "failed"
+        if as_json:
+            typer.echo(json.dumps(summary, indent=None if watch else 2))
+        elif "files" in summary:
+            _print_summary(summary)
+        else:
+            console.print(f"queued job [bold]{summary['job_id']}[/] for collection [bold]{summary['collection']}[/]")
+        if watch and not as_json:
+            err_console.print(f"watching {path} for changes (Ctrl-C stops)")
+
     try:
-        summary = asyncio.run(_ingest(settings, path, collection, wait=wait, prune=prune))
+        asyncio.run(_ingest(settings, path, collection, wait=wait, prune=prune, watch=watch, report=report))
     except (QueueError, FileNotFoundError) as e:
         fail(str(e))
-    if as_json:
-        typer.echo(json.dumps(summary, indent=2))
-    elif "files" in summary:
-        _print_summary(summary)
-    else:
-        console.print(f"queued job [bold]{summary['job_id']}[/] for collection [bold]{summary['collection']}[/]")
-    if summary.get("status") == "failed":
+    if failed and not watch:
         raise typer.Exit(1)
 
 
-async def _ingest(settings: Settings, path: Path, collection: str, *, wait: bool, prune: bool) -> dict[str, Any]:
+async def _ingest(
+    settings: Settings,
+    path: Path,
+    collection: str,
+    *,
+    wait: bool,
+    prune: bool,
+    watch: bool = False,
+    report: Callable[[dict[str, Any]], None],
+) -> None:
     from core.progress import Progress
     from core.wiring import open_database
     from ingest.worker import build_ingest_context, enqueue_path, run_job
@@ -77,7 +113,8 @@ async def _ingest(settings: Settings, path: Path, collection: str, *, wait: bool
             job_id, name = await enqueue_path(db.sessionmaker, path, collection=collection, prune=prune)
         finally:
             await db.aclose()
-        return {"job_id": job_id, "status": "queued", "collection": name}
+        report({"job_id": job_id, "status": "queued", "collection": name})
+        return
 
     # Progress goes to stderr whatever stdout is (--json included): a bar on a terminal, a plain
     # line every few seconds in a pipe or a log file. It starts before the embedding model loads
@@ -93,11 +130,53 @@ async def _ingest(settings: Settings, path: Path, collection: str, *, wait: bool
                 progress.update(done, total=total, current=Path(path).name, chunks=chunks)
 
             summary = await run_job(ctx, job_id, on_progress=on_progress)
-        finally:
+        except BaseException:
             await ctx.aclose()
-    if summary is None:
+            raise
+    try:
+        report(_summary_json(summary, job_id, collection))
+        if watch:
+            await _watch(ctx, path, collection, prune=prune, report=report)
+    finally:
+        await ctx.aclose()
+
+
+def _summary_json(summary: Any, job_id: int, collection: str) -> dict[str, Any]:
+    if summary is None:  # another process claimed it first
         return {"job_id": job_id, "status": "queued", "collection": collection}
-    return summary.as_json()
+    result: dict[str, Any] = summary.as_json()
+    return result
+
+
+async def _watch(
+    ctx: Any, path: Path, collection: str, *, prune: bool, report: Callable[[dict[str, Any]], None]
+) -> None:
+    """Run a job after every burst of changes under ``path`` until SIGINT/SIGTERM."""
+    import signal
+
+    from core.progress import Progress
+    from ingest.watch import changes
+    from ingest.worker import enqueue_path, run_job
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    settings = ctx.settings
+    async for changed in changes(
+        path,
+        quiet=settings.ingest.watch_debounce_seconds,
+        force_polling=settings.ingest.watch_force_polling,
+        stop=stop,
+    ):
+        with Progress(f"ingest ({len(changed)} changed)", unit="files", rates=("chunks",)) as progress:
+
+            def on_progress(done: int, total: int, path: str, outcome: str, *, chunks: int = 0) -> None:
+                progress.update(done, total=total, current=Path(path).name, chunks=chunks)
+
+            job_id, _name = await enqueue_path(ctx.sessionmaker, path, collection=collection, prune=prune)
+            summary = await run_job(ctx, job_id, on_progress=on_progress)
+        report(_summary_json(summary, job_id, collection))
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -146,6 +225,7 @@ def extraction_lines(extraction: dict[str, Any], *, limit: int = 20) -> list[str
 
 
 def jobs(
+    ctx: typer.Context,
     limit: Annotated[int, typer.Option(help="Most recent N jobs.", min=1)] = 20,
     as_json: JsonOpt = False,
     local: LocalOpt = False,
@@ -155,6 +235,9 @@ def jobs(
     Asks the running API when one answers, else reads the database itself (``--local`` forces it).
     """
     from app.cli.remote import ApiError
+
+    if ctx.invoked_subcommand is not None:
+        return
 
     settings = load_settings()
     client = api_client(settings, local=local)
@@ -217,6 +300,56 @@ def jobs_errors(rows: list[dict[str, Any]]) -> list[str]:
     return [f"job {r['id']}: {r['error']}" for r in rows if r.get("error")]
 
 
+def cancel(
+    job_id: Annotated[int, typer.Argument(help="The job's id (rag jobs lists them).", min=1)],
+    as_json: JsonOpt = False,
+    local: LocalOpt = False,
+) -> None:
+    """Cancel an ingestion job (the same as ``POST /v1/jobs/ID/cancel``).
+
+    A queued job is cancelled at once; a running one stops at its next batch boundary, keeping
+    what it committed. Exits 1 when the job does not exist or already ended.
+    """
+    from app.cli.remote import ApiError
+
+    settings = load_settings()
+    client = api_client(settings, local=local)
+    if client is not None:
+        try:
+            with client:
+                row = client.cancel_job(job_id)
+        except ApiError as e:
+            api_failure(e, settings)
+    else:
+        row = asyncio.run(_cancel(settings, job_id))
+    if as_json:
+        typer.echo(json.dumps(row, indent=2))
+    elif row["status"] == "cancelled":
+        console.print(f"job [bold]{job_id}[/] cancelled")
+    else:
+        console.print(f"job [bold]{job_id}[/] will stop at its next batch boundary (its worker was told)")
+
+
+async def _cancel(settings: Settings, job_id: int) -> dict[str, Any]:
+    from app.schemas.jobs import JobOut
+    from app.services.errors import ServiceError
+    from app.services.jobs import cancel_job
+    from app.services.keys import ANONYMOUS_ADMIN
+    from core.wiring import open_database
+
+    db = await open_database(settings)
+    try:
+        async with db.sessionmaker() as session:
+            try:
+                job, name = await cancel_job(session, ANONYMOUS_ADMIN, job_id)
+            except ServiceError as e:
+                fail(e.message)
+            await session.commit()
+            return JobOut.from_row(job, name).model_dump(mode="json")
+    finally:
+        await db.aclose()
+
+
 async def _jobs(settings: Settings, limit: int) -> list[dict[str, Any]]:
     from app.schemas.jobs import JobOut
     from app.services.jobs import list_jobs
@@ -236,7 +369,9 @@ def worker(
     once: Annotated[bool, typer.Option("--once", help="Exit when the queue is empty.")] = False,
     verbose: VerboseOpt = True,
 ) -> None:
-    """Run the ingestion worker: claim queued jobs and process them."""
+    """Run the ingestion worker: claim queued jobs and process them, and keep the watched folders
+    (``RAG_INGEST__WATCH``) ingested as their files change."""
+    from ingest.queue import QueueError
     from ingest.worker import run_worker
 
     setup_logging(verbose)
@@ -252,5 +387,8 @@ def worker(
             loop.add_signal_handler(sig, stop.set)
         return await run_worker(settings, once=once, stop=stop)
 
-    ran = asyncio.run(main())
+    try:
+        ran = asyncio.run(main())
+    except (QueueError, FileNotFoundError) as e:
+        fail(str(e))
     err_console.print(f"worker stopped after {ran} job(s)")

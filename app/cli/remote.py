@@ -80,6 +80,11 @@ class ApiClient:
         """``GET /v1/jobs``: the newest ``limit`` jobs in their ``JobOut`` form."""
         return list(self._json("GET", "/v1/jobs?" + urlencode({"limit": limit}))["jobs"])
 
+    def cancel_job(self, job_id: int) -> dict[str, Any]:
+        """``POST /v1/jobs/{id}/cancel``: the job in its ``JobOut`` form after the request."""
+        result: dict[str, Any] = self._json("POST", f"/v1/jobs/{job_id}/cancel")
+        return result
+
     def ask_stream(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """``POST /v1/ask/stream``: the answer events (wire form) as they arrive; the last one is
         ``done`` or ``error``. Closing the iterator closes the connection (the server stops generating)."""

@@ -1,4 +1,4 @@
-"""The answer events on the wire: the one place their domain form becomes JSON.
+"""The events on the wire (answers and ingestion jobs): the one place they become JSON.
 
 One schema, every transport: ``POST /v1/ask/stream`` sends each event as a Server-Sent Event
 (``event: <type>``, ``data: <json>``), the websocket ``/v1/chat`` sends the same JSON with the
@@ -6,6 +6,10 @@ request's ``id`` added, and ``rag ask --json`` prints the ``done`` event. :func:
 these models from :mod:`generation.types`' dataclasses field by field (a citation leaves out the
 chunk's full text: the retrieval event already carried it), so the documented schema in OpenAPI
 is the one that is sent.
+
+An ingestion job's progress uses the same schema and transports: ``GET /v1/jobs/{id}/events``
+(SSE) and the websocket's ``watch_job`` send :data:`JobEventOut` (``file``, ``progress``, then
+``job_end``; ``error`` when the stream itself fails).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, TypeAdapter
 
 from app.schemas.common import LOCATION_DESCRIPTION
+from app.schemas.jobs import JobFiles, JobOut
 from generation import types as domain
 from retrieval.types import Chunk
 
@@ -162,6 +167,53 @@ ANSWER_EVENT_ADAPTER: TypeAdapter[
 
 
 WireEvent = RetrievalEvent | TokenEvent | CitationEvent | SupportEvent | DoneEvent | ErrorEvent
+
+
+class JobFileEvent(BaseModel):
+    """A file of an ingestion job changed state (written by the worker, in file order per state)."""
+
+    type: Literal["file"] = "file"
+    job_id: int
+    path: str
+    status: Literal["started", "indexed", "unchanged", "failed", "deleted"] = Field(
+        description="`started` (new or changed, being read), then `indexed` or `failed`; `unchanged` (same "
+        "hash, skipped); `deleted` (its file left the folder, its document was pruned)."
+    )
+    chunks: int = Field(default=0, description="Chunks recorded for the file (`indexed`).")
+    error: str | None = Field(default=None, description="Why the file failed (`failed`).")
+
+
+class JobProgressEvent(BaseModel):
+    """Counters, rate and ETA of a job; sent when they change (at least once per stream)."""
+
+    type: Literal["progress"] = "progress"
+    job_id: int
+    status: str = Field(description="`queued` or `running` (the end comes as `job_end`).")
+    cancel_requested: bool
+    done: int = Field(description="Files handled so far (any outcome, skipped ones included).")
+    total: int = Field(description="Files under the folder (0 until the worker has listed it).")
+    files: JobFiles
+    chunks_added: int
+    elapsed_seconds: float = Field(description="Since the worker started the job.")
+    files_per_second: float | None
+    chunks_per_second: float | None
+    eta_seconds: float | None = Field(description="At the average rate so far; null until a file is done.")
+
+
+class JobEndEvent(BaseModel):
+    """The job ended (`succeeded`, `failed` or `cancelled`): its final record. Always the last event."""
+
+    type: Literal["job_end"] = "job_end"
+    job: JobOut
+
+
+JobWireEvent = JobFileEvent | JobProgressEvent | JobEndEvent | ErrorEvent
+
+JobEventOut = Annotated[JobWireEvent, Field(discriminator="type")]
+"""Every ingestion job event, discriminated on ``type``."""
+
+JOB_EVENT_ADAPTER: TypeAdapter[JobWireEvent] = TypeAdapter(JobEventOut)
+"""Parses and validates job events (clients, tests)."""
 
 
 def chunk_out(chunk: Chunk) -> ChunkOut:

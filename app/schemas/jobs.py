@@ -46,7 +46,10 @@ class JobOut(BaseModel):
     collection: str
     root_path: str
     prune: bool
-    status: str = Field(description="`queued`, `running`, `succeeded` or `failed`.")
+    status: str = Field(description="`queued`, `running`, `succeeded`, `failed` or `cancelled`.")
+    cancel_requested: bool = Field(
+        default=False, description="A cancel was requested; a running job stops at its next batch boundary."
+    )
     progress: float = Field(description="0 to 1.")
     attempts: int
     files: JobFiles
@@ -73,6 +76,7 @@ class JobOut(BaseModel):
             root_path=job.root_path,
             prune=job.prune,
             status=job.status,
+            cancel_requested=job.cancel_requested_at is not None,
             progress=job.progress,
             attempts=job.attempts,
             files=JobFiles(**job.file_counts()),

@@ -1,7 +1,7 @@
 """The websocket ``/v1/chat`` protocol's client messages (see docs/websocket.md).
 
-Server messages are the answer events of :mod:`app.schemas.events` with the ask's ``id``
-added, plus ``ready``, ``pong`` and ``ping``.
+Server messages are the answer and job events of :mod:`app.schemas.events` with the request's
+``id`` added, plus ``ready``, ``pong`` and ``ping``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,18 @@ class WsAsk(AskRequest):
     id: RequestId
 
 
+class WsWatchJob(Request):
+    """Follow an ingestion job: its events (``file``, ``progress``, ``job_end``) carry the same ``id``."""
+
+    type: Literal["watch_job"]
+    id: RequestId
+    job_id: int = Field(ge=1, le=2**31 - 1)
+    after: int = Field(default=0, ge=0, description="Skip `file` events up to this id (resuming).")
+
+
 class WsCancel(Request):
-    """Stop the answer with this ``id`` (its stream ends with an ``error`` event, code ``cancelled``)."""
+    """Stop the answer (or job watch) with this ``id``: its stream ends with an ``error`` event,
+    code ``cancelled``. Stopping a watch does not cancel the job (``POST /v1/jobs/{id}/cancel`` does)."""
 
     type: Literal["cancel"]
     id: RequestId
@@ -43,4 +53,4 @@ class WsAuth(Request):
     api_key: Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
 
-ClientMessage = Annotated[WsAsk | WsCancel | WsPing | WsAuth, Field(discriminator="type")]
+ClientMessage = Annotated[WsAsk | WsWatchJob | WsCancel | WsPing | WsAuth, Field(discriminator="type")]

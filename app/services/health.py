@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.observability import Metrics
 from app.services import jobs as jobs_service
+from ingest.queue import STATUSES
 from retrieval.store import IndexStore
 
 
@@ -84,7 +85,7 @@ async def readiness(
 async def update_ingest_gauges(session: AsyncSession, metrics: Metrics) -> None:
     """Read the job table into the ingestion gauges (called on each scrape)."""
     by_status, (seen, total, progress) = await jobs_service.job_counts(session)
-    for status in ("queued", "running", "succeeded", "failed"):
+    for status in STATUSES:
         metrics.ingest_jobs.labels(status=status).set(by_status.get(status, 0))
     metrics.ingest_files_seen.set(seen)
     metrics.ingest_files_total.set(total)

@@ -1,4 +1,4 @@
-"""Ingestion jobs through the API: enqueue a server folder, follow its progress, list jobs.
+"""Ingestion jobs through the API: enqueue a server folder, follow its progress, list jobs, cancel.
 
 The API never ingests: it queues a job row and the worker process claims it. A folder may be
 ingested only if it resolves (symlinks followed, ``..`` collapsed) to a path under one of the
@@ -16,9 +16,9 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.services import collections as collections_service
-from app.services.errors import Forbidden, InvalidInput, NotFound
+from app.services.errors import Conflict, Forbidden, InvalidInput, NotFound
 from app.services.keys import Principal
-from core.db.models import Collection, IngestJob
+from core.db.models import Collection, IngestJob, IngestJobEvent
 from ingest import queue
 
 
@@ -89,6 +89,44 @@ async def get_job(session: AsyncSession, principal: Principal, job_id: int) -> t
     if row is None or not principal.can_read(row[1]):
         raise NotFound(f"job {job_id} not found")
     return row[0], row[1]
+
+
+async def cancel_job(session: AsyncSession, principal: Principal, job_id: int) -> tuple[IngestJob, str]:
+    """Cancel a queued job, or ask a running one to stop at its next batch boundary (never commits).
+
+    Raises:
+        NotFound: Missing, or its collection is outside the principal's scope.
+        Conflict: The job already ended.
+    """
+    _job, collection = await get_job(session, principal, job_id)
+    try:
+        job = await queue.request_cancel(session, job_id)
+    except queue.JobFinished as e:
+        raise Conflict(str(e)) from None
+    except LookupError:  # deleted with its collection in between
+        raise NotFound(f"job {job_id} not found") from None
+    return job, collection
+
+
+async def job_progress(
+    session: AsyncSession, principal: Principal, job_id: int, *, after: int = 0, limit: int = 500
+) -> tuple[IngestJob, str, list[IngestJobEvent]]:
+    """A job, its collection, and its progress events with an id above ``after`` (oldest first).
+
+    The job is read before the events: once it reads as ended, every event of it is visible
+    (the worker writes the last ones with the final status).
+
+    Raises:
+        NotFound: Missing, or its collection is outside the principal's scope.
+    """
+    job, collection = await get_job(session, principal, job_id)
+    events = await session.scalars(
+        select(IngestJobEvent)
+        .where(IngestJobEvent.job_id == job_id, IngestJobEvent.id > after)
+        .order_by(IngestJobEvent.id)
+        .limit(limit)
+    )
+    return job, collection, list(events)
 
 
 async def list_jobs(

@@ -1,5 +1,7 @@
 // The chat page: plain JavaScript, no build step. It speaks the websocket protocol of /v1/chat
-// (docs/websocket.md) and a few REST calls (collections, conversations, the OpenAPI schema).
+// (docs/websocket.md) and a few REST calls (collections, conversations, uploads, the OpenAPI
+// schema). An upload's ingestion job is followed live with the socket's `watch_job` (per-file
+// events, counters, rate, ETA) and can be cancelled.
 //
 // State kept in this browser (localStorage): the API key, the chosen collection and answer mode,
 // and one conversation id per collection, so a reload restores the conversation from the server.
@@ -138,6 +140,9 @@
     keyInput: $("api-key"),
     keyError: $("key-error"),
     announce: $("announce"),
+    uploadButton: $("upload-button"),
+    uploadInput: $("upload-input"),
+    uploads: $("uploads"),
   };
 
   /** Answers by request id: {id, node, text, citations: Map n -> citation, chunks: Map id -> {chunk, n}, rounds, state}. */
@@ -164,6 +169,7 @@
 
   function updateComposer() {
     const busy = running !== null;
+    ui.uploadButton.disabled = !ui.collection.value;
     ui.ask.disabled = busy || !ready || !ui.collection.value;
     ui.stop.hidden = !busy;
     ui.ask.hidden = busy;
@@ -408,6 +414,7 @@
   // ------------------------------------------------------------------------------------------ events
 
   function onEvent(event) {
+    if (uploads.has(event.id)) return onJobEvent(uploads.get(event.id), event);
     const answer = answers.get(event.id);
     if (!answer) {
       if (event.type === "error" && !event.id) showBanner(errorText(event.code, event.message), "error");
@@ -483,6 +490,142 @@
     scrollToEnd();
   }
 
+  // ------------------------------------------------------------------------------------------ uploads
+
+  /** Uploads followed on this page, by watch id: {id, jobId, node, files: Map path -> li, state}. */
+  const uploads = new Map();
+
+  const FILE_STATUS = {
+    new: "waiting", replaced: "waiting", unchanged: "unchanged", rejected: "rejected",
+    started: "reading…", indexed: "indexed", failed: "failed", deleted: "removed",
+  };
+
+  function fileRow(upload, path, status, detail) {
+    let row = upload.files.get(path);
+    if (!row) {
+      row = el("li", {}, el("span", { class: "name", text: baseName(path), title: path }), el("span", { class: "status" }));
+      upload.files.set(path, row);
+      upload.node.querySelector(".upload-files").append(row);
+    }
+    row.dataset.status = status;
+    row.querySelector(".status").textContent = detail ? `${FILE_STATUS[status] || status}: ${detail}` : (FILE_STATUS[status] || status);
+  }
+
+  function formatSeconds(s) {
+    if (s === null || s === undefined) return "";
+    if (s < 90) return `${Math.round(s)} s`;
+    return `${Math.round(s / 60)} min`;
+  }
+
+  function onJobEvent(upload, event) {
+    const stats = upload.node.querySelector(".upload-stats");
+    const bar = upload.node.querySelector("progress");
+    switch (event.type) {
+      case "file":
+        fileRow(upload, event.path, event.status,
+          event.status === "indexed" ? `${event.chunks} chunk${event.chunks === 1 ? "" : "s"}` : event.error);
+        break;
+      case "progress": {
+        bar.max = Math.max(1, event.total);
+        bar.value = event.done;
+        const parts = [`${event.done} of ${event.total || "?"} files`];
+        if (event.chunks_per_second) parts.push(`${event.chunks_per_second.toFixed(1)} chunks/s`);
+        if (event.eta_seconds !== null && event.eta_seconds !== undefined) parts.push(`about ${formatSeconds(event.eta_seconds)} left`);
+        if (event.status === "queued") parts.splice(0, parts.length, "waiting for the ingestion worker…");
+        if (event.cancel_requested) parts.push("stopping…");
+        stats.textContent = parts.join(" · ");
+        break;
+      }
+      case "job_end": {
+        const job = event.job;
+        upload.state = job.status;
+        upload.node.dataset.state = job.status;
+        bar.max = 1;
+        bar.value = 1;
+        const f = job.files;
+        const what = { succeeded: "Indexed", failed: "Failed", cancelled: "Cancelled" }[job.status] || job.status;
+        stats.textContent = `${what}: ${f.new + f.changed} new or changed, ${f.unchanged} unchanged, ${f.failed} failed · ${job.chunks_added} chunks`
+          + (job.error && job.status !== "cancelled" ? ` · ${job.error}` : "");
+        upload.node.querySelector(".upload-cancel").hidden = true;
+        announce(`Upload ${what.toLowerCase()}.`);
+        loadCollections(); // the document counts changed
+        break;
+      }
+      case "error":
+        if (event.code !== "cancelled") stats.textContent = errorText(event.code, event.message);
+        upload.node.querySelector(".upload-cancel").hidden = true;
+        break;
+      default:
+        break;
+    }
+    return undefined;
+  }
+
+  function watchUpload(upload) {
+    // Replays the job's events from the start: rows are keyed by path, so a replay only refreshes them.
+    if (upload.jobId !== null && !["succeeded", "failed", "cancelled"].includes(upload.state)) {
+      socket.send({ type: "watch_job", id: upload.id, job_id: upload.jobId });
+    }
+  }
+
+  async function cancelUpload(upload) {
+    try {
+      await api(`v1/jobs/${upload.jobId}/cancel`, { method: "POST" });
+      upload.node.querySelector(".upload-stats").textContent = "stopping…";
+    } catch (e) {
+      showBanner(`Could not cancel: ${errorText(e.code, e.message)}`, "error");
+    }
+  }
+
+  async function uploadFiles(fileList) {
+    const collection = ui.collection.value;
+    const files = [...fileList];
+    if (!collection || !files.length) return;
+    const upload = { id: `upload-${newId()}`, jobId: null, files: new Map(), state: "uploading", node: null };
+    const cancel = el("button", { type: "button", class: "secondary upload-cancel", text: "Cancel", hidden: true,
+      onclick: () => cancelUpload(upload) });
+    upload.node = el("article", { class: "upload", dataset: { state: "uploading" } },
+      el("div", { class: "upload-head" },
+        el("span", { class: "upload-title", text: `${files.length} file${files.length === 1 ? "" : "s"} → ${collection}` }),
+        cancel),
+      el("progress", { max: "1", value: "0", "aria-label": "Ingestion progress" }),
+      el("p", { class: "upload-stats", role: "status", "aria-live": "polite", text: "Uploading…" }),
+      el("ul", { class: "upload-files" }));
+    ui.uploads.prepend(upload.node);
+    ui.uploads.hidden = false;
+    const form = new FormData();
+    for (const f of files) form.append("files", f, f.name);
+    const headers = { Accept: "application/json" };
+    const key = storage.get("apiKey");
+    if (key) headers.Authorization = `Bearer ${key}`;
+    let body;
+    try {
+      const response = await fetch(new URL(`v1/collections/${encodeURIComponent(collection)}/documents`, base),
+        { method: "POST", headers, body: form });
+      body = await response.json();
+      if (!response.ok) throw new ApiError(response.status, body.error?.code, body.error?.message);
+    } catch (e) {
+      upload.state = "failed";
+      upload.node.dataset.state = "failed";
+      upload.node.querySelector(".upload-stats").textContent = `Upload failed: ${errorText(e.code, e.message)}`;
+      return;
+    }
+    for (const f of body.files) fileRow(upload, f.path || f.filename, f.status, f.error);
+    if (body.job_id === null) {
+      upload.state = "succeeded";
+      upload.node.dataset.state = "succeeded";
+      upload.node.querySelector(".upload-stats").textContent = "Nothing new to index.";
+      return;
+    }
+    upload.jobId = body.job_id;
+    upload.state = "queued";
+    upload.node.dataset.jobId = String(body.job_id);
+    upload.node.querySelector(".upload-stats").textContent = "Queued…";
+    cancel.hidden = false;
+    uploads.set(upload.id, upload);
+    watchUpload(upload);
+  }
+
   // ------------------------------------------------------------------------------------------ socket
 
   class ChatSocket {
@@ -542,6 +685,7 @@
       } else {
         showBanner("");
       }
+      for (const upload of uploads.values()) watchUpload(upload); // follow them again after a reconnect
     }
 
     onClose(close) {
@@ -784,6 +928,11 @@
     ui.question.focus();
   });
   ui.keyButton.addEventListener("click", () => openKeyDialog(""));
+  ui.uploadButton.addEventListener("click", () => ui.uploadInput.click());
+  ui.uploadInput.addEventListener("change", () => {
+    uploadFiles(ui.uploadInput.files);
+    ui.uploadInput.value = "";
+  });
   ui.keyDialog.addEventListener("close", onKeyDialogClose);
   ui.passage.addEventListener("click", (e) => {
     if (e.target === ui.passage) ui.passage.close(); // a click on the backdrop
@@ -800,6 +949,6 @@
   }
 
   // A small handle for tests and curious users; nothing on the page depends on it.
-  window.ragChat = { socket, answers };
+  window.ragChat = { socket, answers, uploads };
   start();
 })();

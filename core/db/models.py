@@ -1,4 +1,4 @@
-"""Tables: collections, documents, chunks, ingest jobs.
+"""Tables: collections, documents, chunks, ingest jobs and their progress events.
 
 Chunk ids are the join key between the database, the FAISS index and the BM25 index,
 so they must never be reused: ``sqlite_autoincrement`` stops SQLite from handing out
@@ -134,7 +134,7 @@ class IngestJob(Base):
     collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), index=True)
     root_path: Mapped[str] = mapped_column(String(4096))
     prune: Mapped[bool] = mapped_column(Boolean, default=True)
-    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|succeeded|failed
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|succeeded|failed|cancelled
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker_id: Mapped[str | None] = mapped_column(String(128))
     files_total: Mapped[int] = mapped_column(Integer, default=0)
@@ -157,6 +157,8 @@ class IngestJob(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    """Set by a cancel request while the job runs; its worker stops at the next batch boundary."""
 
     def file_counts(self) -> dict[str, int]:
         """The per-file outcome counters, as every report of a job shows them (API, CLI, summary)."""
@@ -170,6 +172,28 @@ class IngestJob(Base):
             "failed": self.files_failed,
             "skipped": self.files_skipped,
         }
+
+
+class IngestJobEvent(Base):
+    """One progress event of a job, written by the worker, read by the API's event streams.
+
+    The table is how progress crosses from the worker process to the API process: the worker
+    appends rows (in the transaction that records a batch, so events never run ahead of the
+    counters), and a stream polls for rows with an id above the last one it sent. The id is
+    the SSE event id, so a client resumes with ``Last-Event-ID``.
+    """
+
+    __tablename__ = "ingest_job_events"
+    __table_args__ = (
+        Index("ix_ingest_job_events_job_id_id", "job_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("ingest_jobs.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(16))  # file
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class ApiKey(Base):

@@ -79,3 +79,30 @@ def test_other_refusals(api: Api, tree: dict[str, Path], make_api: Callable[...,
     closed.client.post("/v1/collections", json={"name": "docs"})
     r = closed.client.post("/v1/jobs", json={"path": str(tree["root"]), "collection": "docs"})
     assert r.status_code == 403 and "RAG_INGEST__ALLOWED_ROOTS" in r.json()["error"]["message"]
+
+
+def test_a_queued_job_is_cancelled_at_once_and_a_finished_one_is_409(api: Api, tree: dict[str, Path]) -> None:
+    job = api.client.post("/v1/jobs", json={"path": str(tree["root"] / "manuals"), "collection": "docs"}).json()
+    r = api.client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "cancelled" and r.json()["cancel_requested"] is True
+    assert r.json()["error"] == "cancelled by request" and r.json()["finished_at"] is not None
+    again = api.client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
+    assert "already ended (cancelled)" in again.json()["error"]["message"]
+    assert api.client.post("/v1/jobs/999/cancel").status_code == 404
+    listed = api.client.get("/v1/jobs", params={"status": "cancelled"}).json()
+    assert [j["id"] for j in listed["jobs"]] == [job["id"]]
+
+
+def test_another_tenants_job_cannot_be_cancelled(make_api: Callable[..., Api], tree: dict[str, Path]) -> None:  # noqa: F811
+    api = make_api(ingest={"allowed_roots": [str(tree["root"])]}, auth={"enabled": True})
+    admin = api.key("ops", [], admin=True)
+    for name in ("a", "b"):
+        assert api.client.post("/v1/collections", headers=admin, json={"name": name}).status_code == 201
+    job = api.client.post(
+        "/v1/jobs", headers=admin, json={"path": str(tree["root"] / "manuals"), "collection": "b"}
+    ).json()
+    key_a = api.key("tenant-a", ["a"])
+    assert api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=key_a).status_code == 404
+    assert api.client.get(f"/v1/jobs/{job['id']}", headers=admin).json()["status"] == "queued"
