@@ -54,7 +54,11 @@ def test_no_input_causes_a_server_error(api_schema: Any) -> None:
     the operations are driven through their Hypothesis strategies directly.)
     """
     failures: list[str] = []
-    operations = [result.ok() for result in api_schema.get_all_operations()]
+    # A job's event stream lasts until its job ends, and no worker runs here (jobs uploads queue stay
+    # queued): it is tested against a real worker in tests/integration/test_job_events.py.
+    operations = [
+        op for op in (result.ok() for result in api_schema.get_all_operations()) if not op.path.endswith("/events")
+    ]
     assert len(operations) >= 15
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):

@@ -123,6 +123,10 @@ def test_openapi_documents_the_event_union(api: Api) -> None:
     stream = schema["paths"]["/v1/ask/stream"]["post"]["responses"]
     assert stream["200"]["content"]["text/event-stream"]["schema"] == {"$ref": "#/components/schemas/AnswerEvent"}
     assert "503" in stream
+    jobs = schema["components"]["schemas"]["JobEvent"]
+    assert set(jobs["discriminator"]["mapping"]) == {"file", "progress", "job_end", "error"}
+    job_stream = schema["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
+    assert job_stream["text/event-stream"]["schema"] == {"$ref": "#/components/schemas/JobEvent"}
     assert schema["components"]["securitySchemes"]["ApiKey"]["scheme"] == "bearer"
     assert api.client.get("/docs").status_code == 200
 

@@ -97,6 +97,7 @@ def _job_error_frame(exc: BaseException) -> bytes:
     summary="Follow a job as Server-Sent Events",
     response_class=SSEResponse,
     response_model=None,
+    status_code=200,
     responses={
         200: {
             "description": "`file` events (each with an `id:`), `progress` events when the counters move, then "
