@@ -15,6 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -29,6 +30,9 @@ from ingest.splitter import Splitter
 from retrieval.embedders import SentenceTransformerEmbedder
 from retrieval.store import IndexStore
 
+if TYPE_CHECKING:
+    from core.pgindex.index import PgIndex
+
 logger = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
 
@@ -40,7 +44,7 @@ class IngestContext:
     settings: Settings
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
-    store: IndexStore
+    store: IndexStore | PgIndex
     embedder: SentenceTransformerEmbedder
     pipeline: IngestPipeline
     worker_id: str
@@ -48,6 +52,8 @@ class IngestContext:
     async def aclose(self) -> None:
         """Stop threads and close database connections."""
         self.pipeline.close()
+        if not isinstance(self.store, IndexStore):
+            await asyncio.to_thread(self.store.close)
         await self.engine.dispose()
 
 
@@ -62,7 +68,7 @@ async def build_ingest_context(
     engine, sessionmaker = db.engine, db.sessionmaker
     if embedder is None:
         embedder = await asyncio.to_thread(load_embedder, settings)
-    store = open_store(settings, model_id=embedder.model_id, dimension=embedder.dimension)
+    store = await asyncio.to_thread(open_store, settings, model_id=embedder.model_id, dimension=embedder.dimension)
     splitter = Splitter(
         embedder.tokenizer,
         chunk_tokens=settings.chunking.chunk_tokens,
@@ -75,6 +81,7 @@ async def build_ingest_context(
     pipeline = IngestPipeline(
         sessionmaker=sessionmaker,
         store=store,
+        index_writer=None if isinstance(store, IndexStore) else store.writer(),
         embedder=embedder,
         splitter=splitter,
         worker_id=worker_id,
