@@ -33,6 +33,7 @@ runs it at start, like the local backend's reconcile).
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -186,6 +187,25 @@ def _proxy_ddl(shards: Sequence[str]) -> list[str]:
     ]
 
 
+def libpq_kwargs(dsn: str) -> dict[str, Any]:
+    """asyncpg's keyword arguments for a libpq connection string (``key=value ...`` or a URL).
+
+    Raises:
+        ValueError: On a part that is not ``key=value``.
+    """
+    if dsn.startswith(("postgresql://", "postgres://")):
+        return {"dsn": dsn}
+    names = {"dbname": "database", "host": "host", "port": "port", "user": "user", "password": "password"}
+    out: dict[str, Any] = {}
+    for part in shlex.split(dsn):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"invalid shard connection string part {part!r}: expected key=value")
+        if key in names:
+            out[names[key]] = int(value) if key == "port" else value
+    return out
+
+
 def _quote(value: str) -> str:
     return value.replace("'", "''")
 
@@ -265,7 +285,7 @@ class ShardedPgIndex(PgIndex):
     async def _check(self) -> None:
         await super()._check()
         for dsn in self._shards:
-            conn = await asyncpg.connect(dsn)
+            conn = await asyncpg.connect(**libpq_kwargs(dsn))
             try:
                 async with conn.transaction():
                     # Serialize concurrent set-ups (several processes starting at once).

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import text
 
 from core.pgindex.index import PgIndex
-from core.pgindex.shards import ShardedPgIndex
+from core.pgindex.shards import ShardedPgIndex, libpq_kwargs
 from core.pgindex.writer import vector_literal
 from ingest.worker import IngestContext, build_ingest_context
 from retrieval.types import SearchFilters, SearchOptions
@@ -62,7 +62,7 @@ async def test_sharded_ranking_equals_one_node(ctx: IngestContext, tmp_path: Pat
     for dsn in sharded.shards:
         import asyncpg  # type: ignore[import-untyped]
 
-        conn = await asyncpg.connect(dsn)
+        conn = await asyncpg.connect(**libpq_kwargs(dsn))
         per_shard.append(await conn.fetchval("SELECT count(*) FROM rag_shard.chunks"))
         await conn.close()
     assert all(n > 0 for n in per_shard) and sum(per_shard) == len(coordinator)
@@ -75,7 +75,9 @@ async def test_sharded_ranking_equals_one_node(ctx: IngestContext, tmp_path: Pat
                 text("UPDATE rag_index.chunks SET embedding = CAST(:v AS vector) WHERE chunk_id = :id"),
                 {"v": vector_literal(np.frombuffer(blob, dtype="<f4")), "id": chunk_id},
             )
-    single = PgIndex.open(pg_database_url, model_id=sharded.model_id, dimension=sharded.dimension)
+    single = PgIndex.open(
+        pg_database_url, model_id=sharded.model_id, dimension=sharded.dimension, tokenizer=sharded.tokenizer.options
+    )
     try:
         one = single.retriever(ctx.embedder)
         many = sharded.retriever(ctx.embedder)
