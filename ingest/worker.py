@@ -134,7 +134,16 @@ async def _run_traced(
 
 
 async def _repair(ctx: IngestContext, message: str) -> None:
-    """Reconcile every collection with the database (rebuilding unreadable ones); log what changed."""
+    """Reconcile every collection with the database (rebuilding unreadable ones); log what changed.
+
+    The sharded postgres index has its own repair: the shards made equal to the coordinator
+    (PL/Proxy commits each shard on its own, so a crash can leave them apart).
+    """
+    repair = getattr(ctx.store, "repair", None)
+    if repair is not None:
+        put, removed = await asyncio.to_thread(repair)
+        if put or removed:
+            logger.warning(message, extra={"collection": "*shards*", "added": put, "removed": removed})
     for r in await reconcile_all(ctx.sessionmaker, ctx.store, verify=True):
         if r.added or r.removed:
             logger.warning(message, extra={"collection": r.collection, "added": r.added, "removed": r.removed})
