@@ -109,7 +109,7 @@ def shard_ddl(dimension: int) -> list[str]:
         """CREATE OR REPLACE FUNCTION rag_shard.bm25(
             p_collections integer[], p_terms text[], p_weights double precision[], p_avgdls double precision[],
             p_k1 double precision, p_b double precision, p_depth integer, p_prefix text)
-        RETURNS TABLE (chunk_id bigint, score double precision) LANGUAGE sql STABLE AS $$
+        RETURNS TABLE (chunk_id bigint, score double precision) LANGUAGE sql STABLE SET work_mem = '64MB' AS $$
             WITH idf AS (
                 SELECT * FROM unnest(p_collections, p_terms, p_weights, p_avgdls)
                     AS u(collection_id, term, weight, avgdl)
