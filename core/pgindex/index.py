@@ -170,9 +170,14 @@ def _validate(options: SearchOptions) -> None:
 
 
 def _ranked(rows: Sequence[Any]) -> LegRows:
-    """Best first, ties by ascending id (the local backend's order)."""
+    """Best first, ties by ascending id (the local backend's order).
+
+    Scores are compared at 12 significant digits: PostgreSQL sums a chunk's postings in whatever
+    order its plan reads them, so two chunks with equal BM25 scores can come out one rounding step
+    apart, and one node and a set of shards would then order such a tie differently.
+    """
     out = [(int(r[0]), float(r[1])) for r in rows]
-    out.sort(key=lambda r: (-r[1], r[0]))
+    out.sort(key=lambda r: (-float(f"{r[1]:.12g}"), r[0]))
     return out
 
 
