@@ -395,7 +395,10 @@ class PgIndex:
         await conn.execute(
             text(
                 "SELECT set_config('hnsw.ef_search', :ef, true), "
-                "set_config('hnsw.iterative_scan', 'relaxed_order', true)"
+                "set_config('hnsw.iterative_scan', 'relaxed_order', true), "
+                # asyncpg prepares statements; a generic plan may not see that the HNSW order-by
+                # argument is one constant vector and scan the table instead.
+                "set_config('plan_cache_mode', 'force_custom_plan', true)"
             ),
             {"ef": str(self._ef_search)},
         )

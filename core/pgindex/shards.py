@@ -94,15 +94,18 @@ def shard_ddl(dimension: int) -> list[str]:
         $$""",
         """CREATE OR REPLACE FUNCTION rag_shard.knn(
             p_collections integer[], p_query text, p_depth integer, p_prefix text, p_ef integer)
-        RETURNS TABLE (chunk_id bigint, score double precision) LANGUAGE plpgsql AS $$
+        RETURNS TABLE (chunk_id bigint, score double precision) LANGUAGE plpgsql
+        SET plan_cache_mode = force_custom_plan AS $$
+        DECLARE
+            q vector := CAST(p_query AS vector);  -- parsed once, not per row
         BEGIN
             PERFORM set_config('hnsw.ef_search', p_ef::text, true),
                     set_config('hnsw.iterative_scan', 'relaxed_order', true);
             RETURN QUERY
-            SELECT c.chunk_id, -(c.embedding <#> CAST(p_query AS vector))
+            SELECT c.chunk_id, -(c.embedding <#> q)
             FROM rag_shard.chunks c
             WHERE c.collection_id = ANY(p_collections) AND (p_prefix IS NULL OR c.path LIKE p_prefix ESCAPE '\\')
-            ORDER BY c.embedding <#> CAST(p_query AS vector)
+            ORDER BY c.embedding <#> q
             LIMIT p_depth;
         END $$""",
         # The single node's scoring expression, with the weights computed on the coordinator.
