@@ -425,7 +425,13 @@ class PgIndex:
         async with self._engine.begin() as conn:
             # Common terms have tens of thousands of postings at 100k chunks: aggregate them in memory
             # (the default 4 MB work_mem spilled the per-chunk sums to disk).
-            await conn.execute(text("SELECT set_config('work_mem', '64MB', true)"))
+            # Custom plans: the plan depends on how many postings the query's terms have.
+            await conn.execute(
+                text(
+                    "SELECT set_config('work_mem', '64MB', true), "
+                    "set_config('plan_cache_mode', 'force_custom_plan', true)"
+                )
+            )
             rows = (await conn.execute(text(_SPARSE.text.format(prefix=where)), params)).all()
         return _ranked(rows)
 

@@ -112,21 +112,39 @@ def shard_ddl(dimension: int) -> list[str]:
         """CREATE OR REPLACE FUNCTION rag_shard.bm25(
             p_collections integer[], p_terms text[], p_weights double precision[], p_avgdls double precision[],
             p_k1 double precision, p_b double precision, p_depth integer, p_prefix text)
-        RETURNS TABLE (chunk_id bigint, score double precision) LANGUAGE sql STABLE SET work_mem = '64MB' AS $$
-            WITH idf AS (
-                SELECT * FROM unnest(p_collections, p_terms, p_weights, p_avgdls)
-                    AS u(collection_id, term, weight, avgdl)
-            )
-            SELECT p.chunk_id,
-                   sum(idf.weight * (p.tf * (p_k1 + 1)) / (p.tf + p_k1 * (1 - p_b + p_b * p.doc_len / idf.avgdl)))
-            FROM idf JOIN rag_shard.postings p ON p.collection_id = idf.collection_id AND p.term = idf.term
-            WHERE p_prefix IS NULL OR p.chunk_id IN (
-                SELECT c.chunk_id FROM rag_shard.chunks c
-                WHERE c.collection_id = ANY(p_collections) AND c.path LIKE p_prefix ESCAPE '\\')
-            GROUP BY p.chunk_id
-            ORDER BY 2 DESC, p.chunk_id
-            LIMIT p_depth;
-        $$""",
+        RETURNS TABLE (chunk_id bigint, score double precision) LANGUAGE plpgsql
+        SET work_mem = '64MB' SET plan_cache_mode = force_custom_plan AS $$
+        BEGIN
+            -- Two statements rather than "p_prefix IS NULL OR ...": each gets the plan it needs.
+            IF p_prefix IS NULL THEN
+                RETURN QUERY
+                WITH idf AS MATERIALIZED (
+                    SELECT * FROM unnest(p_collections, p_terms, p_weights, p_avgdls)
+                        AS u(collection_id, term, weight, avgdl)
+                )
+                SELECT p.chunk_id,
+                       sum(idf.weight * (p.tf * (p_k1 + 1)) / (p.tf + p_k1 * (1 - p_b + p_b * p.doc_len / idf.avgdl)))
+                FROM idf JOIN rag_shard.postings p ON p.collection_id = idf.collection_id AND p.term = idf.term
+                GROUP BY p.chunk_id
+                ORDER BY 2 DESC, p.chunk_id
+                LIMIT p_depth;
+            ELSE
+                RETURN QUERY
+                WITH idf AS MATERIALIZED (
+                    SELECT * FROM unnest(p_collections, p_terms, p_weights, p_avgdls)
+                        AS u(collection_id, term, weight, avgdl)
+                )
+                SELECT p.chunk_id,
+                       sum(idf.weight * (p.tf * (p_k1 + 1)) / (p.tf + p_k1 * (1 - p_b + p_b * p.doc_len / idf.avgdl)))
+                FROM idf JOIN rag_shard.postings p ON p.collection_id = idf.collection_id AND p.term = idf.term
+                WHERE p.chunk_id IN (
+                    SELECT c.chunk_id FROM rag_shard.chunks c
+                    WHERE c.collection_id = ANY(p_collections) AND c.path LIKE p_prefix ESCAPE '\\')
+                GROUP BY p.chunk_id
+                ORDER BY 2 DESC, p.chunk_id
+                LIMIT p_depth;
+            END IF;
+        END $$""",
         f"""INSERT INTO rag_shard.meta (key, value) VALUES ('version', '{SHARD_SCHEMA_VERSION}')
             ON CONFLICT (key) DO UPDATE SET value = excluded.value""",
     ]
