@@ -28,7 +28,7 @@ from retrieval.types import SearchFilters, SearchOptions, UnknownCollectionError
 pytestmark = [pytest.mark.integration]
 
 FAQ = Path(__file__).resolve().parents[3] / "shared" / "eval" / "faq-dev-small"
-PASSAGES = 240
+PASSAGES = 150
 
 
 def write_passages(folder: Path, count: int = PASSAGES) -> list[str]:
@@ -178,7 +178,7 @@ async def test_hybrid_search_matches_the_local_backend(
     from ingest.indexer import rebuild
 
     folder = tmp_path / "faq"
-    queries = write_passages(folder, 120)
+    queries = write_passages(folder, 80)
     await ingest(ctx, folder, "faq")
     pg = ctx.store.retriever(ctx.embedder) if isinstance(ctx.store, PgIndex) else None
     assert pg is not None

@@ -110,8 +110,8 @@ def test_two_replicas_answer_alike_while_a_worker_ingests_and_a_kill_loses_nothi
         "HF_HUB_OFFLINE": "1",
     }
     first, second = tmp_path / "first", tmp_path / "second"
-    write_folder(first, 10)
-    write_folder(second, 30, offset=10)
+    write_folder(first, 6)
+    write_folder(second, 24, offset=6)
     # The schema and a first collection, through the CLI (its own data dir too).
     seeded = rag(env_for(base, tmp_path / "cli"), "ingest", str(first), "-c", "docs")
     assert seeded.returncode == 0, seeded.stderr

@@ -49,7 +49,7 @@ async def shard_ids(index: ShardedPgIndex) -> list[int]:
 
 async def test_sharded_ranking_equals_one_node(ctx: IngestContext, tmp_path: Path, pg_database_url: str) -> None:
     folder = tmp_path / "faq"
-    queries = write_passages(folder, 160)
+    queries = write_passages(folder, 100)
     await ingest(ctx, folder, "faq")
     sharded = ctx.store
     assert isinstance(sharded, ShardedPgIndex)
