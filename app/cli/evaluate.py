@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from pydantic import ValidationError
 from rich.table import Table
 
 from app.cli.common import JsonOpt, VerboseOpt, console, err_console, fail, load_settings, setup_logging
@@ -63,8 +64,8 @@ def retrieval(
             settings = Settings.model_validate(
                 {**settings.model_dump(), "retrieval": {**settings.retrieval.model_dump(), "backend": backend}}
             )
-        except ValueError as e:
-            fail(str(e))
+        except ValidationError as e:  # only the rule, not pydantic's dump of every setting
+            fail("; ".join(str(err["msg"]).removeprefix("Value error, ") for err in e.errors()))
     data = load_dataset_or_fail(dataset)
     try:
         report, sweep_rows = asyncio.run(_eval_retrieval(settings, data, sweep=sweep, quiet=as_json))
