@@ -29,7 +29,7 @@ LLAMACPP_PY := $(LLAMACPP_VENV)/bin/python
 LLAMACPP_STAMP := $(LLAMACPP_VENV)/.installed
 LLAMACPP_SPEC ?= llama-cpp-python[server]==0.3.36
 
-.PHONY: run test lint bench venv llm llamacpp clean format ocr
+.PHONY: run test lint bench venv llm llamacpp clean format ocr pgvector
 
 $(STAMP): pyproject.toml
 	@$(STEP) "app virtualenv $(VENV): create, upgrade pip" "10-30 s" \
@@ -60,8 +60,13 @@ format: $(STAMP)
 # The model-server tests need .venv-llm and the prepared model, and .venv-llamacpp for the second
 # server (they fail under CI=true without them, skip otherwise); building here keeps the one-off
 # ~3-5 min quantization and the ~7-10 min llama.cpp compile out of test timeouts.
-test: lint llm llamacpp ocr
+test: lint llm llamacpp ocr pgvector
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# pgvector and PL/Proxy for the machine's PostgreSQL (the postgres retrieval backend and its shard
+# tests): built from Debian trixie's pgvector source package, ~30-60 s once, a no-op afterwards.
+pgvector:
+	@$(STEP) "pgvector + PL/Proxy for PostgreSQL" "30-60 s once, instant after" sh tools/install-pgvector
 
 bench: $(STAMP) ocr
 	$(PY) bench/ingest.py

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.observability import Metrics, TimedEmbedder
 from app.services.admission import Admission, Gate, KeyLimits
+from core.pgindex.index import PgRetriever
 from core.settings import Settings
 from core.wiring import (
     AnswerDefaults,
@@ -31,8 +32,7 @@ from core.wiring import (
 )
 from generation.client import LLMClient
 from retrieval.hybrid import HybridRetriever
-from retrieval.store import IndexStore
-from retrieval.types import Embedder
+from retrieval.types import Embedder, IndexCatalog
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,9 @@ class Resources:
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
     embedder: Embedder
-    store: IndexStore
-    retriever: HybridRetriever
+    store: IndexCatalog
+    """The index of the retrieval backend (snapshot files, or the ``postgres`` backend's tables)."""
+    retriever: HybridRetriever | PgRetriever
     executor: ThreadPoolExecutor
     llm: LLMClient
     llm_probe: LLMProbe
@@ -69,6 +70,9 @@ class Resources:
             self.executor.shutdown(wait=False, cancel_futures=True)
             if self.leg_executor is not None:
                 self.leg_executor.shutdown(wait=False, cancel_futures=True)
+            close = getattr(self.store, "close", None)  # the postgres index owns a pool and a loop
+            if close is not None:
+                await asyncio.to_thread(close)
             await self.engine.dispose()
 
 
@@ -97,7 +101,7 @@ async def build_resources(
         if embedder is None:
             # One torch thread: steadier query latency when the other core is busy.
             embedder = await asyncio.to_thread(load_query_embedder, settings)
-        store = open_store(settings, model_id=embedder.model_id, dimension=embedder.dimension)
+        store = await asyncio.to_thread(open_store, settings, model_id=embedder.model_id, dimension=embedder.dimension)
         timed = TimedEmbedder(embedder, metrics.retrieval_latency)
         retriever = build_retriever(settings, store, timed, executor=executor, leg_executor=legs)
         await asyncio.to_thread(_warm_up, store, embedder)
@@ -158,7 +162,7 @@ def build_admission(settings: Settings) -> Admission:
     )
 
 
-def _warm_up(store: IndexStore, embedder: Embedder) -> None:
+def _warm_up(store: IndexCatalog, embedder: Embedder) -> None:
     """Load every collection's snapshot and run one query embedding, so the first search does not
     pay for them (measured: ~1 s on a busy 2-core machine). Failures are logged, not fatal:
     ``/readyz`` reports a broken index, and searches of other collections still work."""

@@ -1,6 +1,6 @@
 """Retrieval latency, throughput, build time and memory at 10k, 100k and 1M chunks.
 
-    .venv/bin/python bench/retrieval.py [--sizes 10000,100000,1000000] [--queries 200]
+    .venv/bin/python bench/retrieval.py [--backend local|postgres] [--sizes 10000,100000,1000000] [--queries 200]
         [--out bench/results/retrieval.json] [--time-budget 470] [--cell-seconds 3]
 
 Prints three tables (latency per mode with the PASS/FAIL targets; each leg alone; build,
@@ -74,6 +74,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib.util
 import itertools
 import json
 import os
@@ -1268,7 +1269,18 @@ def parse_sizes(text: str) -> list[int]:
 
 
 def main() -> None:
+    if "--backend" in sys.argv and sys.argv[sys.argv.index("--backend") + 1 :][:1] == ["postgres"]:
+        # The postgres backend is measured by its own module (bulk load into PostgreSQL, shards).
+        spec = importlib.util.spec_from_file_location("bench_pg_retrieval", ROOT / "bench" / "pg_retrieval.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main(sys.argv[1:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--backend", choices=["local", "postgres"], default="local", help="postgres: bench/pg_retrieval.py"
+    )
     parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("10000,100000,1000000"))
     parser.add_argument("--queries", type=int, default=200, help="Queries per cell (at most).")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "retrieval.json")

@@ -146,6 +146,19 @@ class IngestSettings(BaseModel):
 class RetrievalSettings(BaseModel):
     """Default search behaviour (each request may override it)."""
 
+    backend: Literal["local", "postgres"] = "local"
+    """Where the index lives: ``local`` (FAISS + BM25 snapshot files in the data dir, embedded
+    default) or ``postgres`` (pgvector + BM25 postings in the PostgreSQL database, written with the
+    chunk rows: API replicas share no files; needs a PostgreSQL ``database.url`` with pgvector,
+    docs/scale-out.md)."""
+    hnsw_ef_search: int = Field(default=100, ge=1, le=1000)
+    """``postgres`` backend: pgvector's ``hnsw.ef_search`` (candidates the HNSW search visits;
+    higher: better recall, slower)."""
+    shards: list[str] = Field(default_factory=list)
+    """``postgres`` backend: libpq connection strings of the shard databases (PL/Proxy); empty: one
+    node. Vectors and postings are spread over them by document, the BM25 statistics stay global
+    on the main database (docs/scale-out.md). A power of two of them (PL/Proxy's hash routing)."""
+
     mode: Literal["hybrid", "dense", "sparse"] = "hybrid"
     """``hybrid`` (dense + BM25, fused), ``dense`` (embeddings only) or ``sparse`` (BM25 only)."""
     fusion: Literal["rrf", "weighted"] = "weighted"
@@ -441,6 +454,17 @@ class Settings(BaseSettings):
                 f"auth is disabled but server.host is {self.server.host!r}, which other machines can reach: "
                 "set RAG_AUTH__ENABLED=true and create keys with `rag keys create`, "
                 "or bind to 127.0.0.1 (RAG_SERVER__HOST)"
+            )
+        if self.retrieval.backend == "postgres" and not self.database_url.startswith("postgresql"):
+            raise ValueError(
+                "retrieval.backend=postgres keeps the index in PostgreSQL: set RAG_DATABASE__URL to a "
+                "postgresql+asyncpg:// URL (with pgvector installed on the server), or use retrieval.backend=local"
+            )
+        n = len(self.retrieval.shards)
+        if n and (self.retrieval.backend != "postgres" or n & (n - 1)):
+            raise ValueError(
+                "retrieval.shards needs retrieval.backend=postgres and a power of two of shard databases "
+                f"(PL/Proxy routes by hash), got {n}"
             )
         return self
 

@@ -31,6 +31,7 @@ from generation.types import GenerationParams
 from retrieval.types import Embedder, SearchOptions
 
 if TYPE_CHECKING:
+    from core.pgindex.index import PgIndex, PgRetriever
     from generation.backends.openai_compat import OpenAICompatClient
     from retrieval.embedders import SentenceTransformerEmbedder
     from retrieval.hybrid import HybridRetriever
@@ -107,12 +108,32 @@ def load_query_embedder(settings: Settings) -> SentenceTransformerEmbedder:
     return embedder
 
 
-def open_store(settings: Settings, *, model_id: str, dimension: int) -> IndexStore:
-    """The index store for these settings (the worker writes it, the API and the CLI read it)."""
+def open_store(settings: Settings, *, model_id: str, dimension: int) -> IndexStore | PgIndex:
+    """The index of the configured backend (the worker writes it, the API and the CLI read it).
+
+    ``local``: the snapshot store in the data dir. ``postgres``: the index in the database
+    (:class:`core.pgindex.index.PgIndex`, or its sharded form when ``retrieval.shards`` is set),
+    checked against the model and tokenizer; blocking (call it in a thread from async code).
+    """
     from retrieval.store import IndexStore
     from retrieval.tokenize import TokenizerOptions
 
     r = settings.retrieval
+    if r.backend == "postgres":
+        from core.pgindex.index import PgIndex
+
+        kwargs: dict[str, Any] = {
+            "model_id": model_id,
+            "dimension": dimension,
+            "tokenizer": TokenizerOptions(stopwords=r.stopwords, stem=r.stem),
+            "ef_search": r.hnsw_ef_search,
+            "pool_size": settings.database.pool_size,
+        }
+        if r.shards:
+            from core.pgindex.shards import ShardedPgIndex
+
+            return ShardedPgIndex.open(settings.database_url, shards=list(r.shards), **kwargs)
+        return PgIndex.open(settings.database_url, **kwargs)
     return IndexStore(
         settings.index_dir,
         model_id=model_id,
@@ -143,15 +164,19 @@ def search_defaults(settings: Settings) -> SearchOptions:
 
 def build_retriever(
     settings: Settings,
-    store: IndexStore,
+    store: IndexStore | PgIndex,
     embedder: Embedder,
     *,
     executor: Executor | None = None,
     leg_executor: Executor | None = None,
-) -> HybridRetriever:
-    """The hybrid retriever over ``store`` with the configured defaults."""
+) -> HybridRetriever | PgRetriever:
+    """The hybrid retriever over ``store`` (either backend's index) with the configured defaults."""
     from retrieval.dense import set_search_threads
     from retrieval.hybrid import HybridRetriever
+    from retrieval.store import IndexStore
+
+    if not isinstance(store, IndexStore):
+        return store.retriever(embedder, executor=executor, defaults=search_defaults(settings))
 
     set_search_threads(settings.retrieval.search_threads)
     return HybridRetriever(

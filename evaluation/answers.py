@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from core.pgindex.index import PgRetriever
 from core.settings import Settings
 from core.wiring import answer_defaults, build_llm_client, build_retriever, generation_params
 from evaluation.answer_metrics import citation_precision, exact_match, normalize_answer, rouge_l, token_f1
@@ -135,7 +136,7 @@ class ScratchCollection:
     collection: str
     mapping: dict[str, str]
     """Chunk file name → passage id."""
-    retriever: HybridRetriever
+    retriever: HybridRetriever | PgRetriever
 
     def passage_of(self, path: str) -> str | None:
         """The passage id of a chunk's document path."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from core.pgindex.index import PgRetriever
 from evaluation.beir import Dataset, materialize
 from retrieval.documents import rank_documents
 from retrieval.fusion import Fused, Legs, rrf, weighted
@@ -95,7 +96,7 @@ class RetrievalEvaluator:
 
     def __init__(
         self,
-        retriever: HybridRetriever,
+        retriever: HybridRetriever | PgRetriever,
         dataset: Dataset,
         collection: str,
         mapping: Mapping[str, str],

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from core.db.models import Chunk as ChunkRow
 from core.db.models import Collection, Document
 from retrieval.store import IndexStore, Snapshot
-from retrieval.types import Chunk, IndexCorruptError
+from retrieval.types import Chunk, IndexCatalog, IndexCorruptError
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +76,20 @@ async def _load_chunks(
 
 
 async def reconcile(
-    sessionmaker: async_sessionmaker[AsyncSession], store: IndexStore, collection_name: str, *, verify: bool = False
+    sessionmaker: async_sessionmaker[AsyncSession], store: IndexCatalog, collection_name: str, *, verify: bool = False
 ) -> ReconcileResult:
     """Make the collection's current index snapshot hold exactly the database's chunks.
+
+    A transactional index (the ``postgres`` backend's, written with the chunk rows) is already
+    equal to the database: nothing is done.
 
     A snapshot that cannot be read (:class:`~retrieval.types.IndexCorruptError`) is replaced by a
     new version built from scratch from the database, which holds every chunk and its vector:
     one corrupt file never stops ingestion, and searches of the collection work again once the
     new version is published.
     """
+    if store.transactional or not isinstance(store, IndexStore):
+        return ReconcileResult(collection_name, 0, 0, 0, None)
     try:
         if verify:  # the files on disk, not the copy this process loaded earlier
             await asyncio.to_thread(store.check, collection_name)
@@ -139,7 +144,7 @@ async def rebuild(
 
 
 async def reconcile_all(
-    sessionmaker: async_sessionmaker[AsyncSession], store: IndexStore, *, verify: bool = False
+    sessionmaker: async_sessionmaker[AsyncSession], store: IndexCatalog, *, verify: bool = False
 ) -> list[ReconcileResult]:
     """Reconcile every collection known to the database or the store (worker start-up repair).
 

@@ -46,14 +46,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from core.db.base import utcnow
 from core.db.models import Chunk as ChunkRow
 from core.db.models import Collection, Document, IngestJob, IngestJobEvent
+from core.pgindex.writer import IndexedChunk, PgIndexWriter
 from ingest import queue
 from ingest.indexer import reconcile, vector_to_bytes
 from ingest.loaders import LoaderError, LoaderLimits, loader_for
 from ingest.loaders.base import LoadedDocument
 from ingest.splitter import Piece, Splitter
 from retrieval.chunk_context import embedded_text
-from retrieval.store import IndexStore
-from retrieval.types import Embedder
+from retrieval.types import Embedder, IndexCatalog
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class IngestPipeline:
         self,
         *,
         sessionmaker: async_sessionmaker[AsyncSession],
-        store: IndexStore,
+        store: IndexCatalog,
         embedder: Embedder,
         splitter: Splitter,
         worker_id: str,
@@ -222,9 +222,12 @@ class IngestPipeline:
         publish_every: float = 30.0,
         check_seconds: float = 1.0,
         executor: Executor | None = None,
+        index_writer: PgIndexWriter | None = None,
     ) -> None:
         self._sessionmaker = sessionmaker
         self._store = store
+        # The postgres backend's index is written in each batch's transaction, with the chunk rows.
+        self._index_writer = index_writer
         self._embedder = embedder
         self._splitter = splitter
         self._worker_id = worker_id
@@ -548,7 +551,19 @@ class IngestPipeline:
                         }
                         for i, piece in enumerate(p.pieces)
                     ]
-                    if values:
+                    if values and self._index_writer is not None:
+                        ids = await session.scalars(
+                            insert(ChunkRow).returning(ChunkRow.id, sort_by_parameter_order=True), values
+                        )
+                        await self._index_writer.add(
+                            session,
+                            collection_id=collection_id,
+                            chunks=[
+                                IndexedChunk(chunk_id, document.id, path, piece.text, vectors[row + i])
+                                for i, (chunk_id, piece) in enumerate(zip(ids.all(), p.pieces, strict=True))
+                            ],
+                        )
+                    elif values:
                         await session.execute(insert(ChunkRow), values)
                     job.chunks_added += len(values)
                 row += len(p.pieces)

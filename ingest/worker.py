@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -32,6 +33,9 @@ from ingest.watch import watch_folders
 from retrieval.embedders import SentenceTransformerEmbedder
 from retrieval.store import IndexStore
 
+if TYPE_CHECKING:
+    from core.pgindex.index import PgIndex
+
 logger = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
 
@@ -43,7 +47,7 @@ class IngestContext:
     settings: Settings
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
-    store: IndexStore
+    store: IndexStore | PgIndex
     embedder: SentenceTransformerEmbedder
     pipeline: IngestPipeline
     worker_id: str
@@ -51,6 +55,8 @@ class IngestContext:
     async def aclose(self) -> None:
         """Stop threads and close database connections."""
         self.pipeline.close()
+        if not isinstance(self.store, IndexStore):
+            await asyncio.to_thread(self.store.close)
         await self.engine.dispose()
 
 
@@ -65,7 +71,7 @@ async def build_ingest_context(
     engine, sessionmaker = db.engine, db.sessionmaker
     if embedder is None:
         embedder = await asyncio.to_thread(load_document_embedder, settings)
-    store = open_store(settings, model_id=embedder.model_id, dimension=embedder.dimension)
+    store = await asyncio.to_thread(open_store, settings, model_id=embedder.model_id, dimension=embedder.dimension)
     splitter = Splitter(
         embedder.tokenizer,
         chunk_tokens=settings.chunking.chunk_tokens,
@@ -78,6 +84,7 @@ async def build_ingest_context(
     pipeline = IngestPipeline(
         sessionmaker=sessionmaker,
         store=store,
+        index_writer=None if isinstance(store, IndexStore) else store.writer(),
         embedder=embedder,
         splitter=splitter,
         worker_id=worker_id,
@@ -147,7 +154,16 @@ async def _run_traced(
 
 
 async def _repair(ctx: IngestContext, message: str) -> None:
-    """Reconcile every collection with the database (rebuilding unreadable ones); log what changed."""
+    """Reconcile every collection with the database (rebuilding unreadable ones); log what changed.
+
+    The sharded postgres index has its own repair: the shards made equal to the coordinator
+    (PL/Proxy commits each shard on its own, so a crash can leave them apart).
+    """
+    repair = getattr(ctx.store, "repair", None)
+    if repair is not None:
+        put, removed = await asyncio.to_thread(repair)
+        if put or removed:
+            logger.warning(message, extra={"collection": "*shards*", "added": put, "removed": removed})
     for r in await reconcile_all(ctx.sessionmaker, ctx.store, verify=True):
         if r.added or r.removed:
             logger.warning(message, extra={"collection": r.collection, "added": r.added, "removed": r.removed})

@@ -335,6 +335,9 @@ class IndexStore:
         self._load_locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
+    transactional = False
+    """Snapshots are published after the chunk rows commit, by reconciling (``ingest.indexer``)."""
+
     @property
     def root(self) -> Path:
         """The store's root directory."""

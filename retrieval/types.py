@@ -229,3 +229,48 @@ class Retriever(Protocol):
     ) -> list[ScoredChunk]:
         """Return at most ``k`` chunks, best first."""
         ...
+
+
+@runtime_checkable
+class IndexCatalog(Protocol):
+    """What the service asks of a retrieval backend's index besides searching it.
+
+    :class:`retrieval.store.IndexStore` (snapshot files, ``transactional = False``: the worker
+    publishes by reconciling with the database) and the ``postgres`` backend's index
+    (``transactional = True``: written with the chunk rows, nothing to publish) implement it.
+    """
+
+    @property
+    def transactional(self) -> bool:
+        """True when index writes commit with the chunk rows (no reconcile, no publish)."""
+        ...
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def dimension(self) -> int: ...
+
+    def collections(self) -> list[str]:
+        """Names of the collections that have an index, sorted."""
+        ...
+
+    def unreadable(self) -> frozenset[str]:
+        """Collections whose index exists but cannot be read."""
+        ...
+
+    def load(self, collection: str) -> object | None:
+        """Make the collection's index ready to search (``None``: it has none).
+
+        Raises:
+            RetrievalError: If it cannot be read.
+        """
+        ...
+
+    def check(self, collection: str) -> None:
+        """Verify the collection's index in its storage (raises ``IndexCorruptError``)."""
+        ...
+
+    def drop(self, collection: str) -> bool:
+        """Remove what a deleted collection left in the index; True if anything was removed."""
+        ...

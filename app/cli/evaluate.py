@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from pydantic import ValidationError
 from rich.table import Table
 
 from app.cli.common import JsonOpt, VerboseOpt, console, err_console, fail, load_settings, setup_logging
 from core.progress import Progress
 from core.settings import Settings
 from generation.types import ANSWER_MODES, AnswerMode
+from retrieval.types import RetrievalError
 
 DatasetOpt = Annotated[Path, typer.Option("--dataset", "-d", help="A BEIR-layout dataset folder.")]
 QuestionsOpt = Annotated[
@@ -48,13 +50,27 @@ def retrieval(
     dataset: DatasetOpt,
     as_json: JsonOpt = False,
     sweep: Annotated[bool, typer.Option("--sweep", help="Also score a grid of fusion parameters.")] = False,
+    backend: Annotated[
+        Literal["local", "postgres"] | None,
+        typer.Option("--backend", help="Retrieval backend: local | postgres (default: RAG_RETRIEVAL__BACKEND)."),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Ingest a BEIR dataset into a scratch collection and report nDCG@10, Recall@10/100, MRR@10 per mode."""
     setup_logging(verbose)
     settings = load_settings()
+    if backend is not None:
+        try:
+            settings = Settings.model_validate(
+                {**settings.model_dump(), "retrieval": {**settings.retrieval.model_dump(), "backend": backend}}
+            )
+        except ValidationError as e:  # only the rule, not pydantic's dump of every setting
+            fail("; ".join(str(err["msg"]).removeprefix("Value error, ") for err in e.errors()))
     data = load_dataset_or_fail(dataset)
-    report, sweep_rows = asyncio.run(_eval_retrieval(settings, data, sweep=sweep, quiet=as_json))
+    try:
+        report, sweep_rows = asyncio.run(_eval_retrieval(settings, data, sweep=sweep, quiet=as_json))
+    except RetrievalError as e:  # e.g. the postgres backend's tables or pgvector are missing
+        fail(str(e))
     from evaluation.retrieval import BASELINE
 
     if as_json:

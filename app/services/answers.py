@@ -34,8 +34,7 @@ from core.wiring import AnswerDefaults, generation_params
 from generation.client import LLMClient, aclosing_iter
 from generation.rag import AnswerMode, answer
 from generation.types import AnswerEvent, ChatMessage, DoneEvent, ErrorEvent, GenerationParams, TokenEvent
-from retrieval.store import IndexStore
-from retrieval.types import Embedder, Retriever, SearchFilters, SearchOptions
+from retrieval.types import Embedder, IndexCatalog, Retriever, SearchFilters, SearchOptions
 
 Transport = Literal["rest", "sse", "websocket", "openai", "mcp"]
 
@@ -61,7 +60,7 @@ async def prepare(
     request: AskRequest,
     *,
     settings: Settings,
-    store: IndexStore,
+    store: IndexCatalog,
     search_defaults: SearchOptions,
 ) -> AskPlan:
     """Check and resolve a question before answering it.

@@ -20,7 +20,7 @@ from app.services.keys import Principal
 from core.db.base import utcnow
 from core.db.models import Collection, Document, IngestJob
 from ingest.queue import InvalidCollectionName, check_collection_name
-from retrieval.store import IndexStore
+from retrieval.types import IndexCatalog
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +162,7 @@ async def delete(session: AsyncSession, principal: Principal, name: str, *, stal
     return collection
 
 
-async def purge_files(store: IndexStore, uploads_dir: Path, name: str) -> None:
+async def purge_files(store: IndexCatalog, uploads_dir: Path, name: str) -> None:
     """Drop a deleted collection's index snapshots and uploaded files (off the event loop)."""
     await asyncio.to_thread(store.drop, name)
     target = uploads_dir / name

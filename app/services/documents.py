@@ -31,8 +31,7 @@ from ingest import queue
 from ingest.indexer import reconcile
 from ingest.loaders import loader_for, supported_extensions
 from ingest.pipeline import sha256_file
-from retrieval.store import IndexStore
-from retrieval.types import Chunk
+from retrieval.types import Chunk, IndexCatalog
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Browsers and HTTP clients percent-encode control characters and quotes in a multipart file name
@@ -284,7 +283,7 @@ async def delete_document(
 
 async def finish_delete(
     sessionmaker: async_sessionmaker[AsyncSession],
-    store: IndexStore,
+    store: IndexCatalog,
     *,
     collection: str,
     path: str,

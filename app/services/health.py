@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.observability import Metrics
 from app.services import jobs as jobs_service
 from ingest.queue import STATUSES
-from retrieval.store import IndexStore
+from retrieval.types import IndexCatalog
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +45,7 @@ async def _timed(check: Callable[[], Awaitable[str]], limit: float) -> CheckResu
 async def readiness(
     *,
     sessionmaker: async_sessionmaker[AsyncSession],
-    store: IndexStore,
+    store: IndexCatalog,
     llm_probe: Callable[[], Awaitable[None]],
     limit_seconds: float,
 ) -> tuple[str, dict[str, CheckResult]]:

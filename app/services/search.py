@@ -23,9 +23,9 @@ from app.services.errors import InvalidInput, NotFound
 from app.services.keys import Principal
 from core.db.models import Collection
 from retrieval.documents import DocumentHit, group_hits
-from retrieval.store import IndexStore
 from retrieval.types import (
     FusionMethod,
+    IndexCatalog,
     Retriever,
     ScoredChunk,
     SearchFilters,
@@ -76,7 +76,7 @@ def search_options(
 
 
 async def scope(
-    session: AsyncSession, principal: Principal, store: IndexStore, requested: Sequence[str] | None
+    session: AsyncSession, principal: Principal, store: IndexCatalog, requested: Sequence[str] | None
 ) -> tuple[str, ...] | None:
     """The collections a search may touch: ``None`` (all, admins only) or names that have an index.
 
@@ -113,7 +113,7 @@ async def search(
     principal: Principal,
     *,
     retriever: Retriever,
-    store: IndexStore,
+    store: IndexCatalog,
     metrics: Metrics,
     gate: Gate,
     query: str,

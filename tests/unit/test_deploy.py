@@ -34,7 +34,7 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 
 OUR_IMAGES = {"migrate", "api", "worker"}  # built from docker/Dockerfile
-ALL_SERVICES = {"postgres", "migrate", "api", "worker", "vllm", "vllm-cpu"}
+ALL_SERVICES = {"postgres", "migrate", "api", "worker", "vllm", "vllm-cpu", "proxy"}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -256,7 +256,8 @@ def test_services_and_profiles(services: dict[str, Any]) -> None:
     assert set(services) == ALL_SERVICES
     assert services["vllm"]["profiles"] == ["gpu"]
     assert services["vllm-cpu"]["profiles"] == ["cpu"]
-    for name in ALL_SERVICES - {"vllm", "vllm-cpu"}:
+    assert services["proxy"]["profiles"] == ["scale"]
+    for name in ALL_SERVICES - {"vllm", "vllm-cpu", "proxy"}:
         assert "profiles" not in services[name], f"{name} must run in every profile"
     for name, svc in services.items():
         # A fixed container name would make `--scale` fail.

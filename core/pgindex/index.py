@@ -1,0 +1,583 @@
+"""Search the PostgreSQL retrieval index: pgvector HNSW + BM25 postings, fused in Python.
+
+:class:`PgIndex` is the ``postgres`` backend's index: it checks the schema once (the tables of
+migration 0005, the vector dimension, the embedding model and BM25 tokenizer recorded on first
+use), answers the catalog questions the API asks of an index store (:meth:`PgIndex.collections`
+and friends, duck-typing :class:`retrieval.types.IndexCatalog`), and makes retrievers.
+:class:`PgRetriever` implements :class:`retrieval.types.Retriever` with the local backend's
+contract:
+
+- **dense leg**: ``ORDER BY embedding <#> q LIMIT depth`` on the HNSW index (inner product: the
+  vectors are normalized, score = cosine), ``hnsw.ef_search`` from settings and pgvector 0.8's
+  iterative scan so the collection/path filters inside the SQL still fill ``depth``;
+- **BM25 leg**: rank-bm25's Okapi definition (:mod:`retrieval.sparse`) computed in SQL from the
+  postings and the collection statistics: ``idf = ln(N - df + 0.5) - ln(df + 0.5)``, negative
+  ones floored to ``epsilon`` × the average idf over the collection's vocabulary (from
+  ``rag_index.df_hist``), ``tf·(k1+1) / (tf + k1·(1 − b + b·len/avgdl))`` per posting, query
+  terms counted with repeats; per-collection statistics, as the local backend;
+- **fusion**: :mod:`retrieval.fusion`, the local backend's functions and defaults.
+
+The legs run concurrently on two pooled connections, the BM25 one while the query is embedded.
+All database I/O runs on a private event loop in a thread of its own, so the blocking
+:meth:`PgRetriever.search_sync` (CLI, evaluations) and the async :meth:`PgRetriever.search`
+(API) share one pool, and the caller's event loop is never blocked.
+
+Errors: :class:`~retrieval.types.UnknownCollectionError` for a filter naming a collection with no
+indexed chunk; :class:`~retrieval.types.IndexMismatchError` when the index was built with another
+model, dimension or tokenizer; :class:`PgIndexUnavailableError` when the tables are missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from core.pgindex.writer import PgIndexWriter, vector_literal
+from retrieval.fusion import Fused, Legs, rrf, weighted
+from retrieval.sparse import BM25Params
+from retrieval.tokenize import Tokenizer, TokenizerOptions
+from retrieval.types import (
+    Chunk,
+    Embedder,
+    IndexMismatchError,
+    LegScore,
+    RetrievalError,
+    ScoredChunk,
+    SearchFilters,
+    SearchOptions,
+    UnknownCollectionError,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+__all__ = ["PgIndex", "PgIndexUnavailableError", "PgRetriever"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+LegRows = list[tuple[int, float]]
+
+
+class PgIndexUnavailableError(RetrievalError):
+    """The ``rag_index`` tables do not exist (pgvector was missing when the database was migrated)."""
+
+    code = "index_unavailable"
+
+
+class _LoopThread:
+    """An event loop running forever on a daemon thread; coroutines are submitted from any thread."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.submit(coro).result()
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+_DENSE = text(
+    """
+    SELECT chunk_id, -(embedding <#> CAST(:q AS vector)) AS score
+    FROM rag_index.chunks
+    WHERE collection_id = ANY(CAST(:cids AS int[])) {prefix}
+    ORDER BY embedding <#> CAST(:q AS vector)
+    LIMIT :depth
+    """
+)
+
+# Per (collection, query term): the weight reps · idf, and the collection's avgdl. The average idf
+# behind the epsilon floor is a sub-plan evaluated only for a term whose idf is negative.
+# MATERIALIZED: inlined, the planner moved the CASE (and its sub-plan over df_hist) into the
+# aggregate over the postings, evaluating it once per posting (minutes at 100k chunks). All in
+# float8, as rank-bm25's math.log (an integer + 0.5 would be numeric).
+_WEIGHTS = """
+    WITH q AS (
+        SELECT term, count(*)::float8 AS reps FROM unnest(CAST(:terms AS text[])) AS u(term) GROUP BY term
+    ), st AS (
+        SELECT collection_id, n_docs::float8 AS n, total_len::float8 / n_docs AS avgdl
+        FROM rag_index.stats WHERE collection_id = ANY(CAST(:cids AS int[])) AND n_docs > 0
+    ), w AS (
+        SELECT t.collection_id, t.term, q.reps, st.n, st.avgdl,
+               ln(st.n - t.df + 0.5) - ln(t.df::float8 + 0.5) AS x
+        FROM q JOIN rag_index.terms t ON t.term = q.term JOIN st ON st.collection_id = t.collection_id
+    ), idf AS MATERIALIZED (
+        SELECT collection_id, term, avgdl, reps * CASE WHEN x >= 0 THEN x ELSE CAST(:epsilon AS float8) * (
+            SELECT sum(h.terms * (ln(w.n - h.df + 0.5) - ln(h.df::float8 + 0.5))) / sum(h.terms)
+            FROM rag_index.df_hist h WHERE h.collection_id = w.collection_id
+        ) END AS weight
+        FROM w
+    )
+"""
+
+_SPARSE = text(
+    _WEIGHTS
+    + """
+    SELECT p.chunk_id,
+           sum(idf.weight * (p.tf * (CAST(:k1 AS float8) + 1))
+               / (p.tf + CAST(:k1 AS float8) * (1 - CAST(:b AS float8) + CAST(:b AS float8) * p.doc_len / idf.avgdl)))
+           AS score
+    FROM idf JOIN rag_index.postings p ON p.collection_id = idf.collection_id AND p.term = idf.term
+    {prefix}
+    GROUP BY p.chunk_id
+    ORDER BY score DESC, p.chunk_id
+    LIMIT :depth
+    """
+)
+
+_CHUNKS = text(
+    """
+    SELECT c.id, c.document_id, col.name, d.path, c.ordinal, c.text, c.start, c."end", c.page, d.title, c.heading
+    FROM chunks c JOIN documents d ON d.id = c.document_id JOIN collections col ON col.id = c.collection_id
+    WHERE c.id = ANY(CAST(:ids AS bigint[]))
+    """
+)
+
+
+def like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching strings that start with ``prefix`` (``\\`` escapes ``%`` and ``_``)."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _validate(options: SearchOptions) -> None:
+    if options.mode not in ("hybrid", "dense", "sparse"):
+        raise ValueError(f"unknown search mode {options.mode!r}")
+    if options.fusion not in ("rrf", "weighted"):
+        raise ValueError(f"unknown fusion {options.fusion!r}")
+    if options.depth < 1:
+        raise ValueError(f"depth must be >= 1, got {options.depth}")
+
+
+def _ranked(rows: Sequence[Any]) -> LegRows:
+    """Best first, ties by ascending id (the local backend's order).
+
+    Scores are compared at 12 significant digits: PostgreSQL sums a chunk's postings in whatever
+    order its plan reads them, so two chunks with equal BM25 scores can come out one rounding step
+    apart, and one node and a set of shards would then order such a tie differently.
+    """
+    out = [(int(r[0]), float(r[1])) for r in rows]
+    out.sort(key=lambda r: (-float(f"{r[1]:.12g}"), r[0]))
+    return out
+
+
+class PgIndex:
+    """The PostgreSQL retrieval index of one database (see the module docstring).
+
+    Args:
+        url: SQLAlchemy URL of the PostgreSQL database (``postgresql+asyncpg://...``).
+        model_id: The embedding model; recorded on first use and checked afterwards.
+        dimension: The embedding dimension; must equal the ``vector(n)`` column's.
+        tokenizer: BM25 tokenizer options; recorded and checked like the model.
+        params: BM25 parameters (rank-bm25's defaults).
+        ef_search: pgvector's ``hnsw.ef_search`` for the dense leg (higher: better recall, slower).
+        pool_size: Pooled connections (two per concurrent hybrid search).
+    """
+
+    transactional = True
+    """Writes go with the chunk rows (:class:`PgIndexWriter`): there is nothing to reconcile or publish."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        model_id: str,
+        dimension: int,
+        tokenizer: TokenizerOptions | None = None,
+        params: BM25Params | None = None,
+        ef_search: int = 100,
+        pool_size: int = 5,
+    ) -> None:
+        self._url = url
+        self._model_id = model_id
+        self._dimension = dimension
+        self._tokenizer = Tokenizer(tokenizer or TokenizerOptions())
+        self._params = params or BM25Params()
+        self._ef_search = ef_search
+        self._loop = _LoopThread("pgindex")
+        self._pool_size = pool_size
+        self._engine: AsyncEngine = self._loop.run(self._create_engine())
+
+    async def _create_engine(self) -> AsyncEngine:
+        # Created on the private loop: asyncpg connections belong to the loop that opened them.
+        return create_async_engine(self._url, pool_size=self._pool_size, pool_pre_ping=True)
+
+    @classmethod
+    def open(cls, url: str, **kwargs: Any) -> PgIndex:
+        """An index whose schema, dimension, model and tokenizer were checked (first use records them).
+
+        Raises:
+            PgIndexUnavailableError: If the ``rag_index`` tables do not exist.
+            IndexMismatchError: If the index was built with another model, dimension or tokenizer.
+        """
+        index = cls(url, **kwargs)
+        try:
+            index._loop.run(index._check())
+        except BaseException:
+            index.close()
+            raise
+        return index
+
+    async def _check(self) -> None:
+        async with self._engine.begin() as conn:
+            exists = await conn.scalar(text("SELECT to_regclass('rag_index.chunks') IS NOT NULL"))
+            if not exists:
+                raise PgIndexUnavailableError(
+                    "the postgres retrieval backend's tables (schema rag_index) do not exist: pgvector was not "
+                    "installed on the server when the database was migrated. Install it (tools/install-pgvector "
+                    "on Debian, or a PostgreSQL image with pgvector), then run `alembic downgrade 0002` and "
+                    "`alembic upgrade head`"
+                )
+            typmod = await conn.scalar(
+                text(
+                    "SELECT atttypmod FROM pg_attribute "
+                    "WHERE attrelid = 'rag_index.chunks'::regclass AND attname = 'embedding'"
+                )
+            )
+            if typmod != self._dimension:
+                raise IndexMismatchError(
+                    f"the postgres index stores {typmod}-dimensional vectors but the embedder has "
+                    f"{self._dimension} dimensions"
+                )
+            wanted = {
+                "model_id": self._model_id,
+                "tokenizer": json.dumps(self._tokenizer.options.to_dict(), sort_keys=True),
+                "bm25": json.dumps(asdict(self._params), sort_keys=True),
+            }
+            for key, value in wanted.items():
+                await conn.execute(
+                    text("INSERT INTO rag_index.meta (key, value) VALUES (:k, :v) ON CONFLICT (key) DO NOTHING"),
+                    {"k": key, "v": value},
+                )
+            stored = dict((await conn.execute(text("SELECT key, value FROM rag_index.meta"))).tuples().all())
+            for key, value in wanted.items():
+                if stored.get(key) != value and (await self._chunk_count(conn)) > 0:
+                    raise IndexMismatchError(
+                        f"the postgres index was built with {key} {stored.get(key)!r} but this process is "
+                        f"configured with {value!r}; re-ingest into an empty index or change the setting back"
+                    )
+                if stored.get(key) != value:  # an empty index simply adopts the configuration
+                    await conn.execute(
+                        text("UPDATE rag_index.meta SET value = :v WHERE key = :k"), {"k": key, "v": value}
+                    )
+
+    @staticmethod
+    async def _chunk_count(conn: AsyncConnection) -> int:
+        return int(await conn.scalar(text("SELECT count(*) FROM (SELECT 1 FROM rag_index.chunks LIMIT 1) x")) or 0)
+
+    # -- catalog (what the API asks of an index store) -------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        """The embedding model the index holds vectors of."""
+        return self._model_id
+
+    @property
+    def dimension(self) -> int:
+        """The vector dimension."""
+        return self._dimension
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The BM25 tokenizer of documents and queries."""
+        return self._tokenizer
+
+    @property
+    def params(self) -> BM25Params:
+        """The BM25 parameters."""
+        return self._params
+
+    def writer(self) -> PgIndexWriter:
+        """The writer the ingestion pipeline calls in its chunk transactions."""
+        return PgIndexWriter(self._tokenizer)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the index's loop and wait for it (from any other thread)."""
+        return self._loop.run(coro)
+
+    def collections(self) -> list[str]:
+        """Names of the collections with at least one indexed chunk, sorted."""
+        return self._loop.run(self._collections())
+
+    async def _collections(self) -> list[str]:
+        async with self._engine.connect() as conn:
+            rows = await conn.scalars(
+                text(
+                    "SELECT c.name FROM rag_index.stats s JOIN collections c ON c.id = s.collection_id "
+                    "WHERE s.n_docs > 0 ORDER BY c.name"
+                )
+            )
+            return list(rows)
+
+    def unreadable(self) -> frozenset[str]:
+        """Collections whose index cannot be read: none (the index is tables of the database)."""
+        return frozenset()
+
+    def load(self, collection: str) -> str | None:
+        """``collection`` if it has indexed chunks, else ``None`` (the store's readability probe)."""
+        return collection if collection in self.collections() else None
+
+    def check(self, collection: str) -> None:
+        """Nothing to verify on disk: the database's constraints and triggers keep the index whole."""
+
+    def drop(self, collection: str) -> bool:
+        """Nothing to drop: a deleted collection's index rows went with its chunk rows."""
+        return False
+
+    def close(self) -> None:
+        """Close the pool and stop the index's event loop."""
+        if not self._loop.loop.is_closed():
+            engine = getattr(self, "_engine", None)
+            if engine is not None:
+                self._loop.run(engine.dispose())
+            self._loop.close()
+
+    # -- the legs (overridden by the sharded index) -----------------------------------------------
+
+    async def collection_ids(self, names: Sequence[str] | None) -> list[int]:
+        """Ids of the named collections (``None``: every indexed one).
+
+        Raises:
+            UnknownCollectionError: If a named collection has no indexed chunk.
+        """
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT c.name, c.id FROM rag_index.stats s JOIN collections c ON c.id = s.collection_id "
+                        "WHERE s.n_docs > 0"
+                    )
+                )
+            ).tuples()
+            indexed = dict(rows.all())
+        if names is None:
+            return sorted(indexed.values())
+        ids = []
+        for name in dict.fromkeys(names):
+            if name not in indexed:
+                raise UnknownCollectionError(f"collection {name!r} has no index")
+            ids.append(indexed[name])
+        return ids
+
+    async def dense_leg(self, cids: list[int], vector: str, depth: int, prefix: str | None) -> LegRows:
+        """Best-first ``(chunk_id, inner product)`` of the HNSW search, inside the filters."""
+        sql = _DENSE.text.format(prefix="AND path LIKE :prefix ESCAPE '\\'" if prefix is not None else "")
+        params: dict[str, Any] = {"q": vector, "cids": cids, "depth": depth}
+        if prefix is not None:
+            params["prefix"] = like_prefix(prefix)
+        async with self._engine.begin() as conn:
+            await self._set_search_knobs(conn)
+            rows = (await conn.execute(text(sql), params)).all()
+        return _ranked(rows)
+
+    async def _set_search_knobs(self, conn: AsyncConnection) -> None:
+        # Transaction-local: a pooled connection carries no setting to the next user.
+        await conn.execute(
+            text(
+                "SELECT set_config('hnsw.ef_search', :ef, true), "
+                "set_config('hnsw.iterative_scan', 'relaxed_order', true), "
+                # asyncpg prepares statements; a generic plan may not see that the HNSW order-by
+                # argument is one constant vector and scan the table instead.
+                "set_config('plan_cache_mode', 'force_custom_plan', true)"
+            ),
+            {"ef": str(self._ef_search)},
+        )
+
+    async def sparse_leg(self, cids: list[int], tokens: list[str], depth: int, prefix: str | None) -> LegRows:
+        """Best-first ``(chunk_id, BM25 score)`` of the chunks holding a query term, inside the filters."""
+        if not tokens:
+            return []
+        where = ""
+        params: dict[str, Any] = {
+            "terms": tokens,
+            "cids": cids,
+            "depth": depth,
+            "k1": self._params.k1,
+            "b": self._params.b,
+            "epsilon": self._params.epsilon,
+        }
+        if prefix is not None:
+            where = (
+                "WHERE p.chunk_id IN (SELECT chunk_id FROM rag_index.chunks "
+                "WHERE collection_id = ANY(CAST(:cids AS int[])) AND path LIKE :prefix ESCAPE '\\')"
+            )
+            params["prefix"] = like_prefix(prefix)
+        async with self._engine.begin() as conn:
+            # Common terms have tens of thousands of postings at 100k chunks: aggregate them in memory
+            # (the default 4 MB work_mem spilled the per-chunk sums to disk).
+            # Custom plans: the plan depends on how many postings the query's terms have.
+            await conn.execute(
+                text(
+                    "SELECT set_config('work_mem', '64MB', true), "
+                    "set_config('plan_cache_mode', 'force_custom_plan', true)"
+                )
+            )
+            rows = (await conn.execute(text(_SPARSE.text.format(prefix=where)), params)).all()
+        return _ranked(rows)
+
+    async def chunks(self, ids: Sequence[int]) -> dict[int, Chunk]:
+        """The chunks with these ids (from the chunk rows; ids that no longer exist are absent)."""
+        if not ids:
+            return {}
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(_CHUNKS, {"ids": list(ids)})).all()
+        return {
+            int(r[0]): Chunk(
+                id=int(r[0]),
+                document_id=int(r[1]),
+                collection=r[2],
+                path=r[3],
+                ordinal=r[4],
+                text=r[5],
+                start=r[6],
+                end=r[7],
+                page=r[8],
+                title=r[9],
+                metadata={"heading": r[10]} if r[10] else {},
+            )
+            for r in rows
+        }
+
+    def retriever(
+        self, embedder: Embedder, *, executor: Executor | None = None, defaults: SearchOptions | None = None
+    ) -> PgRetriever:
+        """A retriever over this index (:class:`PgRetriever`)."""
+        return PgRetriever(self, embedder, executor=executor, defaults=defaults)
+
+
+class PgRetriever:
+    """Hybrid retrieval over a :class:`PgIndex` (the :class:`~retrieval.types.Retriever` protocol).
+
+    Args:
+        index: The index.
+        embedder: Embeds queries; must be the index's model.
+        executor: Runs the query embedding of :meth:`search` (``None``: the loop's default).
+        defaults: Options used when a request passes none.
+
+    Raises:
+        IndexMismatchError: If ``embedder`` is another model or dimension than the index's.
+    """
+
+    def __init__(
+        self,
+        index: PgIndex,
+        embedder: Embedder,
+        *,
+        executor: Executor | None = None,
+        defaults: SearchOptions | None = None,
+    ) -> None:
+        if embedder.model_id != index.model_id or embedder.dimension != index.dimension:
+            raise IndexMismatchError(
+                f"the embedder is {embedder.model_id!r} ({embedder.dimension} dimensions) but the postgres "
+                f"index expects {index.model_id!r} ({index.dimension} dimensions)"
+            )
+        self._index = index
+        self._embedder = embedder
+        self._executor = executor
+        self._defaults = defaults or SearchOptions()
+        _validate(self._defaults)
+
+    @property
+    def defaults(self) -> SearchOptions:
+        """Options used when a request passes none."""
+        return self._defaults
+
+    @property
+    def index(self) -> PgIndex:
+        """The index searched."""
+        return self._index
+
+    async def search(
+        self,
+        query: str,
+        *,
+        k: int = 10,
+        filters: SearchFilters | None = None,
+        options: SearchOptions | None = None,
+    ) -> list[ScoredChunk]:
+        """Return at most ``k`` chunks, best first (:meth:`search_sync`'s contract)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, lambda: self.search_sync(query, k=k, filters=filters, options=options)
+        )
+
+    def search_sync(
+        self,
+        query: str,
+        *,
+        k: int = 10,
+        filters: SearchFilters | None = None,
+        options: SearchOptions | None = None,
+    ) -> list[ScoredChunk]:
+        """Blocking search with the contract of :meth:`retrieval.hybrid.HybridRetriever.search_sync`.
+
+        Raises:
+            UnknownCollectionError: If ``filters.collections`` names a collection without chunks.
+            ValueError: For invalid options.
+        """
+        opts = options or self._defaults
+        _validate(opts)
+        if k <= 0:
+            return []
+        index = self._index
+        names = filters.collections if filters is not None else None
+        prefix = filters.path_prefix if filters is not None else None
+        depth = max(opts.depth, k)
+        use_dense = opts.mode in ("hybrid", "dense")
+        use_sparse = opts.mode in ("hybrid", "sparse")
+        cids = index.run(index.collection_ids(names))
+        if not cids:
+            return []
+        # The BM25 leg starts on the index's loop while this thread embeds the query.
+        sparse_future: Future[LegRows] | None = None
+        if use_sparse:
+            sparse_future = index._loop.submit(index.sparse_leg(cids, index.tokenizer(query), depth, prefix))
+        dense: LegRows = []
+        try:
+            if use_dense:
+                vector = vector_literal(self._embed(query))
+                dense = index.run(index.dense_leg(cids, vector, depth, prefix))
+        finally:
+            sparse = sparse_future.result() if sparse_future is not None else []
+        if opts.mode == "dense":
+            fused = [Fused(i, s, LegScore(r, s), None) for r, (i, s) in enumerate(dense, start=1)]
+        elif opts.mode == "sparse":
+            fused = [Fused(i, s, None, LegScore(r, s)) for r, (i, s) in enumerate(sparse, start=1)]
+        elif opts.fusion == "rrf":
+            fused = rrf(Legs(dense, sparse), k=opts.rrf_k, weights=(opts.dense_weight, opts.sparse_weight))
+        else:
+            fused = weighted(Legs(dense, sparse), alpha=opts.alpha, normalization=opts.normalization)
+        top = fused[: k + 8]  # a few spare rows: a chunk deleted since the legs ran is skipped
+        chunks = index.run(index.chunks([row.id for row in top]))
+        out: list[ScoredChunk] = []
+        for row in top:
+            chunk = chunks.get(row.id)
+            if chunk is None:
+                continue
+            out.append(ScoredChunk(chunk=chunk, score=row.score, rank=len(out) + 1, dense=row.dense, sparse=row.sparse))
+            if len(out) == k:
+                break
+        return out
+
+    def _embed(self, query: str) -> npt.NDArray[np.float32]:
+        return self._embedder.embed_query(query)
