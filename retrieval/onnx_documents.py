@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.onnx_queries import INPUTS
+from retrieval.onnx_queries import INPUTS, inference_session
 from retrieval.types import RetrievalError
 
 if TYPE_CHECKING:
@@ -165,18 +165,7 @@ class OnnxDocumentEncoder:
     def __init__(self, path: Path, tokenizer: Any, *, max_length: int, threads: int, batch_size: int = 32) -> None:
         import threading
 
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise RetrievalError("onnxruntime is not installed") from e
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, threads)
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise RetrievalError(f"onnxruntime cannot load {path}: {e}") from e
+        self._session = inference_session(path, threads)
         self._tokenizer = tokenizer
         self._max_length = max_length
         self._batch_size = max(1, batch_size)

@@ -33,7 +33,7 @@ from retrieval.types import RetrievalError
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["PROBE_SENTENCES", "OnnxQueryEncoder", "export_query_encoder"]
+__all__ = ["PROBE_SENTENCES", "OnnxQueryEncoder", "export_query_encoder", "inference_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,26 @@ def export_query_encoder(model: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def inference_session(path: Path, threads: int) -> Any:
+    """An ONNX Runtime CPU session for ``path`` with ``threads`` intra-op threads, fully optimized.
+
+    Raises:
+        RetrievalError: onnxruntime is missing or cannot load the file.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise RetrievalError("onnxruntime is not installed") from e
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise RetrievalError(f"onnxruntime cannot load {path}: {e}") from e
+
+
 class OnnxQueryEncoder:
     """Embeds queries with an exported graph (see :func:`export_query_encoder`).
 
@@ -124,18 +144,7 @@ class OnnxQueryEncoder:
     """
 
     def __init__(self, path: Path, tokenizer: Any, *, max_length: int, threads: int = 1) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise RetrievalError("onnxruntime is not installed") from e
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, threads)
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise RetrievalError(f"onnxruntime cannot load {path}: {e}") from e
+        self._session = inference_session(path, threads)
         self._tokenizer = tokenizer
         self._max_length = max_length
         self._lock = threading.Lock()
