@@ -254,6 +254,8 @@ def test_watch_job_sends_the_jobs_events_then_job_end(make_api: Callable[..., Ap
         for e in first:
             JOB_EVENT_ADAPTER.validate_python({k: v for k, v in e.items() if k != "id"})
         assert first[-1]["done"] == 1 and first[-1]["total"] == 2 and first[-1]["eta_seconds"] is not None
+        ids = [e["event_id"] for e in first[:4]]
+        assert ids == sorted(ids) and len(set(ids)) == 4
         _finish(api, job_id)
         end = ws.receive_json()
         assert end["type"] == "job_end" and end["id"] == "w" and end["job"]["status"] == "succeeded"
