@@ -125,14 +125,9 @@ async def watch_folders(
 
     Queues one job per folder at once (changes made while nothing watched are caught up), then
     one per burst of changes. ``wake`` is set after each enqueue, so an idle worker claims the
-    job without waiting for its next poll.
-
-    Raises:
-        FileNotFoundError: A folder does not exist (checked before anything is watched).
+    job without waiting for its next poll. The folders must exist (the worker checks them at
+    start, before it loads the model).
     """
-    for path, _collection, _prune in folders:
-        if not path.expanduser().exists():
-            raise FileNotFoundError(f"watched folder {path} does not exist")
 
     async def one(path: Path, collection: str, prune: bool) -> None:
         await _enqueue(path, collection, prune)

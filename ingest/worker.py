@@ -221,6 +221,7 @@ async def run_worker(
                     wake=wake,
                 )
             )
+            watcher.add_done_callback(_log_watch_end)
         checked = time.monotonic()
         while not stop.is_set():
             async with ctx.sessionmaker() as session:
@@ -252,6 +253,12 @@ async def run_worker(
         if tracing is not None:
             tracing.shutdown()
     return ran
+
+
+def _log_watch_end(task: asyncio.Task[None]) -> None:
+    """A watcher that dies (a folder removed, the inotify limit reached) must not go unnoticed."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("watching folders stopped; queued jobs still run", exc_info=task.exception())
 
 
 async def _idle(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:

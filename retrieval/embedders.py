@@ -143,10 +143,10 @@ class SentenceTransformerEmbedder:
         else:
             yield
 
-    def _encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+    def _encode(self, texts: Sequence[str], *, float32: bool = False) -> npt.NDArray[np.float32]:
         if not texts:
             return np.zeros((0, self._dimension), dtype=np.float32)
-        with self._lock, self._autocast():
+        with self._lock, contextlib.nullcontext() if float32 else self._autocast():
             vectors = self._model.encode(
                 list(texts),
                 batch_size=self._batch_size,
@@ -167,15 +167,7 @@ class SentenceTransformerEmbedder:
     def embed_documents_float32(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """Embed passages with PyTorch in float32, whatever the configured path (the reference that
         calibrations and benchmarks compare the fast paths with)."""
-        with self._lock:
-            vectors = self._model.encode(
-                list(texts),
-                batch_size=self._batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        return self._encode(texts, float32=True)
 
     @property
     def document_backend(self) -> str:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from retrieval.onnx_queries import INPUTS, open_session
+from retrieval.onnx_queries import INPUTS, inference_session
 from retrieval.types import RetrievalError
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ class OnnxDocumentEncoder:
     def __init__(self, path: Path, tokenizer: Any, *, max_length: int, threads: int, batch_size: int = 32) -> None:
         import threading
 
-        self._session = open_session(path, threads)
+        self._session = inference_session(path, threads)
         self._tokenizer = tokenizer
         self._max_length = max_length
         self._batch_size = max(1, batch_size)

@@ -33,7 +33,7 @@ from retrieval.types import RetrievalError
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["PROBE_SENTENCES", "OnnxQueryEncoder", "export_query_encoder", "open_session"]
+__all__ = ["PROBE_SENTENCES", "OnnxQueryEncoder", "export_query_encoder", "inference_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +107,8 @@ def export_query_encoder(model: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def open_session(path: Path, threads: int) -> Any:
-    """An ONNX Runtime CPU session for ``path`` with ``threads`` intra-op threads, fully optimised
-    (the one way both ONNX embedding paths open their model).
+def inference_session(path: Path, threads: int) -> Any:
+    """An ONNX Runtime CPU session for ``path`` with ``threads`` intra-op threads, fully optimized.
 
     Raises:
         RetrievalError: onnxruntime is missing or cannot load the file.
@@ -145,7 +144,7 @@ class OnnxQueryEncoder:
     """
 
     def __init__(self, path: Path, tokenizer: Any, *, max_length: int, threads: int = 1) -> None:
-        self._session = open_session(path, threads)
+        self._session = inference_session(path, threads)
         self._tokenizer = tokenizer
         self._max_length = max_length
         self._lock = threading.Lock()

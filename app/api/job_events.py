@@ -36,6 +36,7 @@ def file_event(row: IngestJobEvent) -> JobFileEvent:
     """The wire form of one ``file`` row."""
     data = row.data or {}
     return JobFileEvent(
+        event_id=row.id,
         job_id=row.job_id,
         path=str(data.get("path", "")),
         status=data.get("status", "started"),

@@ -173,6 +173,7 @@ class JobFileEvent(BaseModel):
     """A file of an ingestion job changed state (written by the worker, in file order per state)."""
 
     type: Literal["file"] = "file"
+    event_id: int = Field(description="Increasing per job; resume after it (`Last-Event-ID`, `after`).")
     job_id: int
     path: str
     status: Literal["started", "indexed", "unchanged", "failed", "deleted"] = Field(

@@ -522,6 +522,7 @@
     const bar = upload.node.querySelector("progress");
     switch (event.type) {
       case "file":
+        upload.after = Math.max(upload.after, event.event_id);
         fileRow(upload, event.path, event.status,
           event.status === "indexed" ? `${event.chunks} chunk${event.chunks === 1 ? "" : "s"}` : event.error);
         break;
@@ -562,9 +563,9 @@
   }
 
   function watchUpload(upload) {
-    // Replays the job's events from the start: rows are keyed by path, so a replay only refreshes them.
+    // After a reconnect, only the events not seen yet (rows are keyed by path, so a replay would be harmless too).
     if (upload.jobId !== null && !["succeeded", "failed", "cancelled"].includes(upload.state)) {
-      socket.send({ type: "watch_job", id: upload.id, job_id: upload.jobId });
+      socket.send({ type: "watch_job", id: upload.id, job_id: upload.jobId, after: upload.after });
     }
   }
 
@@ -581,7 +582,7 @@
     const collection = ui.collection.value;
     const files = [...fileList];
     if (!collection || !files.length) return;
-    const upload = { id: `upload-${newId()}`, jobId: null, files: new Map(), state: "uploading", node: null };
+    const upload = { id: `upload-${newId()}`, jobId: null, after: 0, files: new Map(), state: "uploading", node: null };
     const cancel = el("button", { type: "button", class: "secondary upload-cancel", text: "Cancel", hidden: true,
       onclick: () => cancelUpload(upload) });
     upload.node = el("article", { class: "upload", dataset: { state: "uploading" } },

@@ -234,7 +234,8 @@ def test_a_missing_watched_folder_is_a_clear_error(tmp_path: Path) -> None:
     }
     result = subprocess.run([RAG, "worker"], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1
-    assert "watched folder" in result.stderr and "does not exist" in result.stderr
+    message = " ".join(result.stderr.split())  # rich wraps long lines
+    assert "watched folder" in message and "does not exist (RAG_INGEST__WATCH)" in message
     assert "Traceback" not in result.stderr
 
 

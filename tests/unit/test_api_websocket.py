@@ -193,3 +193,96 @@ def test_revoking_a_key_closes_its_open_websockets(make_api: Callable[..., Api])
             ws.receive_json()
         assert closed.value.code == 1008
     assert api.client.get("/v1/collections", headers=header).status_code == 401
+
+
+def _job_with_events(api: Api, *, status: str, paths: list[str]) -> int:
+    """A job of ``docs`` with a started and an indexed event per path (as a worker would write them)."""
+    from core.db.base import utcnow
+    from core.db.models import IngestJob, IngestJobEvent
+    from ingest import queue
+
+    async def work() -> int:
+        async with api.resources.sessionmaker() as session:
+            coll = await queue.get_or_create_collection(session, "docs")
+            job = IngestJob(
+                collection_id=coll.id, root_path="/srv/docs", prune=True, status=status, errors=[], attempts=1,
+                files_total=len(paths), started_at=utcnow(), progress=1.0 if status != "running" else 0.5,
+                files_new=len(paths), chunks_added=3 * len(paths),
+            )  # fmt: skip
+            session.add(job)
+            await session.flush()
+            for path in paths:
+                session.add(IngestJobEvent(job_id=job.id, type="file", data={"path": path, "status": "started"}))
+                session.add(
+                    IngestJobEvent(
+                        job_id=job.id, type="file", data={"path": path, "status": "indexed", "chunks": 3, "error": None}
+                    )
+                )
+            await session.commit()
+            return job.id
+
+    return api.run(work)
+
+
+def _finish(api: Api, job_id: int) -> None:
+    from core.db.base import utcnow
+    from core.db.models import IngestJob
+
+    async def work() -> None:
+        async with api.resources.sessionmaker() as session:
+            job = await session.get(IngestJob, job_id)
+            assert job is not None
+            job.status, job.finished_at, job.progress = "succeeded", utcnow(), 1.0
+            await session.commit()
+
+    api.run(work)
+
+
+def test_watch_job_sends_the_jobs_events_then_job_end(make_api: Callable[..., Api]) -> None:  # noqa: F811
+    from app.schemas.events import JOB_EVENT_ADAPTER
+
+    api = make_api(api={"job_events_poll_seconds": 0.05})
+    job_id = _job_with_events(api, status="running", paths=["/srv/docs/a.md", "/srv/docs/b.md"])
+    with api.client.websocket_connect("/v1/chat") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "watch_job", "id": "w", "job_id": job_id})
+        first = [ws.receive_json() for _ in range(5)]
+        assert [(e["type"], e.get("status")) for e in first] == [
+            ("file", "started"), ("file", "indexed"), ("file", "started"), ("file", "indexed"), ("progress", "running")
+        ]  # fmt: skip
+        assert all(e["id"] == "w" and e["job_id"] == job_id for e in first)
+        for e in first:
+            JOB_EVENT_ADAPTER.validate_python({k: v for k, v in e.items() if k != "id"})
+        assert first[-1]["done"] == 1 and first[-1]["total"] == 2 and first[-1]["eta_seconds"] is not None
+        ids = [e["event_id"] for e in first[:4]]
+        assert ids == sorted(ids) and len(set(ids)) == 4
+        _finish(api, job_id)
+        end = ws.receive_json()
+        assert end["type"] == "job_end" and end["id"] == "w" and end["job"]["status"] == "succeeded"
+        # A watch can be stopped (the job is not touched); a job the key cannot see is not_found.
+        job2 = _job_with_events(api, status="running", paths=["/srv/docs/c.md"])
+        ws.send_json({"type": "watch_job", "id": "w2", "job_id": job2})
+        assert ws.receive_json()["type"] == "file"
+        ws.send_json({"type": "cancel", "id": "w2"})
+        while (message := ws.receive_json())["type"] != "error":
+            assert message["id"] == "w2"
+        assert message["code"] == "cancelled"
+        ws.send_json({"type": "watch_job", "id": "w3", "job_id": 999})
+        assert ws.receive_json() | {"message": ""} == {
+            "type": "error", "id": "w3", "code": "not_found", "message": "", "retryable": False
+        }  # fmt: skip
+
+
+def test_job_events_over_sse_resume_after_the_last_event_id(make_api: Callable[..., Api]) -> None:  # noqa: F811
+    api = make_api(api={"job_events_poll_seconds": 0.05})
+    job_id = _job_with_events(api, status="succeeded", paths=["/srv/docs/a.md", "/srv/docs/b.md"])
+    with api.client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    ids = [int(line[3:]) for line in lines if line.startswith("id:")]
+    assert len(ids) == 4 and ids == sorted(ids)
+    assert lines[-2:] == ["event: job_end", lines[-1]] and '"status":"succeeded"' in lines[-1]
+    with api.client.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": str(ids[1])}) as r:
+        again = [int(line[3:]) for line in r.iter_lines() if line.startswith("id:")]
+    assert again == ids[2:]
+    assert api.client.get("/v1/jobs/999/events").status_code == 404
