@@ -496,6 +496,10 @@ class PgRetriever:
         self._executor = executor
         self._defaults = defaults or SearchOptions()
         _validate(self._defaults)
+        if self._defaults.lead_weight > 0:
+            # The section-lead blend of the local dense leg (retrieval/leads.py) has no SQL
+            # counterpart yet: this backend ranks by each chunk's own similarity.
+            log.info("the postgres backend does not blend section leads (RAG_RETRIEVAL__LEAD_WEIGHT is ignored)")
 
     @property
     def defaults(self) -> SearchOptions:
