@@ -57,6 +57,7 @@ from retrieval.types import (
     SearchFilters,
     SearchOptions,
     UnknownCollectionError,
+    validate_search_options,
 )
 
 if TYPE_CHECKING:
@@ -108,17 +109,6 @@ class _Leg:
         return out
 
 
-def _validate(options: SearchOptions) -> None:
-    if options.mode not in ("hybrid", "dense", "sparse"):
-        raise ValueError(f"unknown search mode {options.mode!r}")
-    if options.fusion not in ("rrf", "weighted"):
-        raise ValueError(f"unknown fusion {options.fusion!r}")
-    if options.depth < 1:
-        raise ValueError(f"depth must be >= 1, got {options.depth}")
-    if not 0.0 <= options.lead_weight <= 1.0:
-        raise ValueError(f"lead_weight must be in [0, 1], got {options.lead_weight}")
-
-
 class HybridRetriever:
     """Dense + BM25 retrieval with fusion, over the snapshots of an :class:`IndexStore`.
 
@@ -160,7 +150,7 @@ class HybridRetriever:
         self._executor = executor
         self._leg_executor = leg_executor
         self._defaults = defaults or SearchOptions()
-        _validate(self._defaults)
+        validate_search_options(self._defaults)
 
     @property
     def defaults(self) -> SearchOptions:
@@ -239,7 +229,7 @@ class HybridRetriever:
             ValueError: For invalid options.
         """
         opts = options or self._defaults
-        _validate(opts)
+        validate_search_options(opts)
         if k <= 0:
             return []
         snapshots = self._snapshots(filters)

@@ -192,6 +192,22 @@ class SearchOptions:
     """Weight of a chunk's document lead in its dense score (:mod:`retrieval.leads`); 0: off."""
 
 
+def validate_search_options(options: SearchOptions) -> None:
+    """The one check of search options, for every retrieval backend.
+
+    Raises:
+        ValueError: An unknown mode or fusion, ``depth < 1``, or ``lead_weight`` outside [0, 1].
+    """
+    if options.mode not in ("hybrid", "dense", "sparse"):
+        raise ValueError(f"unknown search mode {options.mode!r}")
+    if options.fusion not in ("rrf", "weighted"):
+        raise ValueError(f"unknown fusion {options.fusion!r}")
+    if options.depth < 1:
+        raise ValueError(f"depth must be >= 1, got {options.depth}")
+    if not 0.0 <= options.lead_weight <= 1.0:
+        raise ValueError(f"lead_weight must be in [0, 1], got {options.lead_weight}")
+
+
 @runtime_checkable
 class Embedder(Protocol):
     """Turns text into L2-normalized float32 vectors of a fixed dimension."""

@@ -55,6 +55,7 @@ from retrieval.types import (
     SearchFilters,
     SearchOptions,
     UnknownCollectionError,
+    validate_search_options,
 )
 
 if TYPE_CHECKING:
@@ -158,15 +159,6 @@ _CHUNKS = text(
 def like_prefix(prefix: str) -> str:
     """A LIKE pattern matching strings that start with ``prefix`` (``\\`` escapes ``%`` and ``_``)."""
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-
-
-def _validate(options: SearchOptions) -> None:
-    if options.mode not in ("hybrid", "dense", "sparse"):
-        raise ValueError(f"unknown search mode {options.mode!r}")
-    if options.fusion not in ("rrf", "weighted"):
-        raise ValueError(f"unknown fusion {options.fusion!r}")
-    if options.depth < 1:
-        raise ValueError(f"depth must be >= 1, got {options.depth}")
 
 
 def _ranked(rows: Sequence[Any]) -> LegRows:
@@ -495,7 +487,7 @@ class PgRetriever:
         self._embedder = embedder
         self._executor = executor
         self._defaults = defaults or SearchOptions()
-        _validate(self._defaults)
+        validate_search_options(self._defaults)
         if self._defaults.lead_weight > 0:
             # The section-lead blend of the local dense leg (retrieval/leads.py) has no SQL
             # counterpart yet: this backend ranks by each chunk's own similarity.
@@ -540,7 +532,7 @@ class PgRetriever:
             ValueError: For invalid options.
         """
         opts = options or self._defaults
-        _validate(opts)
+        validate_search_options(opts)
         if k <= 0:
             return []
         index = self._index
