@@ -559,7 +559,15 @@ class IngestPipeline:
                             session,
                             collection_id=collection_id,
                             chunks=[
-                                IndexedChunk(chunk_id, document.id, path, piece.text, vectors[row + i])
+                                IndexedChunk(
+                                    chunk_id,
+                                    document.id,
+                                    path,
+                                    piece.text,
+                                    vectors[row + i],
+                                    piece.heading,
+                                    piece.ordinal,
+                                )
                                 for i, (chunk_id, piece) in enumerate(zip(ids.all(), p.pieces, strict=True))
                             ],
                         )

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from retrieval.dense import DenseIndex
 
-__all__ = ["DocumentLeads"]
+__all__ = ["DocumentLeads", "blend_candidates", "section_leads"]
 
 
 class DocumentLeads:
@@ -52,22 +52,15 @@ class DocumentLeads:
     __slots__ = ("_chunk_ids", "_lead_ids", "_lead_of", "_vectors")
 
     def __init__(self, chunks: Iterable[Chunk], dense: DenseIndex) -> None:
-        lead: dict[tuple[int, str], Chunk] = {}
-        members: list[tuple[int, tuple[int, str]]] = []
-        for chunk in chunks:
-            section = (chunk.document_id, chunk.metadata.get("heading") or "")
-            best = lead.get(section)
-            if best is None or (chunk.ordinal, chunk.id) < (best.ordinal, best.id):
-                lead[section] = chunk
-            members.append((chunk.id, section))
-        lead_ids = np.array(sorted(c.id for c in lead.values()), dtype=np.int64)
+        lead_of = section_leads(
+            (chunk.id, chunk.document_id, chunk.metadata.get("heading"), chunk.ordinal) for chunk in chunks
+        )
+        lead_ids = np.array(sorted(set(lead_of.values())), dtype=np.int64)
         row_of_lead = {int(cid): row for row, cid in enumerate(lead_ids.tolist())}
-        members.sort()
+        members = sorted(lead_of.items())
         self._chunk_ids: npt.NDArray[np.int64] = np.array([cid for cid, _ in members], dtype=np.int64)
         # For each chunk (sorted by id), the row of its section's lead in _vectors.
-        self._lead_of: npt.NDArray[np.int64] = np.array(
-            [row_of_lead[lead[section].id] for _, section in members], dtype=np.int64
-        )
+        self._lead_of: npt.NDArray[np.int64] = np.array([row_of_lead[lead] for _, lead in members], dtype=np.int64)
         self._lead_ids = lead_ids
         dim = dense.dimension
         vectors = np.empty((lead_ids.size, dim), dtype=np.float32)
@@ -117,9 +110,56 @@ class DocumentLeads:
             extra_scores = lead_rank_scores[top].astype(np.float64)
         all_ids = np.concatenate([np.asarray(ids, dtype=np.int64), extra_ids])
         own = np.concatenate([np.asarray(scores, dtype=np.float64), extra_scores])
-        all_ids, first = np.unique(all_ids, return_index=True)  # a lead FAISS also found: once
-        own = own[first]
         rows = np.searchsorted(self._chunk_ids, all_ids)
-        blended = (1.0 - weight) * own + weight * lead_scores[self._lead_of[rows]].astype(np.float64)
-        order = np.lexsort((all_ids, -blended))[:k]
-        return all_ids[order], blended[order]
+        lead = lead_scores[self._lead_of[rows]].astype(np.float64)
+        return blend_candidates(all_ids, own, lead, weight=weight, k=k)
+
+
+def section_leads(chunks: Iterable[tuple[int, int, str | None, int]]) -> dict[int, int]:
+    """The lead chunk of each chunk's section: ``{chunk id: lead chunk id}``.
+
+    Args:
+        chunks: ``(chunk id, document id, heading, ordinal)`` of every chunk of the sections
+            (a section is a document's chunks under one heading; ``None`` and ``""`` are one).
+
+    The lead is the chunk with the smallest ``(ordinal, id)``: the rule :class:`DocumentLeads`
+    applies to a snapshot and the postgres backend's writer to each document it stores.
+    """
+    rows = list(chunks)
+    lead: dict[tuple[int, str], tuple[int, int]] = {}
+    for chunk_id, document_id, heading, ordinal in rows:
+        section = (document_id, heading or "")
+        best = lead.get(section)
+        if best is None or (ordinal, chunk_id) < best:
+            lead[section] = (ordinal, chunk_id)
+    return {chunk_id: lead[(document_id, heading or "")][1] for chunk_id, document_id, heading, _ in rows}
+
+
+def blend_candidates(
+    ids: npt.NDArray[np.int64],
+    own: npt.NDArray[np.float64],
+    lead: npt.NDArray[np.float64],
+    *,
+    weight: float,
+    k: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """The ``k`` best candidates by ``(1 - weight) · own + weight · lead``, best first, ties by id.
+
+    Args:
+        ids: Candidate chunk ids; a chunk listed twice (a lead the plain search also found) counts
+            once, with its first row's scores.
+        own: Each candidate's own similarity to the query.
+        lead: The similarity of each candidate's section lead to the query.
+        weight: ``w`` in the module formula, in [0, 1].
+        k: How many to return.
+
+    The one place the blend is computed, for both retrieval backends: the same floats in give
+    the same ranking out.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    unique_ids, first = np.unique(ids, return_index=True)
+    own = np.asarray(own, dtype=np.float64)[first]
+    lead = np.asarray(lead, dtype=np.float64)[first]
+    blended = (1.0 - weight) * own + weight * lead
+    order = np.lexsort((unique_ids, -blended))[:k]
+    return unique_ids[order], blended[order]

@@ -38,11 +38,13 @@ from concurrent.futures import Executor, Future
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from core.pgindex.writer import PgIndexWriter, vector_literal
 from retrieval.fusion import Fused, Legs, rrf, weighted
+from retrieval.leads import blend_candidates
 from retrieval.sparse import BM25Params
 from retrieval.tokenize import Tokenizer, TokenizerOptions
 from retrieval.types import (
@@ -59,7 +61,6 @@ from retrieval.types import (
 )
 
 if TYPE_CHECKING:
-    import numpy as np
     import numpy.typing as npt
 
 __all__ = ["PgIndex", "PgIndexUnavailableError", "PgRetriever"]
@@ -108,11 +109,12 @@ _DENSE = text(
     """
 )
 
-# Per (collection, query term): the weight reps · idf, and the collection's avgdl. The average idf
-# behind the epsilon floor is a sub-plan evaluated only for a term whose idf is negative.
-# MATERIALIZED: inlined, the planner moved the CASE (and its sub-plan over df_hist) into the
-# aggregate over the postings, evaluating it once per posting (minutes at 100k chunks). All in
-# float8, as rank-bm25's math.log (an integer + 0.5 would be numeric).
+# Per (collection, query term): the weight reps · idf, the collection's avgdl, the term's df and the
+# upper bound of its contribution to one chunk (core/pgindex/bm25.py). The average idf behind the
+# epsilon floor is a sub-plan evaluated only for a term whose idf is negative. MATERIALIZED:
+# inlined, the planner moved the CASE (and its sub-plan over df_hist) into the aggregate over the
+# postings, evaluating it once per posting (minutes at 100k chunks). All in float8, as
+# rank-bm25's math.log (an integer + 0.5 would be numeric).
 _WEIGHTS = """
     WITH q AS (
         SELECT term, count(*)::float8 AS reps FROM unnest(CAST(:terms AS text[])) AS u(term) GROUP BY term
@@ -120,30 +122,65 @@ _WEIGHTS = """
         SELECT collection_id, n_docs::float8 AS n, total_len::float8 / n_docs AS avgdl
         FROM rag_index.stats WHERE collection_id = ANY(CAST(:cids AS int[])) AND n_docs > 0
     ), w AS (
-        SELECT t.collection_id, t.term, q.reps, st.n, st.avgdl,
+        SELECT t.collection_id, t.term, q.reps, st.n, st.avgdl, t.df, t.max_tf, t.min_len_per_tf,
                ln(st.n - t.df + 0.5) - ln(t.df::float8 + 0.5) AS x
         FROM q JOIN rag_index.terms t ON t.term = q.term JOIN st ON st.collection_id = t.collection_id
     ), idf AS MATERIALIZED (
-        SELECT collection_id, term, avgdl, reps * CASE WHEN x >= 0 THEN x ELSE CAST(:epsilon AS float8) * (
-            SELECT sum(h.terms * (ln(w.n - h.df + 0.5) - ln(h.df::float8 + 0.5))) / sum(h.terms)
-            FROM rag_index.df_hist h WHERE h.collection_id = w.collection_id
-        ) END AS weight
+        SELECT collection_id, term, avgdl, df, max_tf, min_len_per_tf, reps * CASE WHEN x >= 0 THEN x
+            ELSE CAST(:epsilon AS float8) * (
+                SELECT sum(h.terms * (ln(w.n - h.df + 0.5) - ln(h.df::float8 + 0.5))) / sum(h.terms)
+                FROM rag_index.df_hist h WHERE h.collection_id = w.collection_id
+            ) END AS weight
         FROM w
+    ), bounded AS (
+        SELECT collection_id, term, weight, avgdl, df::bigint AS df,
+               weight * CASE WHEN max_tf IS NULL OR min_len_per_tf IS NULL THEN CAST(:k1 AS float8) + 1
+                   ELSE (CAST(:k1 AS float8) + 1) / (1 + CAST(:k1 AS float8) * (1 - CAST(:b AS float8)) / max_tf
+                       + CAST(:k1 AS float8) * CAST(:b AS float8) * min_len_per_tf / avgdl) END AS bound
+        FROM idf
     )
 """
 
+# One call of rag_index.bm25_top (migration 0006, core/pgindex/bm25.py) with the pairs' arrays.
 _SPARSE = text(
     _WEIGHTS
     + """
-    SELECT p.chunk_id,
-           sum(idf.weight * (p.tf * (CAST(:k1 AS float8) + 1))
-               / (p.tf + CAST(:k1 AS float8) * (1 - CAST(:b AS float8) + CAST(:b AS float8) * p.doc_len / idf.avgdl)))
-           AS score
-    FROM idf JOIN rag_index.postings p ON p.collection_id = idf.collection_id AND p.term = idf.term
-    {prefix}
-    GROUP BY p.chunk_id
-    ORDER BY score DESC, p.chunk_id
-    LIMIT :depth
+    , a AS (
+        SELECT array_agg(collection_id ORDER BY collection_id, term) AS c,
+               array_agg(term ORDER BY collection_id, term) AS t,
+               array_agg(weight ORDER BY collection_id, term) AS w,
+               array_agg(avgdl ORDER BY collection_id, term) AS l,
+               array_agg(bound ORDER BY collection_id, term) AS u,
+               array_agg(df ORDER BY collection_id, term) AS d
+        FROM bounded
+    )
+    SELECT r.chunk_id, r.score
+    FROM a CROSS JOIN LATERAL rag_index.bm25_top(a.c, a.t, a.w, a.l, a.u, a.d, CAST(:k1 AS float8),
+        CAST(:b AS float8), CAST(:depth AS integer), CAST(:prefix AS text)) AS r
+    """
+)
+
+# The dense leg with section leads (retrieval/leads.py): the HNSW top ``depth`` of all chunks
+# (hit) and of the leads alone (partial HNSW index of migration 0006), each row with the
+# similarity of its section's lead; blended in Python (retrieval.leads.blend_candidates).
+_DENSE_LEADS = text(
+    """
+    WITH h AS (
+        SELECT chunk_id, lead_id, -(embedding <#> CAST(:q AS vector)) AS own
+        FROM rag_index.chunks
+        WHERE collection_id = ANY(CAST(:cids AS int[])) {prefix}
+        ORDER BY embedding <#> CAST(:q AS vector)
+        LIMIT :depth
+    ), l AS (
+        SELECT chunk_id, lead_id, -(embedding <#> CAST(:q AS vector)) AS own
+        FROM rag_index.chunks
+        WHERE chunk_id = lead_id AND collection_id = ANY(CAST(:cids AS int[])) {prefix}
+        ORDER BY embedding <#> CAST(:q AS vector)
+        LIMIT :depth
+    )
+    SELECT x.chunk_id, x.own, coalesce(-(ld.embedding <#> CAST(:q AS vector)), x.own), x.hit
+    FROM (SELECT h.*, true AS hit FROM h UNION ALL SELECT l.*, false FROM l) x
+    LEFT JOIN rag_index.chunks ld ON ld.chunk_id = x.lead_id
     """
 )
 
@@ -171,6 +208,31 @@ def _ranked(rows: Sequence[Any]) -> LegRows:
     out = [(int(r[0]), float(r[1])) for r in rows]
     out.sort(key=lambda r: (-float(f"{r[1]:.12g}"), r[0]))
     return out
+
+
+def blend_leads(rows: Sequence[Any], depth: int, weight: float) -> LegRows:
+    """The dense leg with section leads from the rows of the two HNSW searches, best first.
+
+    ``rows`` are ``(chunk_id, own similarity, its section lead's similarity, hit)``: ``hit`` rows
+    come from the search of all chunks, the others from the search of the leads (one node's, or
+    every shard's: each side is cut to its ``depth`` best here, so shards give the candidates of
+    one node). The candidates and the formula are the local backend's
+    (:meth:`retrieval.leads.DocumentLeads.blend`, :func:`retrieval.leads.blend_candidates`).
+    """
+    hits = _ranked([(r[0], r[1]) for r in rows if r[3]])[:depth]
+    leads = _ranked([(r[0], r[1]) for r in rows if not r[3]])[:depth]
+    lead_of = {int(r[0]): float(r[2]) for r in rows}
+    candidates = hits + leads
+    if not candidates:
+        return []
+    ids, scores = blend_candidates(
+        np.array([c[0] for c in candidates], dtype=np.int64),
+        np.array([c[1] for c in candidates], dtype=np.float64),
+        np.array([lead_of[c[0]] for c in candidates], dtype=np.float64),
+        weight=weight,
+        k=depth,
+    )
+    return list(zip(ids.tolist(), scores.tolist(), strict=True))
 
 
 class PgIndex:
@@ -371,15 +433,21 @@ class PgIndex:
             ids.append(indexed[name])
         return ids
 
-    async def dense_leg(self, cids: list[int], vector: str, depth: int, prefix: str | None) -> LegRows:
-        """Best-first ``(chunk_id, inner product)`` of the HNSW search, inside the filters."""
-        sql = _DENSE.text.format(prefix="AND path LIKE :prefix ESCAPE '\\'" if prefix is not None else "")
+    async def dense_leg(
+        self, cids: list[int], vector: str, depth: int, prefix: str | None, lead_weight: float = 0.0
+    ) -> LegRows:
+        """Best-first ``(chunk_id, dense score)`` inside the filters: the HNSW search's inner products,
+        blended with the section leads' when ``lead_weight > 0`` (:func:`blend_leads`)."""
+        condition = "AND path LIKE :prefix ESCAPE '\\'" if prefix is not None else ""
         params: dict[str, Any] = {"q": vector, "cids": cids, "depth": depth}
         if prefix is not None:
             params["prefix"] = like_prefix(prefix)
+        sql = (_DENSE_LEADS if lead_weight > 0 else _DENSE).text.format(prefix=condition)
         async with self._engine.begin() as conn:
             await self._set_search_knobs(conn)
             rows = (await conn.execute(text(sql), params)).all()
+        if lead_weight > 0:
+            return blend_leads(rows, depth, lead_weight)
         return _ranked(rows)
 
     async def _set_search_knobs(self, conn: AsyncConnection) -> None:
@@ -396,10 +464,10 @@ class PgIndex:
         )
 
     async def sparse_leg(self, cids: list[int], tokens: list[str], depth: int, prefix: str | None) -> LegRows:
-        """Best-first ``(chunk_id, BM25 score)`` of the chunks holding a query term, inside the filters."""
+        """Best-first ``(chunk_id, BM25 score)`` of the chunks holding a query term, inside the filters
+        (exact top ``depth``: ``rag_index.bm25_top``, :mod:`core.pgindex.bm25`)."""
         if not tokens:
             return []
-        where = ""
         params: dict[str, Any] = {
             "terms": tokens,
             "cids": cids,
@@ -407,24 +475,12 @@ class PgIndex:
             "k1": self._params.k1,
             "b": self._params.b,
             "epsilon": self._params.epsilon,
+            "prefix": None if prefix is None else like_prefix(prefix),
         }
-        if prefix is not None:
-            where = (
-                "WHERE p.chunk_id IN (SELECT chunk_id FROM rag_index.chunks "
-                "WHERE collection_id = ANY(CAST(:cids AS int[])) AND path LIKE :prefix ESCAPE '\\')"
-            )
-            params["prefix"] = like_prefix(prefix)
         async with self._engine.begin() as conn:
-            # Common terms have tens of thousands of postings at 100k chunks: aggregate them in memory
-            # (the default 4 MB work_mem spilled the per-chunk sums to disk).
             # Custom plans: the plan depends on how many postings the query's terms have.
-            await conn.execute(
-                text(
-                    "SELECT set_config('work_mem', '64MB', true), "
-                    "set_config('plan_cache_mode', 'force_custom_plan', true)"
-                )
-            )
-            rows = (await conn.execute(text(_SPARSE.text.format(prefix=where)), params)).all()
+            await conn.execute(text("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)"))
+            rows = (await conn.execute(_SPARSE, params)).all()
         return _ranked(rows)
 
     async def chunks(self, ids: Sequence[int]) -> dict[int, Chunk]:
@@ -488,10 +544,6 @@ class PgRetriever:
         self._executor = executor
         self._defaults = defaults or SearchOptions()
         validate_search_options(self._defaults)
-        if self._defaults.lead_weight > 0:
-            # The section-lead blend of the local dense leg (retrieval/leads.py) has no SQL
-            # counterpart yet: this backend ranks by each chunk's own similarity.
-            log.info("the postgres backend does not blend section leads (RAG_RETRIEVAL__LEAD_WEIGHT is ignored)")
 
     @property
     def defaults(self) -> SearchOptions:
@@ -552,7 +604,7 @@ class PgRetriever:
         try:
             if use_dense:
                 vector = vector_literal(self._embed(query))
-                dense = index.run(index.dense_leg(cids, vector, depth, prefix))
+                dense = index.run(index.dense_leg(cids, vector, depth, prefix, opts.lead_weight))
         finally:
             sparse = sparse_future.result() if sparse_future is not None else []
         if opts.mode == "dense":

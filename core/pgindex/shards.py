@@ -40,8 +40,9 @@ from typing import TYPE_CHECKING, Any
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import text
 
-from core.pgindex.index import _WEIGHTS, PgIndex, _ranked, like_prefix
-from core.pgindex.writer import IndexedChunk, PgIndexWriter, postings, vector_literal
+from core.pgindex.bm25 import bm25_function
+from core.pgindex.index import _WEIGHTS, PgIndex, _ranked, blend_leads, like_prefix
+from core.pgindex.writer import IndexedChunk, PgIndexWriter, lead_ids, postings, vector_literal
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -50,7 +51,7 @@ __all__ = ["SHARD_SCHEMA_VERSION", "ShardedPgIndex", "shard_ddl"]
 
 log = logging.getLogger(__name__)
 
-SHARD_SCHEMA_VERSION = "1"
+SHARD_SCHEMA_VERSION = "2"
 
 
 def shard_ddl(dimension: int) -> list[str]:
@@ -71,15 +72,26 @@ def shard_ddl(dimension: int) -> list[str]:
             chunk_id bigint NOT NULL REFERENCES rag_shard.chunks (chunk_id) ON DELETE CASCADE,
             tf integer NOT NULL, doc_len integer NOT NULL, PRIMARY KEY (collection_id, term, chunk_id))""",
         "CREATE INDEX IF NOT EXISTS ix_rag_shard_postings_chunk ON rag_shard.postings (chunk_id)",
+        # Section leads (migration 0006 on the coordinator): NULL on rows put before, which then
+        # count as their own lead until re-ingested.
+        "ALTER TABLE rag_shard.chunks ADD COLUMN IF NOT EXISTS lead_id bigint",
+        """CREATE INDEX IF NOT EXISTS ix_rag_shard_chunks_lead_embedding ON rag_shard.chunks
+            USING hnsw (embedding vector_ip_ops) WITH (m = 16, ef_construction = 64) WHERE chunk_id = lead_id""",
+        # Functions of shard schema version 1, replaced by the ones below.
+        """DROP FUNCTION IF EXISTS rag_shard.put(integer, bigint[], integer[], text[], integer[], text[], text[],
+            bigint[], integer[], integer[])""",
+        "DROP FUNCTION IF EXISTS rag_shard.bm25",
+        "DROP FUNCTION IF EXISTS rag_shard.knn",
         # Writes: replace a chunk if it exists (a repair may re-send one).
         """CREATE OR REPLACE FUNCTION rag_shard.put(
             p_collection integer, p_chunks bigint[], p_documents integer[], p_paths text[], p_lens integer[],
-            p_vectors text[], p_terms text[], p_term_chunks bigint[], p_tfs integer[], p_term_lens integer[])
+            p_vectors text[], p_leads bigint[], p_terms text[], p_term_chunks bigint[], p_tfs integer[],
+            p_term_lens integer[])
         RETURNS integer LANGUAGE sql AS $$
             DELETE FROM rag_shard.chunks WHERE chunk_id = ANY(p_chunks);
-            INSERT INTO rag_shard.chunks (chunk_id, collection_id, document_id, path, doc_len, embedding)
-            SELECT u.c, p_collection, u.d, u.p, u.l, CAST(u.v AS vector)
-            FROM unnest(p_chunks, p_documents, p_paths, p_lens, p_vectors) AS u(c, d, p, l, v);
+            INSERT INTO rag_shard.chunks (chunk_id, collection_id, document_id, path, doc_len, embedding, lead_id)
+            SELECT u.c, p_collection, u.d, u.p, u.l, CAST(u.v AS vector), u.lead
+            FROM unnest(p_chunks, p_documents, p_paths, p_lens, p_vectors, p_leads) AS u(c, d, p, l, v, lead);
             INSERT INTO rag_shard.postings (collection_id, term, chunk_id, tf, doc_len)
             SELECT p_collection, u.t, u.c, u.f, u.l
             FROM unnest(p_terms, p_term_chunks, p_tfs, p_term_lens) AS u(t, c, f, l);
@@ -92,59 +104,48 @@ def shard_ddl(dimension: int) -> list[str]:
         """CREATE OR REPLACE FUNCTION rag_shard.ids() RETURNS SETOF bigint LANGUAGE sql STABLE AS $$
             SELECT chunk_id FROM rag_shard.chunks
         $$""",
-        """CREATE OR REPLACE FUNCTION rag_shard.knn(
-            p_collections integer[], p_query text, p_depth integer, p_prefix text, p_ef integer)
-        RETURNS TABLE (chunk_id bigint, score double precision) LANGUAGE plpgsql
-        SET plan_cache_mode = force_custom_plan AS $$
+        # The dense leg's rows (core.pgindex.index.blend_leads): this shard's HNSW top p_depth of all
+        # chunks (hit) and, with p_leads, of the section leads, each with its lead's similarity (a
+        # document's chunks, so its leads, live on one shard).
+        """CREATE OR REPLACE FUNCTION rag_shard.knn_leads(
+            p_collections integer[], p_query text, p_depth integer, p_prefix text, p_ef integer, p_leads boolean)
+        RETURNS TABLE (chunk_id bigint, score double precision, lead_score double precision, hit boolean)
+        LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
         DECLARE
             q vector := CAST(p_query AS vector);  -- parsed once, not per row
         BEGIN
             PERFORM set_config('hnsw.ef_search', p_ef::text, true),
                     set_config('hnsw.iterative_scan', 'relaxed_order', true);
-            RETURN QUERY
-            SELECT c.chunk_id, -(c.embedding <#> q)
-            FROM rag_shard.chunks c
-            WHERE c.collection_id = ANY(p_collections) AND (p_prefix IS NULL OR c.path LIKE p_prefix ESCAPE '\\')
-            ORDER BY c.embedding <#> q
-            LIMIT p_depth;
-        END $$""",
-        # The single node's scoring expression, with the weights computed on the coordinator.
-        """CREATE OR REPLACE FUNCTION rag_shard.bm25(
-            p_collections integer[], p_terms text[], p_weights double precision[], p_avgdls double precision[],
-            p_k1 double precision, p_b double precision, p_depth integer, p_prefix text)
-        RETURNS TABLE (chunk_id bigint, score double precision) LANGUAGE plpgsql
-        SET work_mem = '64MB' SET plan_cache_mode = force_custom_plan AS $$
-        BEGIN
-            -- Two statements rather than "p_prefix IS NULL OR ...": each gets the plan it needs.
-            IF p_prefix IS NULL THEN
+            IF NOT p_leads THEN
                 RETURN QUERY
-                WITH idf AS MATERIALIZED (
-                    SELECT * FROM unnest(p_collections, p_terms, p_weights, p_avgdls)
-                        AS u(collection_id, term, weight, avgdl)
-                )
-                SELECT p.chunk_id,
-                       sum(idf.weight * (p.tf * (p_k1 + 1)) / (p.tf + p_k1 * (1 - p_b + p_b * p.doc_len / idf.avgdl)))
-                FROM idf JOIN rag_shard.postings p ON p.collection_id = idf.collection_id AND p.term = idf.term
-                GROUP BY p.chunk_id
-                ORDER BY 2 DESC, p.chunk_id
+                SELECT c.chunk_id, -(c.embedding <#> q), -(c.embedding <#> q), true
+                FROM rag_shard.chunks c
+                WHERE c.collection_id = ANY(p_collections) AND (p_prefix IS NULL OR c.path LIKE p_prefix ESCAPE '\\')
+                ORDER BY c.embedding <#> q
                 LIMIT p_depth;
-            ELSE
-                RETURN QUERY
-                WITH idf AS MATERIALIZED (
-                    SELECT * FROM unnest(p_collections, p_terms, p_weights, p_avgdls)
-                        AS u(collection_id, term, weight, avgdl)
-                )
-                SELECT p.chunk_id,
-                       sum(idf.weight * (p.tf * (p_k1 + 1)) / (p.tf + p_k1 * (1 - p_b + p_b * p.doc_len / idf.avgdl)))
-                FROM idf JOIN rag_shard.postings p ON p.collection_id = idf.collection_id AND p.term = idf.term
-                WHERE p.chunk_id IN (
-                    SELECT c.chunk_id FROM rag_shard.chunks c
-                    WHERE c.collection_id = ANY(p_collections) AND c.path LIKE p_prefix ESCAPE '\\')
-                GROUP BY p.chunk_id
-                ORDER BY 2 DESC, p.chunk_id
-                LIMIT p_depth;
+                RETURN;
             END IF;
+            RETURN QUERY
+            WITH h AS (
+                SELECT c.chunk_id, coalesce(c.lead_id, c.chunk_id) AS lead_id, -(c.embedding <#> q) AS own
+                FROM rag_shard.chunks c
+                WHERE c.collection_id = ANY(p_collections) AND (p_prefix IS NULL OR c.path LIKE p_prefix ESCAPE '\\')
+                ORDER BY c.embedding <#> q
+                LIMIT p_depth
+            ), l AS (
+                SELECT c.chunk_id, c.chunk_id AS lead_id, -(c.embedding <#> q) AS own
+                FROM rag_shard.chunks c
+                WHERE c.chunk_id = c.lead_id AND c.collection_id = ANY(p_collections)
+                    AND (p_prefix IS NULL OR c.path LIKE p_prefix ESCAPE '\\')
+                ORDER BY c.embedding <#> q
+                LIMIT p_depth
+            )
+            SELECT x.chunk_id, x.own, coalesce(-(ld.embedding <#> q), x.own), x.hit
+            FROM (SELECT h.*, true AS hit FROM h UNION ALL SELECT l.*, false FROM l) x
+            LEFT JOIN rag_shard.chunks ld ON ld.chunk_id = x.lead_id;
         END $$""",
+        # The single node's function, with the weights and bounds computed on the coordinator.
+        bm25_function("rag_shard"),
         f"""INSERT INTO rag_shard.meta (key, value) VALUES ('version', '{SHARD_SCHEMA_VERSION}')
             ON CONFLICT (key) DO UPDATE SET value = excluded.value""",
     ]
@@ -159,14 +160,18 @@ def _proxy_ddl(shards: Sequence[str]) -> list[str]:
         "DROP SERVER IF EXISTS rag_shards CASCADE",
         f"CREATE SERVER rag_shards FOREIGN DATA WRAPPER plproxy OPTIONS (connection_lifetime '1800', {options})",
         "CREATE USER MAPPING IF NOT EXISTS FOR PUBLIC SERVER rag_shards",
+        """DROP FUNCTION IF EXISTS rag_proxy.put(integer, integer, bigint[], integer[], text[], integer[], text[],
+            text[], bigint[], integer[], integer[])""",
+        "DROP FUNCTION IF EXISTS rag_proxy.bm25",
+        "DROP FUNCTION IF EXISTS rag_proxy.knn",
         """CREATE OR REPLACE FUNCTION rag_proxy.put(
             p_route integer, p_collection integer, p_chunks bigint[], p_documents integer[], p_paths text[],
-            p_lens integer[], p_vectors text[], p_terms text[], p_term_chunks bigint[], p_tfs integer[],
-            p_term_lens integer[])
+            p_lens integer[], p_vectors text[], p_leads bigint[], p_terms text[], p_term_chunks bigint[],
+            p_tfs integer[], p_term_lens integer[])
         RETURNS integer LANGUAGE plproxy AS $$
             CLUSTER 'rag_shards';
             RUN ON hashint4(p_route);
-            SELECT rag_shard.put(p_collection, p_chunks, p_documents, p_paths, p_lens, p_vectors, p_terms,
+            SELECT rag_shard.put(p_collection, p_chunks, p_documents, p_paths, p_lens, p_vectors, p_leads, p_terms,
                                  p_term_chunks, p_tfs, p_term_lens);
         $$""",
         """CREATE OR REPLACE FUNCTION rag_proxy.remove(p_chunks bigint[]) RETURNS SETOF integer LANGUAGE plproxy AS $$
@@ -179,20 +184,23 @@ def _proxy_ddl(shards: Sequence[str]) -> list[str]:
             RUN ON ALL;
             SELECT * FROM rag_shard.ids();
         $$""",
-        """CREATE OR REPLACE FUNCTION rag_proxy.knn(
-            p_collections integer[], p_query text, p_depth integer, p_prefix text, p_ef integer)
-        RETURNS TABLE (chunk_id bigint, score double precision) LANGUAGE plproxy AS $$
+        """CREATE OR REPLACE FUNCTION rag_proxy.knn_leads(
+            p_collections integer[], p_query text, p_depth integer, p_prefix text, p_ef integer, p_leads boolean)
+        RETURNS TABLE (chunk_id bigint, score double precision, lead_score double precision, hit boolean)
+        LANGUAGE plproxy AS $$
             CLUSTER 'rag_shards';
             RUN ON ALL;
-            SELECT * FROM rag_shard.knn(p_collections, p_query, p_depth, p_prefix, p_ef);
+            SELECT * FROM rag_shard.knn_leads(p_collections, p_query, p_depth, p_prefix, p_ef, p_leads);
         $$""",
-        """CREATE OR REPLACE FUNCTION rag_proxy.bm25(
+        """CREATE OR REPLACE FUNCTION rag_proxy.bm25_top(
             p_collections integer[], p_terms text[], p_weights double precision[], p_avgdls double precision[],
-            p_k1 double precision, p_b double precision, p_depth integer, p_prefix text)
+            p_bounds double precision[], p_dfs bigint[], p_k1 double precision, p_b double precision,
+            p_depth integer, p_prefix text)
         RETURNS TABLE (chunk_id bigint, score double precision) LANGUAGE plproxy AS $$
             CLUSTER 'rag_shards';
             RUN ON ALL;
-            SELECT * FROM rag_shard.bm25(p_collections, p_terms, p_weights, p_avgdls, p_k1, p_b, p_depth, p_prefix);
+            SELECT * FROM rag_shard.bm25_top(p_collections, p_terms, p_weights, p_avgdls, p_bounds, p_dfs, p_k1, p_b,
+                                             p_depth, p_prefix);
         $$""",
         # The coordinator's index rows go with the chunk rows (cascade); their vectors on the shards
         # go with them. One call per statement, to every shard (the rows' documents are known, but
@@ -235,8 +243,8 @@ _PUT = text(
     """
     SELECT rag_proxy.put(CAST(:route AS integer), CAST(:collection_id AS integer), CAST(:chunk_ids AS bigint[]),
         CAST(:document_ids AS integer[]), CAST(:paths AS text[]), CAST(:doc_lens AS integer[]),
-        CAST(:embeddings AS text[]), CAST(:terms AS text[]), CAST(:term_chunks AS bigint[]),
-        CAST(:tfs AS integer[]), CAST(:term_lens AS integer[]))
+        CAST(:embeddings AS text[]), CAST(:lead_ids AS bigint[]), CAST(:terms AS text[]),
+        CAST(:term_chunks AS bigint[]), CAST(:tfs AS integer[]), CAST(:term_lens AS integer[]))
     """
 )
 
@@ -250,8 +258,22 @@ class ShardedPgIndexWriter(PgIndexWriter):
         await self.put_only(session, collection_id=collection_id, chunks=chunks)
         await self._add_rows(session, collection_id=collection_id, chunks=chunks, with_vectors=False)
 
-    async def put_only(self, session: AsyncSession, *, collection_id: int, chunks: Sequence[IndexedChunk]) -> None:
-        """Put the chunks' vectors and postings on their shards (each shard commits on its own)."""
+    async def put_only(
+        self,
+        session: AsyncSession,
+        *,
+        collection_id: int,
+        chunks: Sequence[IndexedChunk],
+        leads: dict[int, int] | None = None,
+    ) -> None:
+        """Put the chunks' vectors and postings on their shards (each shard commits on its own).
+
+        Args:
+            leads: Each chunk's section lead, when ``chunks`` are not whole documents (a repair
+                takes them from the coordinator); ``None``: computed from ``chunks``.
+        """
+        if leads is None:
+            leads = dict(zip((c.chunk_id for c in chunks), lead_ids(chunks), strict=True))
         by_document: dict[int, list[IndexedChunk]] = {}
         for chunk in chunks:
             by_document.setdefault(chunk.document_id, []).append(chunk)
@@ -267,6 +289,7 @@ class ShardedPgIndexWriter(PgIndexWriter):
                     "paths": [c.path for c in group],
                     "doc_lens": lengths,
                     "embeddings": [vector_literal(c.vector) for c in group],
+                    "lead_ids": [leads[c.chunk_id] for c in group],
                     "terms": columns["terms"],
                     "term_chunks": columns["chunk_ids"],
                     "tfs": columns["tfs"],
@@ -278,7 +301,7 @@ class ShardedPgIndexWriter(PgIndexWriter):
 _BM25_WEIGHTS = text(
     _WEIGHTS
     + """
-    SELECT collection_id, term, weight, avgdl FROM idf ORDER BY collection_id, term
+    SELECT collection_id, term, weight, avgdl, bound, df FROM bounded ORDER BY collection_id, term
     """
 )
 
@@ -324,14 +347,17 @@ class ShardedPgIndex(PgIndex):
         """The writer the ingestion pipeline calls in its chunk transactions."""
         return ShardedPgIndexWriter(self._tokenizer)
 
-    async def dense_leg(self, cids: list[int], vector: str, depth: int, prefix: str | None) -> list[tuple[int, float]]:
-        """Every shard's HNSW top ``depth``, merged (best first, ties by id) and cut at ``depth``."""
+    async def dense_leg(
+        self, cids: list[int], vector: str, depth: int, prefix: str | None, lead_weight: float = 0.0
+    ) -> list[tuple[int, float]]:
+        """Every shard's HNSW top ``depth`` (and its leads' with ``lead_weight > 0``), merged as one
+        node's (best first, ties by id) and cut at ``depth``."""
         async with self._engine.connect() as conn:
             rows = (
                 await conn.execute(
                     text(
-                        "SELECT chunk_id, score FROM rag_proxy.knn(CAST(:cids AS integer[]), :q, "
-                        "CAST(:depth AS integer), :prefix, CAST(:ef AS integer))"
+                        "SELECT chunk_id, score, lead_score, hit FROM rag_proxy.knn_leads(CAST(:cids AS integer[]), "
+                        ":q, CAST(:depth AS integer), :prefix, CAST(:ef AS integer), CAST(:leads AS boolean))"
                     ),
                     {
                         "cids": cids,
@@ -339,10 +365,13 @@ class ShardedPgIndex(PgIndex):
                         "depth": depth,
                         "prefix": None if prefix is None else like_prefix(prefix),
                         "ef": self._ef_search,
+                        "leads": lead_weight > 0,
                     },
                 )
             ).all()
-        return _ranked(rows)[:depth]
+        if lead_weight > 0:
+            return blend_leads(rows, depth, lead_weight)
+        return _ranked([(r[0], r[1]) for r in rows])[:depth]
 
     async def sparse_leg(
         self, cids: list[int], tokens: list[str], depth: int, prefix: str | None
@@ -352,22 +381,34 @@ class ShardedPgIndex(PgIndex):
             return []
         async with self._engine.connect() as conn:
             weights = (
-                await conn.execute(_BM25_WEIGHTS, {"terms": tokens, "cids": cids, "epsilon": self._params.epsilon})
+                await conn.execute(
+                    _BM25_WEIGHTS,
+                    {
+                        "terms": tokens,
+                        "cids": cids,
+                        "epsilon": self._params.epsilon,
+                        "k1": self._params.k1,
+                        "b": self._params.b,
+                    },
+                )
             ).all()
             if not weights:
                 return []
             rows = (
                 await conn.execute(
                     text(
-                        "SELECT chunk_id, score FROM rag_proxy.bm25(CAST(:cids AS integer[]), CAST(:terms AS text[]), "
-                        "CAST(:weights AS float8[]), CAST(:avgdls AS float8[]), CAST(:k1 AS float8), "
-                        "CAST(:b AS float8), CAST(:depth AS integer), :prefix)"
+                        "SELECT chunk_id, score FROM rag_proxy.bm25_top(CAST(:cids AS integer[]), "
+                        "CAST(:terms AS text[]), CAST(:weights AS float8[]), CAST(:avgdls AS float8[]), "
+                        "CAST(:bounds AS float8[]), CAST(:dfs AS bigint[]), CAST(:k1 AS float8), CAST(:b AS float8), "
+                        "CAST(:depth AS integer), :prefix)"
                     ),
                     {
                         "cids": [int(w[0]) for w in weights],
                         "terms": [w[1] for w in weights],
                         "weights": [float(w[2]) for w in weights],
                         "avgdls": [float(w[3]) for w in weights],
+                        "bounds": [float(w[4]) for w in weights],
+                        "dfs": [int(w[5]) for w in weights],
                         "k1": self._params.k1,
                         "b": self._params.b,
                         "depth": depth,
@@ -397,21 +438,23 @@ class ShardedPgIndex(PgIndex):
                 rows = (
                     await session.execute(
                         text(
-                            "SELECT c.id, c.document_id, c.collection_id, d.path, c.text, c.embedding "
-                            "FROM chunks c JOIN documents d ON d.id = c.document_id "
-                            "WHERE c.id = ANY(CAST(:ids AS bigint[]))"
+                            "SELECT c.id, c.document_id, c.collection_id, d.path, c.text, c.embedding, c.heading, "
+                            "c.ordinal, r.lead_id FROM chunks c JOIN documents d ON d.id = c.document_id "
+                            "JOIN rag_index.chunks r ON r.chunk_id = c.id WHERE c.id = ANY(CAST(:ids AS bigint[]))"
                         ),
                         {"ids": missing},
                     )
                 ).all()
                 by_collection: dict[int, list[IndexedChunk]] = {}
+                leads: dict[int, int] = {}
                 for r in rows:
                     vector = np.frombuffer(r[5], dtype="<f4")
-                    chunk = IndexedChunk(int(r[0]), int(r[1]), r[3], r[4], vector)
+                    chunk = IndexedChunk(int(r[0]), int(r[1]), r[3], r[4], vector, r[6], int(r[7]))
                     by_collection.setdefault(int(r[2]), []).append(chunk)
+                    leads[chunk.chunk_id] = int(r[8])  # a repair may put part of a document: the coordinator's
                 writer = self.writer()
                 for collection_id, group in by_collection.items():
-                    await writer.put_only(session, collection_id=collection_id, chunks=group)
+                    await writer.put_only(session, collection_id=collection_id, chunks=group, leads=leads)
         if extra or missing:
             log.warning("shards repaired", extra={"put": len(missing), "removed": len(extra)})
         return len(missing), len(extra)

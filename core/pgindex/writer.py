@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import text
 
+from retrieval.leads import section_leads
 from retrieval.tokenize import Tokenizer
 
 if TYPE_CHECKING:
@@ -24,18 +25,21 @@ if TYPE_CHECKING:
     import numpy.typing as npt
     from sqlalchemy.ext.asyncio import AsyncSession
 
-__all__ = ["IndexedChunk", "PgIndexWriter", "vector_literal"]
+__all__ = ["IndexedChunk", "PgIndexWriter", "lead_ids", "vector_literal"]
 
 
 @dataclass(frozen=True, slots=True)
 class IndexedChunk:
-    """One chunk as the index needs it: its row id, owner, path, BM25 text and vector."""
+    """One chunk as the index needs it: its row id, owner, path, BM25 text and vector, and where it
+    sits in its document (heading path and ordinal: its section lead, :mod:`retrieval.leads`)."""
 
     chunk_id: int
     document_id: int
     path: str
     text: str
     vector: npt.NDArray[np.float32]
+    heading: str | None
+    ordinal: int
 
 
 def vector_literal(vector: npt.NDArray[np.float32]) -> str:
@@ -46,11 +50,11 @@ def vector_literal(vector: npt.NDArray[np.float32]) -> str:
 
 _INSERT_CHUNKS = text(
     """
-    INSERT INTO rag_index.chunks (chunk_id, collection_id, document_id, path, doc_len, embedding)
-    SELECT u.chunk_id, :collection_id, u.document_id, u.path, u.doc_len, CAST(u.embedding AS vector)
+    INSERT INTO rag_index.chunks (chunk_id, collection_id, document_id, path, doc_len, embedding, lead_id)
+    SELECT u.chunk_id, :collection_id, u.document_id, u.path, u.doc_len, CAST(u.embedding AS vector), u.lead_id
     FROM unnest(CAST(:chunk_ids AS bigint[]), CAST(:document_ids AS int[]), CAST(:paths AS text[]),
-                CAST(:doc_lens AS int[]), CAST(:embeddings AS text[]))
-         AS u(chunk_id, document_id, path, doc_len, embedding)
+                CAST(:doc_lens AS int[]), CAST(:embeddings AS text[]), CAST(:lead_ids AS bigint[]))
+         AS u(chunk_id, document_id, path, doc_len, embedding, lead_id)
     """
 )
 
@@ -62,6 +66,16 @@ _INSERT_POSTINGS = text(
          AS u(term, chunk_id, tf, doc_len)
     """
 )
+
+
+def lead_ids(chunks: Sequence[IndexedChunk]) -> list[int]:
+    """Each chunk's section lead (:func:`retrieval.leads.section_leads`), in the order of ``chunks``.
+
+    ``chunks`` must hold every chunk of their documents (the pipeline writes a document's chunks
+    in one call, after deleting its old ones), so that the lead is the document's own.
+    """
+    lead = section_leads((c.chunk_id, c.document_id, c.heading, c.ordinal) for c in chunks)
+    return [lead[c.chunk_id] for c in chunks]
 
 
 def postings(chunks: Sequence[IndexedChunk], tokenizer: Tokenizer) -> tuple[list[int], dict[str, list[object]]]:
@@ -108,6 +122,7 @@ class PgIndexWriter:
                 "paths": [c.path for c in chunks],
                 "doc_lens": lengths,
                 "embeddings": [vector_literal(c.vector) if with_vectors else None for c in chunks],
+                "lead_ids": lead_ids(chunks),
             },
         )
         if columns["terms"]:

@@ -170,31 +170,71 @@ async def test_bm25_parity_filters_and_transactional_deletes(ctx: IngestContext,
     assert index.collections() == ["faq"]
 
 
+@pytest.mark.parametrize("lead_weight", [SearchOptions().lead_weight, 0.0], ids=["default-leads", "no-leads"])
 async def test_hybrid_search_matches_the_local_backend(
-    ctx: IngestContext, tmp_path: Path, make_settings: Any, embedder: Any
+    ctx: IngestContext, tmp_path: Path, make_settings: Any, embedder: Any, lead_weight: float
 ) -> None:
-    """Same chunks, same tokenizer, same fusion: the top results agree with the local backend's."""
+    """Same chunks, same tokenizer, same section leads, same fusion: the results agree with the local
+    backend's, at the default section-lead weight and without the blend."""
     from core.wiring import build_retriever, open_store
     from ingest.indexer import rebuild
 
     folder = tmp_path / "faq"
     queries = write_passages(folder, 80)
+    # Passages with headings: several sections per document, so leads are not just first chunks.
+    write_sections(folder / "manual", 6)
     await ingest(ctx, folder, "faq")
     pg = ctx.store.retriever(ctx.embedder) if isinstance(ctx.store, PgIndex) else None
     assert pg is not None
-    # The local backend's snapshot of the very same chunk rows, without the section-lead blend
-    # that the postgres backend does not have yet (docs/scale-out.md): the shared definitions agree.
-    local_settings = make_settings(retrieval={"dense_accelerator": "none", "lead_weight": 0.0})
+    async with ctx.sessionmaker() as session:
+        sections = await session.scalar(
+            text("SELECT count(*) FROM rag_index.chunks WHERE chunk_id = lead_id AND path LIKE '%/manual/%'")
+        )
+    assert sections and sections > 6, "the manuals have more sections than documents"
+    # The local backend's snapshot of the very same chunk rows.
+    local_settings = make_settings(retrieval={"dense_accelerator": "none", "lead_weight": lead_weight})
     store = open_store(local_settings, model_id=embedder.model_id, dimension=embedder.dimension)
     await rebuild(ctx.sessionmaker, store, "faq")  # type: ignore[arg-type]
     local = build_retriever(local_settings, store, embedder)
+    filters = SearchFilters(("faq",))
+    queries = [*queries, *SECTION_QUERIES]
     same_top1 = 0
     overlap = []
     for query in queries:
-        a = [h.chunk.id for h in pg.search_sync(query, k=10, filters=SearchFilters(("faq",)))]
-        b = [h.chunk.id for h in local.search_sync(query, k=10, filters=SearchFilters(("faq",)))]
+        a = [
+            h.chunk.id
+            for h in pg.search_sync(query, k=10, filters=filters, options=SearchOptions(lead_weight=lead_weight))
+        ]
+        b = [h.chunk.id for h in local.search_sync(query, k=10, filters=filters)]
         same_top1 += a[0] == b[0]
         overlap.append(len(set(a) & set(b)) / 10)
     # HNSW at this size finds the exact neighbours; fused rankings agree (float rounding aside).
     assert same_top1 >= len(queries) - 1
     assert float(np.mean(overlap)) >= 0.95
+    # The dense leg alone, scores included: float32 dot products in another order (FAISS, pgvector)
+    # differ in the last bits, so ranks may only swap between near-equal scores.
+    dense = SearchOptions(mode="dense", lead_weight=lead_weight)
+    for query in queries:
+        a = pg.search_sync(query, k=10, filters=filters, options=dense)
+        b = local.search_sync(query, k=10, filters=filters, options=dense)
+        assert len(a) == len(b) == 10
+        for x, y in zip(a, b, strict=True):
+            assert math.isclose(x.score, y.score, abs_tol=1e-5), (query, x.chunk.id, y.chunk.id)
+            if x.chunk.id != y.chunk.id:
+                assert {x.chunk.id, y.chunk.id} <= {h.chunk.id for h in a} & {h.chunk.id for h in b}, query
+
+
+SECTION_QUERIES = ["How do I install the tool on Linux?", "Where are the configuration files kept?"]
+
+
+def write_sections(folder: Path, count: int) -> None:
+    """``count`` Markdown manuals, each with several headed sections of a few paragraphs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (FAQ / "corpus.jsonl").open(encoding="utf-8") as f:
+        rows = [json.loads(line) for _, line in zip(range(PASSAGES + count * 4), f, strict=False)][PASSAGES:]
+    for d in range(count):
+        parts = [f"# Manual {d}\n\nThis manual covers installing and configuring tool {d}.\n"]
+        for s, heading in enumerate(("Install on Linux", "Configuration files", "Troubleshooting", "Upgrades")):
+            row = rows[(d * 4 + s) % len(rows)]
+            parts.append(f"## {heading}\n\n{row['text']}\n\n{row['text']}\n")
+        (folder / f"manual{d}.md").write_text("\n".join(parts), encoding="utf-8")
