@@ -9,12 +9,18 @@ contract:
 
 - **dense leg**: ``ORDER BY embedding <#> q LIMIT depth`` on the HNSW index (inner product: the
   vectors are normalized, score = cosine), ``hnsw.ef_search`` from settings and pgvector 0.8's
-  iterative scan so the collection/path filters inside the SQL still fill ``depth``;
+  iterative scan so the collection/path filters inside the SQL still fill ``depth``; with
+  ``lead_weight > 0`` (the default) the local backend's section-lead blend
+  (:mod:`retrieval.leads`): the candidates are that top ``depth`` plus the ``depth`` best section
+  leads (a partial HNSW index over ``chunk_id = lead_id``, migration 0006), each scored
+  ``(1 − w)·cos(q, chunk) + w·cos(q, lead)`` by :func:`retrieval.leads.blend_candidates`;
 - **BM25 leg**: rank-bm25's Okapi definition (:mod:`retrieval.sparse`) computed in SQL from the
   postings and the collection statistics: ``idf = ln(N - df + 0.5) - ln(df + 0.5)``, negative
   ones floored to ``epsilon`` × the average idf over the collection's vocabulary (from
   ``rag_index.df_hist``), ``tf·(k1+1) / (tf + k1·(1 − b + b·len/avgdl))`` per posting, query
-  terms counted with repeats; per-collection statistics, as the local backend;
+  terms counted with repeats; per-collection statistics, as the local backend. The exact top
+  ``depth`` comes from ``rag_index.bm25_top`` (:mod:`core.pgindex.bm25`: MaxScore pruning, so a
+  question's common terms are probed for the candidates rather than summed over every posting);
 - **fusion**: :mod:`retrieval.fusion`, the local backend's functions and defaults.
 
 The legs run concurrently on two pooled connections, the BM25 one while the query is embedded.
@@ -468,7 +474,15 @@ class PgIndex:
         (exact top ``depth``: ``rag_index.bm25_top``, :mod:`core.pgindex.bm25`)."""
         if not tokens:
             return []
-        params: dict[str, Any] = {
+        async with self._engine.begin() as conn:
+            # Custom plans: the plan depends on how many postings the query's terms have.
+            await conn.execute(text("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)"))
+            rows = (await conn.execute(_SPARSE, self.sparse_params(cids, tokens, depth, prefix))).all()
+        return _ranked(rows)
+
+    def sparse_params(self, cids: list[int], tokens: list[str], depth: int, prefix: str | None) -> dict[str, Any]:
+        """The parameters of the single node's BM25 statement for one search."""
+        return {
             "terms": tokens,
             "cids": cids,
             "depth": depth,
@@ -477,11 +491,6 @@ class PgIndex:
             "epsilon": self._params.epsilon,
             "prefix": None if prefix is None else like_prefix(prefix),
         }
-        async with self._engine.begin() as conn:
-            # Custom plans: the plan depends on how many postings the query's terms have.
-            await conn.execute(text("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)"))
-            rows = (await conn.execute(_SPARSE, params)).all()
-        return _ranked(rows)
 
     async def chunks(self, ids: Sequence[int]) -> dict[int, Chunk]:
         """The chunks with these ids (from the chunk rows; ids that no longer exist are absent)."""

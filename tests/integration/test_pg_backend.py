@@ -20,7 +20,7 @@ import pytest
 from rank_bm25 import BM25Okapi
 from sqlalchemy import text
 
-from core.pgindex.index import PgIndex, PgRetriever
+from core.pgindex.index import _SPARSE, PgIndex, PgRetriever, _ranked
 from ingest.worker import IngestContext, build_ingest_context, enqueue_path, run_job
 from retrieval.sparse import SparseIndex
 from retrieval.types import SearchFilters, SearchOptions, UnknownCollectionError
@@ -168,6 +168,54 @@ async def test_bm25_parity_filters_and_transactional_deletes(ctx: IngestContext,
         await session.execute(text("DELETE FROM collections WHERE name = 'other'"))
     await assert_statistics_exact(ctx)
     assert index.collections() == ["faq"]
+
+
+async def test_bm25_top_k_prunes_and_stays_exact(ctx: IngestContext, tmp_path: Path) -> None:
+    """rag_index.bm25_top (MaxScore) returns the local BM25's top k, scores included, and does prune."""
+    folder = tmp_path / "faq"
+    queries = write_passages(folder)
+    queries += ["python list sort dictionary", "how do I install python on windows", "why is python slow"]
+    await ingest(ctx, folder, "faq")
+    await ingest(ctx, folder / "a", "other")  # two collections: (collection, term) pairs of both
+    index = ctx.store
+    assert isinstance(index, PgIndex)
+    tokenizer = index.tokenizer
+    cids = index.run(index.collection_ids(None))
+    locals_ = []
+    for name in ("faq", "other"):
+        texts = await chunk_texts(ctx, name)
+        ids = sorted(texts)
+        locals_.append(SparseIndex(ids, [tokenizer(texts[i]) for i in ids], tokenizer=tokenizer))
+    messages: list[str] = []
+    pruned = 0
+    async with ctx.sessionmaker() as session:
+        conn = await session.connection()
+        raw = (await conn.get_raw_connection()).driver_connection
+
+        def listen(_conn: object, message: Any) -> None:
+            messages.append(message.message)
+
+        raw.add_log_listener(listen)
+        await conn.execute(text("SET client_min_messages = debug1"))  # bm25_top says when it pruned
+        for depth in (5, 10, 40):
+            for query in queries:
+                before = len(messages)
+                rows = (await conn.execute(_SPARSE, index.sparse_params(cids, tokenizer(query), depth, None))).all()
+                pruned += any("bm25_top pruned" in m for m in messages[before:])
+                got = _ranked(rows)
+                # The local backend's legs, merged by raw score as the local retriever merges them.
+                merged: list[tuple[int, float]] = []
+                for local in locals_:
+                    found = local.search(query, depth)
+                    merged += zip(found[0].tolist(), found[1].tolist(), strict=True)
+                want = sorted(merged, key=lambda r: (-float(f"{r[1]:.12g}"), r[0]))[:depth]
+                assert len(got) == len(want), (query, depth)
+                for (a_id, a), (b_id, b) in zip(got, want, strict=True):
+                    assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), (query, depth)
+                    assert a_id == b_id or math.isclose(a, b, rel_tol=1e-12), (query, depth)  # ties: by id
+        await conn.execute(text("RESET client_min_messages"))
+        raw.remove_log_listener(listen)
+    assert pruned >= len(queries), f"pruned on only {pruned} of {3 * len(queries)} searches"
 
 
 @pytest.mark.parametrize("lead_weight", [SearchOptions().lead_weight, 0.0], ids=["default-leads", "no-leads"])
