@@ -69,6 +69,8 @@ BEGIN
             EXIT WHEN seen * 2 > total;
             CONTINUE WHEN seen < p_depth;
             rest := (SELECT sum(x) FROM unnest(ob[i + 1:n]) AS x) * (1 + 1e-9);
+            -- θ cannot exceed the bounds read so far: no need to compute it when they fall short.
+            CONTINUE WHEN rest >= (SELECT sum(x) FROM unnest(ob[1:i]) AS x);
             theta := (
                 SELECT s FROM (
                     SELECT sum(u.w * (p.tf * (p_k1 + 1)) / (p.tf + p_k1 * (1 - p_b + p_b * p.doc_len / u.a))) AS s

@@ -70,7 +70,8 @@ def shard_ddl(dimension: int) -> list[str]:
         """CREATE TABLE IF NOT EXISTS rag_shard.postings (
             collection_id integer NOT NULL, term text NOT NULL,
             chunk_id bigint NOT NULL REFERENCES rag_shard.chunks (chunk_id) ON DELETE CASCADE,
-            tf integer NOT NULL, doc_len integer NOT NULL, PRIMARY KEY (collection_id, term, chunk_id))""",
+            tf integer NOT NULL, doc_len integer NOT NULL,
+            PRIMARY KEY (collection_id, term, chunk_id) INCLUDE (tf, doc_len))""",
         "CREATE INDEX IF NOT EXISTS ix_rag_shard_postings_chunk ON rag_shard.postings (chunk_id)",
         # Section leads (migration 0006 on the coordinator): NULL on rows put before, which then
         # count as their own lead until re-ingested.

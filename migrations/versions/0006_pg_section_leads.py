@@ -12,6 +12,7 @@ Create Date: 2026-12-07 12:00:00
   a term's postings, the per-term upper bound of a BM25 contribution (``core/pgindex/bm25.py``);
   kept by the insert trigger (a delete leaves them: a stale bound is looser, still a bound).
 - ``rag_index.bm25_top``: exact BM25 top-k with MaxScore pruning (``core/pgindex/bm25.py``).
+- ``rag_index.postings``' primary key index covers ``tf`` and ``doc_len`` (index-only scans).
 
 Nothing on SQLite or where 0005 created nothing (no pgvector).
 """
@@ -99,6 +100,10 @@ _UPGRADE = [
     "ALTER TABLE rag_index.chunks ALTER COLUMN lead_id SET NOT NULL",
     """CREATE INDEX ix_rag_index_chunks_lead_embedding ON rag_index.chunks
        USING hnsw (embedding vector_ip_ops) WITH (m = 16, ef_construction = 64) WHERE chunk_id = lead_id""",
+    # The BM25 leg reads postings by (collection, term): with tf and doc_len in the key's index
+    # that is an index-only scan of adjacent leaf pages, not a heap fetch per posting.
+    """ALTER TABLE rag_index.postings DROP CONSTRAINT postings_pkey,
+       ADD CONSTRAINT postings_pkey PRIMARY KEY (collection_id, term, chunk_id) INCLUDE (tf, doc_len)""",
     "ALTER TABLE rag_index.terms ADD COLUMN max_tf integer, ADD COLUMN min_len_per_tf double precision",
     """UPDATE rag_index.terms t SET max_tf = p.max_tf, min_len_per_tf = p.min_lt
        FROM (SELECT collection_id, term, max(tf) AS max_tf, min(doc_len::float8 / tf) AS min_lt
@@ -112,6 +117,8 @@ _DOWNGRADE = [
     "DROP FUNCTION IF EXISTS rag_index.bm25_top",
     _TRIGGER_0005,
     "ALTER TABLE rag_index.terms DROP COLUMN IF EXISTS max_tf, DROP COLUMN IF EXISTS min_len_per_tf",
+    """ALTER TABLE rag_index.postings DROP CONSTRAINT postings_pkey,
+       ADD CONSTRAINT postings_pkey PRIMARY KEY (collection_id, term, chunk_id)""",
     "DROP INDEX IF EXISTS rag_index.ix_rag_index_chunks_lead_embedding",
     "ALTER TABLE rag_index.chunks DROP COLUMN IF EXISTS lead_id",
 ]
