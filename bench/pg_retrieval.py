@@ -27,7 +27,12 @@ benchmark.) Methodology:
   fetched). The BM25 leg searches the real question; the dense leg searches a vector drawn like
   the corpus (:class:`InDistributionQueries`: the question is still embedded, and timed). Modes
   dense, sparse, hybrid-rrf, hybrid-weighted interleaved query by query; the
-  embedding alone is timed in the same rotation. p50/p95 per mode.
+  embedding alone is timed in the same rotation. p50/p95 per mode. A document is one section (no
+  headings), its first chunk the lead (the dense leg blends it, as the service's default). For
+  comparison in the same rotation (one node): ``dense-no-leads`` (lead_weight 0) and
+  ``sparse-plain-bm25`` / ``hybrid-weighted-plain-bm25``, the BM25 leg as the single node's SQL was
+  before ``rag_index.bm25_top`` (every posting of every query term summed), on the same database;
+  ``bm25_vs_plain_sum`` checks on every question that both give the same top 100.
 * **HNSW recall@10 vs exact**: the dense leg's top 10 against an exact scan (index scans off) of
   the same database, for ``--recall-queries`` query vectors drawn like the corpus (the real
   questions' embeddings are far from every synthetic vector), at ``hnsw.ef_search`` 100 (the

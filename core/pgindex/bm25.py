@@ -20,7 +20,8 @@ float rounding aside), never an approximation:
    chunks of those postings whose partial sum plus the remaining bounds reaches θ; each gets its
    exact score by probing the remaining terms' postings on the primary key.
 3. Otherwise (no prefix of pairs prunes, a path-prefix filter, a non-positive weight, or the
-   pairs read so far already hold half of all the query's postings) the plain sum runs.
+   pairs read so far already hold a quarter of all the query's postings, or more chunks than the
+   remaining postings / 20 would need probing) the plain sum runs.
 
 The relative margins (1e-9) keep float rounding on the safe side of every comparison.
 """
@@ -53,6 +54,8 @@ DECLARE
     rest double precision;
     theta double precision;
     ok boolean;
+    budget integer;
+    tops double precision[];
 BEGIN
     IF n = 0 THEN
         RETURN;
@@ -66,43 +69,49 @@ BEGIN
     IF p_prefix IS NULL AND ok THEN
         FOR i IN 1 .. n - 1 LOOP
             seen := seen + od[i];
-            EXIT WHEN seen * 2 > total;
+            -- Pruning pays only while the postings read are a small part of the question's.
+            EXIT WHEN seen * 4 > total;
             CONTINUE WHEN seen < p_depth;
             rest := (SELECT sum(x) FROM unnest(ob[i + 1:n]) AS x) * (1 + 1e-9);
             -- θ cannot exceed the bounds read so far: no need to compute it when they fall short.
             CONTINUE WHEN rest >= (SELECT sum(x) FROM unnest(ob[1:i]) AS x);
-            theta := (
-                SELECT s FROM (
-                    SELECT sum(u.w * (p.tf * (p_k1 + 1)) / (p.tf + p_k1 * (1 - p_b + p_b * p.doc_len / u.a))) AS s
-                    FROM unnest(oc[1:i], ot[1:i], ow[1:i], oa[1:i]) AS u(c, t, w, a)
-                    JOIN {schema}.postings p ON p.collection_id = u.c AND p.term = u.t
-                    GROUP BY p.chunk_id
-                ) x
-                ORDER BY s DESC OFFSET p_depth - 1 LIMIT 1
-            ) * (1 - 1e-9);
-            IF theta IS NOT NULL AND rest < theta THEN
-                -- Sent only to a client that asked for DEBUG messages (the tests check pruning happens).
-                RAISE DEBUG 'bm25_top pruned: postings of % of % term pairs read', i, n;
-                RETURN QUERY
-                WITH part AS MATERIALIZED (
+            -- A probe (one primary-key lookup per remaining pair) costs about as much as summing
+            -- 20 postings: more candidates than the remaining postings / 20 and the plain sum wins.
+            budget := greatest(p_depth, ((total - seen) / (20 * (n - i)))::integer);
+            tops := ARRAY(
+                SELECT sum(u.w * (p.tf * (p_k1 + 1)) / (p.tf + p_k1 * (1 - p_b + p_b * p.doc_len / u.a))) AS s
+                FROM unnest(oc[1:i], ot[1:i], ow[1:i], oa[1:i]) AS u(c, t, w, a)
+                JOIN {schema}.postings p ON p.collection_id = u.c AND p.term = u.t
+                GROUP BY p.chunk_id
+                ORDER BY s DESC
+                LIMIT budget + 1
+            );
+            theta := tops[p_depth] * (1 - 1e-9);
+            CONTINUE WHEN theta IS NULL OR rest >= theta;
+            EXIT WHEN tops[budget + 1] + rest >= theta;  -- over budget (NULL: within it)
+            -- Sent only to a client that asked for DEBUG messages (the tests check pruning happens).
+            RAISE DEBUG 'bm25_top pruned: postings of % of % term pairs read', i, n;
+            RETURN QUERY
+            WITH alive AS MATERIALIZED (
+                SELECT x.id, x.s FROM (
                     SELECT p.chunk_id AS id,
                            sum(u.w * (p.tf * (p_k1 + 1)) / (p.tf + p_k1 * (1 - p_b + p_b * p.doc_len / u.a))) AS s
                     FROM unnest(oc[1:i], ot[1:i], ow[1:i], oa[1:i]) AS u(c, t, w, a)
                     JOIN {schema}.postings p ON p.collection_id = u.c AND p.term = u.t
                     GROUP BY p.chunk_id
-                ), alive AS MATERIALIZED (
-                    SELECT part.id, part.s FROM part WHERE part.s + rest >= theta
-                )
-                SELECT alive.id, alive.s + coalesce((
-                    SELECT sum(u.w * (p.tf * (p_k1 + 1)) / (p.tf + p_k1 * (1 - p_b + p_b * p.doc_len / u.a)))
-                    FROM unnest(oc[i + 1:n], ot[i + 1:n], ow[i + 1:n], oa[i + 1:n]) AS u(c, t, w, a)
-                    JOIN {schema}.postings p ON p.collection_id = u.c AND p.term = u.t AND p.chunk_id = alive.id
-                ), 0)
-                FROM alive
-                ORDER BY 2 DESC, 1
-                LIMIT p_depth;
-                RETURN;
-            END IF;
+                ) x
+                WHERE x.s + rest >= theta
+            ), r AS MATERIALIZED (
+                SELECT * FROM unnest(oc[i + 1:n], ot[i + 1:n], ow[i + 1:n], oa[i + 1:n]) AS u(c, t, w, a)
+            )
+            SELECT alive.id, alive.s + coalesce(
+                sum(r.w * (p.tf * (p_k1 + 1)) / (p.tf + p_k1 * (1 - p_b + p_b * p.doc_len / r.a))), 0)
+            FROM alive CROSS JOIN r
+            LEFT JOIN {schema}.postings p ON p.collection_id = r.c AND p.term = r.t AND p.chunk_id = alive.id
+            GROUP BY alive.id, alive.s
+            ORDER BY 2 DESC, 1
+            LIMIT p_depth;
+            RETURN;
         END LOOP;
     END IF;
     -- The plain sum. Two statements rather than "p_prefix IS NULL OR ...": each gets its own plan.
