@@ -28,7 +28,14 @@ The relative margins (1e-9) keep float rounding on the safe side of every compar
 
 from __future__ import annotations
 
-__all__ = ["bm25_function"]
+__all__ = ["PROBE_COST", "READ_SHARE", "bm25_function"]
+
+PROBE_COST = 20.0
+"""A candidate's probes (one primary-key lookup per remaining pair) cost about as much as summing
+this many postings (measured at 100k chunks): with more candidates than the remaining postings /
+``PROBE_COST`` / pairs, the plain sum wins."""
+READ_SHARE = 4.0
+"""Pruning is tried only while the postings read are under 1 / ``READ_SHARE`` of the question's."""
 
 
 def bm25_function(schema: str) -> str:
@@ -37,13 +44,15 @@ def bm25_function(schema: str) -> str:
     Arguments of the SQL function: per (collection, term) pair ``p_collections``, ``p_terms``,
     ``p_weights`` (``reps · idf``), ``p_avgdls``, ``p_bounds`` (step 1 of the module docstring),
     ``p_dfs`` (postings of the pair, to decide when pruning cannot pay); then ``p_k1``, ``p_b``,
-    ``p_depth`` and ``p_prefix`` (a LIKE pattern on the chunk path, or NULL). Returns the
-    ``p_depth`` best ``(chunk_id, score)``, best first, ties by id.
+    ``p_depth`` and ``p_prefix`` (a LIKE pattern on the chunk path, or NULL); ``p_probe_cost`` and
+    ``p_read_share`` (:data:`PROBE_COST`, :data:`READ_SHARE`; tests pass 0 and 1 to prune whenever
+    the bounds allow). Returns the ``p_depth`` best ``(chunk_id, score)``, best first, ties by id.
     """
     return f"""CREATE OR REPLACE FUNCTION {schema}.bm25_top(
     p_collections integer[], p_terms text[], p_weights double precision[], p_avgdls double precision[],
     p_bounds double precision[], p_dfs bigint[], p_k1 double precision, p_b double precision, p_depth integer,
-    p_prefix text)
+    p_prefix text, p_probe_cost double precision DEFAULT {PROBE_COST},
+    p_read_share double precision DEFAULT {READ_SHARE})
 RETURNS TABLE (chunk_id bigint, score double precision) LANGUAGE plpgsql
 SET work_mem = '64MB' SET plan_cache_mode = force_custom_plan AS $$
 DECLARE
@@ -70,14 +79,15 @@ BEGIN
         FOR i IN 1 .. n - 1 LOOP
             seen := seen + od[i];
             -- Pruning pays only while the postings read are a small part of the question's.
-            EXIT WHEN seen * 4 > total;
+            EXIT WHEN seen * p_read_share > total;
             CONTINUE WHEN seen < p_depth;
             rest := (SELECT sum(x) FROM unnest(ob[i + 1:n]) AS x) * (1 + 1e-9);
             -- θ cannot exceed the bounds read so far: no need to compute it when they fall short.
             CONTINUE WHEN rest >= (SELECT sum(x) FROM unnest(ob[1:i]) AS x);
-            -- A probe (one primary-key lookup per remaining pair) costs about as much as summing
-            -- 20 postings: more candidates than the remaining postings / 20 and the plain sum wins.
-            budget := greatest(p_depth, ((total - seen) / (20 * (n - i)))::integer);
+            -- More candidates to probe than this and the plain sum wins (PROBE_COST).
+            budget := CASE WHEN p_probe_cost > 0
+                THEN least(greatest(p_depth, (total - seen) / (p_probe_cost * (n - i))), 1e9)::integer
+                ELSE 1000000000 END;
             tops := ARRAY(
                 SELECT sum(u.w * (p.tf * (p_k1 + 1)) / (p.tf + p_k1 * (1 - p_b + p_b * p.doc_len / u.a))) AS s
                 FROM unnest(oc[1:i], ot[1:i], ow[1:i], oa[1:i]) AS u(c, t, w, a)

@@ -48,6 +48,7 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from core.pgindex.bm25 import PROBE_COST, READ_SHARE
 from core.pgindex.writer import PgIndexWriter, vector_literal
 from retrieval.fusion import Fused, Legs, rrf, weighted
 from retrieval.leads import blend_candidates
@@ -162,7 +163,8 @@ _SPARSE = text(
     )
     SELECT r.chunk_id, r.score
     FROM a CROSS JOIN LATERAL rag_index.bm25_top(a.c, a.t, a.w, a.l, a.u, a.d, CAST(:k1 AS float8),
-        CAST(:b AS float8), CAST(:depth AS integer), CAST(:prefix AS text)) AS r
+        CAST(:b AS float8), CAST(:depth AS integer), CAST(:prefix AS text), CAST(:probe_cost AS float8),
+        CAST(:read_share AS float8)) AS r
     """
 )
 
@@ -490,6 +492,8 @@ class PgIndex:
             "b": self._params.b,
             "epsilon": self._params.epsilon,
             "prefix": None if prefix is None else like_prefix(prefix),
+            "probe_cost": PROBE_COST,
+            "read_share": READ_SHARE,
         }
 
     async def chunks(self, ids: Sequence[int]) -> dict[int, Chunk]:

@@ -146,6 +146,8 @@ def shard_ddl(dimension: int) -> list[str]:
             LEFT JOIN rag_shard.chunks ld ON ld.chunk_id = x.lead_id;
         END $$""",
         # The single node's function, with the weights and bounds computed on the coordinator.
+        """DROP FUNCTION IF EXISTS rag_shard.bm25_top(integer[], text[], double precision[], double precision[],
+            double precision[], bigint[], double precision, double precision, integer, text)""",
         bm25_function("rag_shard"),
         f"""INSERT INTO rag_shard.meta (key, value) VALUES ('version', '{SHARD_SCHEMA_VERSION}')
             ON CONFLICT (key) DO UPDATE SET value = excluded.value""",

@@ -200,7 +200,10 @@ async def test_bm25_top_k_prunes_and_stays_exact(ctx: IngestContext, tmp_path: P
         for depth in (5, 10, 40):
             for query in queries:
                 before = len(messages)
-                rows = (await conn.execute(_SPARSE, index.sparse_params(cids, tokenizer(query), depth, None))).all()
+                params = index.sparse_params(cids, tokenizer(query), depth, None)
+                # Prune whenever the bounds allow (the cost rules would pick the plain sum at this size).
+                params.update(probe_cost=0.0, read_share=1.0)
+                rows = (await conn.execute(_SPARSE, params)).all()
                 pruned += any("bm25_top pruned" in m for m in messages[before:])
                 got = _ranked(rows)
                 # The local backend's legs, merged by raw score as the local retriever merges them.
