@@ -8,7 +8,7 @@ Method: ``--docs`` synthetic documents (~150 words each) are ingested by the rea
 (packaged embedding model, FAISS + BM25 snapshots) into a temporary data dir; then
 ``HybridRetriever.search`` (hybrid, weighted fusion, k=10, query embedding included, the API's
 executor hop included) runs ``-n`` times per configuration, the three configurations interleaved
-query by query in rotated order (so load changes on the shared 2-core machine hit them alike),
+query by query in random order (so load changes on the shared 2-core machine hit them alike),
 after a warm-up. The configuration is switched by swapping the tracer the retrieval module uses,
 so all three run in one process on the same index. "On" uses a ``BatchSpanProcessor`` (as
 ``RAG_TELEMETRY__OTLP_ENDPOINT`` does) posting protobuf to an in-process HTTP receiver, which
@@ -242,8 +242,10 @@ async def run(n: int, docs: int) -> dict[str, Any]:
         retriever = build_retriever(settings, store, embedder, executor=executor, leg_executor=legs)
 
         provider = TracerProvider()
-        processor = BatchSpanProcessor(
-            OTLPSpanExporter(endpoint=f"{receiver.url}/v1/traces")  # the defaults, as configure_tracing
+        from core.span_export import IdleFirstExporter
+
+        processor = BatchSpanProcessor(  # as configure_tracing sets it up, with the OTLP defaults
+            IdleFirstExporter(OTLPSpanExporter(endpoint=f"{receiver.url}/v1/traces"))
         )
         provider.add_span_processor(processor)
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
@@ -261,7 +263,9 @@ async def run(n: int, docs: int) -> dict[str, Any]:
         times: dict[str, list[float]] = {name: [] for name in tracers}
         order = list(tracers)
         for i, query in enumerate([*queries[:10], *queries]):
-            order = order[1:] + order[:1]
+            # A fresh random order per query: with a fixed rotation one configuration would always
+            # follow "on" and pay for the span work that runs in the gap after it.
+            rng.shuffle(order)
             for name in order:
                 hybrid._tracer = tracers[name]  # type: ignore[assignment]
                 started = time.perf_counter()

@@ -367,7 +367,10 @@ def configure_tracing(settings: Settings, *, exporter: Any = None, service_suffi
         otlp = OTLPSpanExporter(
             endpoint=f"{endpoint.rstrip('/')}/v1/traces", timeout=settings.telemetry.export_timeout_seconds
         )
-        processor = BatchSpanProcessor(otlp)  # SDK defaults: every 5 s or 512 spans, off the request path
+        from core.span_export import IdleFirstExporter
+
+        # SDK defaults: every 5 s or 512 spans, off the request path, encoded between searches.
+        processor = BatchSpanProcessor(IdleFirstExporter(otlp))
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
