@@ -289,10 +289,16 @@ while True:
 """
 
 
-async def probe_health(port: int, latencies: list[float], failures: Counter[str], stop: asyncio.Event) -> None:
+async def start_probe(port: int) -> asyncio.subprocess.Process:
     """``/healthz`` every 100 ms from a process of its own: the load generator's busy event loop
-    must not be measured as the server's latency."""
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", PROBE, str(port), stdout=asyncio.subprocess.PIPE)
+    must not be measured as the server's latency (started before the generator lowers its priority)."""
+    return await asyncio.create_subprocess_exec(sys.executable, "-c", PROBE, str(port), stdout=asyncio.subprocess.PIPE)
+
+
+async def probe_health(
+    proc: asyncio.subprocess.Process, latencies: list[float], failures: Counter[str], stop: asyncio.Event
+) -> None:
+    """Collect what the probe process prints until ``stop``."""
     assert proc.stdout is not None
     try:
         while not stop.is_set():
@@ -364,7 +370,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         sampler = sample(server.proc.pid, llm_port, samples, stop)
         health: list[float] = []
         health_failures: Counter[str] = Counter()
-        prober = asyncio.create_task(probe_health(server.port, health, health_failures, stop))
+        prober = asyncio.create_task(probe_health(await start_probe(server.port), health, health_failures, stop))
+        if args.client_nice:
+            # The clients stand for other machines: on a shared 2-core box they must not take the CPU
+            # the server under test would have (a starved client only makes latencies look worse).
+            os.nice(args.client_nice)
         env = {**server.env}
         ingest = await asyncio.create_subprocess_exec(
             RAG,
@@ -397,6 +407,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "dataset": "faq-dev-small",
         "passages": args.passages,
+        "client_nice": args.client_nice,
         "llm": args.llm_url if llm_ok else None,
         "machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg(), "python": platform.python_version()},
         "seconds": round(load_seconds, 1),
@@ -470,6 +481,9 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(ROOT / "data" / "bench-load"))
     parser.add_argument("--max-seconds", type=float, default=900)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
+    parser.add_argument(
+        "--client-nice", type=int, default=5, help="niceness of the load-generating clients (0: same as the server)"
+    )
     args = parser.parse_args()
     if shutil.which(RAG) is None and not Path(RAG).exists():
         sys.exit(f"{RAG} not found: run `make venv` first")

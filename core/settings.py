@@ -213,6 +213,10 @@ class LLMSettings(BaseModel):
     """Time to establish a connection to the model server."""
     max_model_len: int = 2048
     """Context window of the served model, in tokens."""
+    server_nice: int = Field(default=5, ge=0, le=19)
+    """Scheduling niceness of the model server this project starts (``rag run``, ``rag llm serve``):
+    on a small CPU-only machine the API's event loop and searches come before token generation, so
+    health checks, searches and refusals stay fast while answers queue (0: same priority)."""
     max_tokens: int = 256
     """Default answer length cap."""
     temperature: float = 0.0
