@@ -412,8 +412,8 @@ class IndexStore:
                 f"collection {manifest.collection!r} (index version {manifest.version}) was built with "
                 f"embedding model {manifest.model_id!r} ({manifest.dimension} dimensions), but the "
                 f"service is configured with {self._model_id!r} ({self._dimension} dimensions). "
-                f"Run `rag reindex -c {manifest.collection}` to rebuild it with the configured model "
-                "(or configure the original model again)."
+                "Re-ingest the collection or rebuild its index with the configured model from its stored "
+                f"texts: `rag reindex -c {manifest.collection}` (or configure the original model again)."
             )
 
     def _read_manifest(self, vdir: Path) -> Manifest:
