@@ -244,13 +244,12 @@ class Reindexer:
             assert job is not None
             if job.cancel_requested_at is not None:  # the last chance to leave everything as it was
                 raise JobCancelled
-            current = dict(
-                (
-                    await session.execute(
-                        select(Document.id, Document.sha256).where(Document.collection_id == collection_id)
-                    )
-                ).tuples()
-            )
+            current = {
+                document_id: sha
+                for document_id, sha in await session.execute(
+                    select(Document.id, Document.sha256).where(Document.collection_id == collection_id)
+                )
+            }
             for item in redone:
                 if current.get(item.document_id) != item.sha256:  # re-ingested or deleted meanwhile
                     job.files_skipped += 1
