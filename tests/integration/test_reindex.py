@@ -12,6 +12,7 @@ left and every chunk's offsets still cut its exact text out of the file.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -99,7 +100,7 @@ async def chunk_rows(settings: Settings) -> dict[int, tuple[str, int, int, str]]
     """``id -> (text, start, end, path)`` of the collection's chunk rows."""
     found = await rows(
         settings,
-        "SELECT c.id, c.text, c.start, c.\"end\", d.path FROM chunks c JOIN documents d ON d.id = c.document_id",
+        'SELECT c.id, c.text, c.start, c."end", d.path FROM chunks c JOIN documents d ON d.id = c.document_id',
     )
     return {int(i): (t, int(s), int(e), p) for i, t, s, e, p in found}
 
@@ -112,6 +113,9 @@ class Searcher:
     responses: list[set[int]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
+    new_ids: set[int] | None = None
+    """Set once the new chunk ids are known; ``new_seen`` fires at the first answer made of them."""
+    new_seen: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
         with httpx.Client(base_url=self.url, timeout=60) as client:
@@ -127,7 +131,10 @@ class Searcher:
                 if r.status_code != 200 or not r.json()["hits"]:
                     self.errors.append(f"{r.status_code}: {r.text[:300]}")
                     continue
-                self.responses.append({h["chunk_id"] for h in r.json()["hits"]})
+                ids = {h["chunk_id"] for h in r.json()["hits"]}
+                self.responses.append(ids)
+                if self.new_ids is not None and ids <= self.new_ids:
+                    self.new_seen.set()
 
 
 @pytest.fixture
@@ -153,15 +160,15 @@ async def test_changing_the_chunk_size_then_reindexing(
     assert len(old) >= len(files)
 
     with LiveServer(create_app(new_settings, embedder=embedder)) as server:
-        client = httpx.Client(base_url=server.url, timeout=120)
+        client = httpx.AsyncClient(base_url=server.url, timeout=120)
         # Restarted with another chunk size: one warning at start-up names the collection and the command,
         warned = [r for r in caplog.records if r.name == "ingest.reindex" and "rag reindex -c docs" in r.getMessage()]
         assert len(warned) == 1 and "200/20 tokens" in warned[0].getMessage()
         # the collection reports it, and search answers from the old index.
-        docs = client.get("/v1/collections/docs").json()
+        docs = (await client.get("/v1/collections/docs")).json()
         assert docs["reindex_needed"] is True, docs
         assert docs["recipe"]["chunk_tokens"] == 200 and docs["chunks"] == len(old)
-        hits = client.post("/v1/search", json={"query": QUERIES[0], "collection": "docs"}).json()["hits"]
+        hits = (await client.post("/v1/search", json={"query": QUERIES[0], "collection": "docs"})).json()["hits"]
         assert hits and {h["chunk_id"] for h in hits} <= set(old)
 
         # An ingest with the new recipe would mix the two: it fails and names the command.
@@ -174,31 +181,35 @@ async def test_changing_the_chunk_size_then_reindexing(
         finally:
             await ctx.aclose()
         assert refused is not None and refused.status == "failed"
-        error = client.get(f"/v1/jobs/{job_id}").json()["error"]
+        error = (await client.get(f"/v1/jobs/{job_id}")).json()["error"]
         assert "rag reindex -c docs" in error and "chunk_tokens: 200 -> 60" in error
         assert await chunk_rows(new_settings) == old
 
-        job = client.post("/v1/collections/docs/reindex").json()
+        job = (await client.post("/v1/collections/docs/reindex")).json()
         assert job["kind"] == "reindex" and job["status"] == "queued"
         searcher = Searcher(server.url)
         thread = threading.Thread(target=searcher.run, name="searcher")
         thread.start()
         try:
             assert await run_worker(new_settings, once=True, embedder=embedder) == 1
+            # Keep searching until the new index answers: the searches then surely span the swap.
+            searcher.new_ids = set(await chunk_rows(new_settings))
+            await asyncio.to_thread(searcher.new_seen.wait, 60)
         finally:
             searcher.stop.set()
             thread.join(timeout=120)
 
-        ended = client.get(f"/v1/jobs/{job['id']}").json()
+        ended = (await client.get(f"/v1/jobs/{job['id']}")).json()
         assert (ended["status"], ended["kind"], ended["files"]["changed"]) == ("succeeded", "reindex", len(files))
-        events = client.get(f"/v1/jobs/{job['id']}/events", headers={"accept": "text/event-stream"})
+        events = await client.get(f"/v1/jobs/{job['id']}/events", headers={"accept": "text/event-stream"})
         assert events.status_code == 200 and '"type":"job_end"' in events.text.replace(" ", "")
         new = await chunk_rows(new_settings)
-        docs = client.get("/v1/collections/docs").json()
+        docs = (await client.get("/v1/collections/docs")).json()
         assert docs["reindex_needed"] is False and docs["recipe"]["chunk_tokens"] == 60
-        assert docs["recipe"]["fingerprint"] == client.get("/v1/collections").json()["collections"][0]["recipe"][
-            "fingerprint"
-        ]
+        assert (
+            docs["recipe"]["fingerprint"]
+            == (await client.get("/v1/collections")).json()["collections"][0]["recipe"]["fingerprint"]
+        )
         assert docs["chunks"] == len(new) > len(old)
         assert not set(new) & set(old), "old chunk rows were left behind"
         for chunk_text, start, end, path in new.values():
@@ -206,22 +217,23 @@ async def test_changing_the_chunk_size_then_reindexing(
         stored = dict(await rows(new_settings, "SELECT path, text FROM documents"))
         assert stored == files
 
-        after = client.post("/v1/search", json={"query": QUERIES[1], "collection": "docs"}).json()["hits"]
+        after = (await client.post("/v1/search", json={"query": QUERIES[1], "collection": "docs"})).json()["hits"]
         assert after and {h["chunk_id"] for h in after} <= set(new)
         for hit in after:
             assert files[hit["path"]][hit["start"] : hit["end"]] == hit["text"]
 
         print(f"{case.backend}: {len(searcher.responses)} searches during the reindex, errors {searcher.errors[:3]}")
         assert not searcher.errors
-        assert searcher.responses, "no search ran while the reindex did"
+        assert any(r <= set(old) for r in searcher.responses), "no search answered from the old index"
+        assert any(r <= set(new) for r in searcher.responses), "no search answered from the new index"
         mixed = [r for r in searcher.responses if r & set(old) and r & set(new)]
         stray = [r for r in searcher.responses if r - set(old) - set(new)]
         assert not stray
         if case.backend == "local":
             assert not mixed, f"{len(mixed)} searches mixed old and new chunks"
-            snapshot = IndexStore(new_settings.index_dir, model_id=embedder.model_id, dimension=embedder.dimension).load(
-                "docs"
-            )
+            snapshot = IndexStore(
+                new_settings.index_dir, model_id=embedder.model_id, dimension=embedder.dimension
+            ).load("docs")
             assert snapshot is not None and snapshot.manifest.recipe is not None
             assert snapshot.manifest.recipe.fingerprint() == docs["recipe"]["fingerprint"]
             assert set(snapshot.ids.tolist()) == set(new)
@@ -229,12 +241,10 @@ async def test_changing_the_chunk_size_then_reindexing(
             indexed = await rows(new_settings, "SELECT chunk_id FROM rag_index.chunks")
             assert {int(i) for (i,) in indexed} == set(new)
             print(f"postgres: {len(mixed)} of {len(searcher.responses)} searches straddled the swap")
-        client.close()
+        await client.aclose()
 
 
 def test_rag_reindex_lists_rebuilds_and_rag_jobs_shows_it(tmp_path: Path, embedder: Any) -> None:
-    import asyncio
-
     root = tmp_path / "notes"
     files = write_folder(root, files=2, per_file=2)
     url = f"sqlite+aiosqlite:///{tmp_path / 'rag.db'}"

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from core.db.models import Chunk as ChunkRow
-from core.db.models import Collection, IngestJob
+from core.db.models import Collection, Document, IngestJob
 from core.settings import Settings
 from core.wiring import index_recipe
 from ingest import queue
@@ -31,9 +31,7 @@ from tests.unit.test_splitter import Words
 
 pytestmark = pytest.mark.unit
 
-A = IndexRecipe(
-    model_id="m", dimension=32, chunk_tokens=240, overlap_tokens=40, min_piece_tokens=24, context_tokens=32
-)
+A = IndexRecipe(model_id="m", dimension=32, chunk_tokens=240, overlap_tokens=40, min_piece_tokens=24, context_tokens=32)
 
 
 # ------------------------------------------------------------------ the value
@@ -81,7 +79,9 @@ def test_reindex_is_needed_when_the_chunks_recipe_differs_or_is_unknown() -> Non
 
 
 def test_the_recipe_comes_from_the_chunking_settings_and_the_model() -> None:
-    settings = Settings(chunking={"chunk_tokens": 100, "overlap_tokens": 10, "min_piece_tokens": 5, "context_tokens": 0})
+    settings = Settings(
+        chunking={"chunk_tokens": 100, "overlap_tokens": 10, "min_piece_tokens": 5, "context_tokens": 0}
+    )
     recipe = index_recipe(settings, model_id="gt", dimension=384)
     assert (recipe.model_id, recipe.dimension, recipe.chunk_tokens, recipe.overlap_tokens) == ("gt", 384, 100, 10)
     assert (recipe.min_piece_tokens, recipe.context_tokens) == (5, 0)
@@ -256,5 +256,84 @@ def test_an_ingest_job_refuses_to_mix_recipes(api: Api) -> None:
             assert not statuses["fresh"].reindex_needed and statuses["fresh"].chunks == 0
             assert await session.scalar(select(ChunkRow.id).limit(1)) is not None
             assert await session.scalar(select(IngestJob.id).limit(1)) is None
+
+    api.run(work)
+
+
+# ------------------------------------------------------------------ the job, on fakes
+
+
+def test_a_reindex_job_rebuilds_with_another_model_and_a_cancelled_one_changes_nothing(api: Api) -> None:
+    """A model change on the local backend: the old index cannot be searched with the new model; the
+    worker's reconcile leaves it alone (no crash), the reindex rebuilds it from the chunk texts (the
+    seeded documents have no stored text: the fallback path) and publishes a version of the new model."""
+    from ingest.indexer import reconcile
+    from ingest.reindex import Reindexer
+    from retrieval.types import IndexMismatchError
+
+    api.seed("docs", CORPUS)
+    sessionmaker = api.resources.sessionmaker
+    embedder = HashEmbedder(dimension=16, model_id="fake-hash-2")
+    store = IndexStore(api.settings.index_dir, model_id=embedder.model_id, dimension=embedder.dimension)
+    recipe = index_recipe(api.settings, model_id=embedder.model_id, dimension=embedder.dimension)
+    splitter = Splitter(Words(), chunk_tokens=6, overlap_tokens=1)
+    reindexer = Reindexer(
+        sessionmaker=sessionmaker,
+        store=store,
+        embedder=embedder,
+        splitter=splitter,
+        recipe=recipe,
+        worker_id="w",
+        batch_chunks=4,
+    )
+
+    async def chunks() -> dict[int, tuple[str, int, int, str]]:
+        async with sessionmaker() as session:
+            found = await session.execute(
+                select(ChunkRow.id, ChunkRow.text, ChunkRow.start, ChunkRow.end, Document.path).join(
+                    Document, Document.id == ChunkRow.document_id
+                )
+            )
+            return {i: (t, s, e, p) for i, t, s, e, p in found}
+
+    async def run(cancel_first: bool) -> str:
+        async with sessionmaker() as session:
+            coll = await session.scalar(select(Collection).where(Collection.name == "docs"))
+            assert coll is not None
+            job, created = await queue.enqueue_reindex(session, collection=coll)
+            assert created
+            await session.commit()
+            claimed = await queue.claim(session, worker_id="w", stale_after=60, job_id=job.id)
+            assert claimed is not None and claimed.kind == "reindex"
+            if cancel_first:
+                await queue.request_cancel(session, job.id)
+                await session.commit()
+        return (await reindexer.run(job.id)).status
+
+    async def work() -> None:
+        before = await chunks()
+        with pytest.raises(IndexMismatchError, match="rag reindex -c docs"):
+            store.load("docs")
+        assert (await reconcile(sessionmaker, store, "docs")).version is None  # left alone, no crash
+
+        assert await run(cancel_first=True) == "cancelled"
+        assert await chunks() == before  # nothing swapped, the old index untouched
+        with pytest.raises(IndexMismatchError):
+            store.load("docs")
+
+        assert await run(cancel_first=False) == "succeeded"
+        after = await chunks()
+        assert not set(after) & set(before) and len(after) > len(before)
+        texts = {p: t for t, _s, _e, p in before.values()}
+        for chunk_text, start, end, path in after.values():
+            assert texts[path][start:end] == chunk_text
+        snapshot = store.load("docs")
+        assert snapshot is not None and set(snapshot.ids.tolist()) == set(after)
+        assert snapshot.manifest.model_id == "fake-hash-2" and snapshot.manifest.recipe == recipe
+        async with sessionmaker() as session:
+            [status] = await recipe_statuses(session, recipe, ["docs"])
+            assert status.recorded == recipe and not status.reindex_needed and status.chunks == len(after)
+            job = await session.scalar(select(IngestJob).order_by(IngestJob.id.desc()).limit(1))
+            assert job is not None and (job.files_changed, job.chunks_removed) == (len(CORPUS), len(before))
 
     api.run(work)
