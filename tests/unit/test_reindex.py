@@ -337,3 +337,89 @@ def test_a_reindex_job_rebuilds_with_another_model_and_a_cancelled_one_changes_n
             assert job is not None and (job.files_changed, job.chunks_removed) == (len(CORPUS), len(before))
 
     api.run(work)
+
+
+class _Failing(HashEmbedder):
+    """Embeds a few batches, then fails like a process dying mid-job."""
+
+    def __init__(self, after: int, *, dimension: int, model_id: str) -> None:
+        super().__init__(dimension=dimension, model_id=model_id)
+        self.left = after
+
+    def embed_documents(self, texts: list[str]) -> object:  # type: ignore[override]
+        if self.left <= 0:
+            raise RuntimeError("killed mid-reindex")
+        self.left -= 1
+        return super().embed_documents(texts)
+
+
+def test_a_reindex_that_dies_midway_leaves_the_old_index_and_one_that_dies_after_its_swap_is_published(
+    api: Api,
+) -> None:
+    """Before the swap commits, nothing changed: the old rows and snapshot serve and a new attempt
+    succeeds. After it commits, the rows and the recipe agree and the next reconcile publishes them."""
+    from ingest.indexer import reconcile
+    from ingest.reindex import Reindexer
+
+    api.seed("docs", CORPUS)
+    sessionmaker = api.resources.sessionmaker
+    store = api.resources.store
+    assert isinstance(store, IndexStore)
+    recipe = index_recipe(api.settings, model_id=store.model_id, dimension=store.dimension)
+    splitter = Splitter(Words(), chunk_tokens=6, overlap_tokens=1)
+
+    def reindexer(embedder: HashEmbedder) -> Reindexer:
+        return Reindexer(
+            sessionmaker=sessionmaker,
+            store=store,
+            embedder=embedder,
+            splitter=splitter,
+            recipe=recipe,
+            worker_id="w",
+            batch_chunks=4,
+        )
+
+    async def ids() -> set[int]:
+        async with sessionmaker() as session:
+            return set(await session.scalars(select(ChunkRow.id)))
+
+    async def claimed_job() -> int:
+        async with sessionmaker() as session:
+            coll = await session.scalar(select(Collection).where(Collection.name == "docs"))
+            assert coll is not None
+            job, _ = await queue.enqueue_reindex(session, collection=coll)
+            await session.commit()
+            assert await queue.claim(session, worker_id="w", stale_after=60, job_id=job.id) is not None
+            return job.id
+
+    async def work() -> None:
+        before = await ids()
+        version = store.load("docs").version  # type: ignore[union-attr]
+        same = HashEmbedder(dimension=store.dimension, model_id=store.model_id)
+
+        failing = _Failing(after=1, dimension=store.dimension, model_id=store.model_id)
+        summary = await reindexer(failing).run(await claimed_job())
+        assert summary.status == "failed"
+        assert await ids() == before
+        snapshot = store.load("docs")
+        assert snapshot is not None and snapshot.version == version  # the old index serves
+
+        # Dies right after the swap committed (no publish): the rows and the recipe agree ...
+        job_id = await claimed_job()
+        await reindexer(same)._reindex(job_id, await _cid(), "docs", None)
+        after = await ids()
+        assert after and not after & before
+        assert store.load("docs").version == version  # type: ignore[union-attr]
+        # ... and the next reconcile (the worker's start-up or periodic check) publishes them.
+        result = await reconcile(sessionmaker, store, "docs")
+        published = store.load("docs")
+        assert published is not None and result.version == published.version != version
+        assert set(published.ids.tolist()) == after and published.manifest.recipe == recipe
+
+    async def _cid() -> int:
+        async with sessionmaker() as session:
+            cid = await session.scalar(select(Collection.id).where(Collection.name == "docs"))
+            assert cid is not None
+            return cid
+
+    api.run(work)
