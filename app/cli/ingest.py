@@ -191,6 +191,8 @@ def reindex(
         else:
             console.print(f"queued reindex job [bold]{row['job_id']}[/] for collection [bold]{row['collection']}[/]")
 
+    from retrieval.types import RetrievalError
+
     try:
         asyncio.run(
             _reindex(
@@ -205,6 +207,8 @@ def reindex(
         )
     except LookupError as e:
         fail(str(e.args[0]))
+    except RetrievalError as e:  # e.g. the postgres index refusing another embedding model
+        fail(str(e))
     if failed:
         raise typer.Exit(1)
 
@@ -219,6 +223,7 @@ async def _reindex(
     as_json: bool,
     report: Callable[[dict[str, Any]], None],
 ) -> None:
+    from core.db.models import IngestJob
     from core.progress import Progress
     from ingest import queue
     from ingest.reindex import recipe_statuses
@@ -288,8 +293,6 @@ async def _reindex(
             row = _summary_json(summary, job_id, s.collection)
             if summary is not None:
                 async with ctx.sessionmaker() as session:
-                    from core.db.models import IngestJob
-
                     ended = await session.get(IngestJob, job_id)
                     row["error"] = ended.error if ended is not None else None
             row["kind"] = "reindex"
