@@ -241,6 +241,18 @@ async def test_changing_the_chunk_size_then_reindexing(
             indexed = await rows(new_settings, "SELECT chunk_id FROM rag_index.chunks")
             assert {int(i) for (i,) in indexed} == set(new)
             print(f"postgres: {len(mixed)} of {len(searcher.responses)} searches straddled the swap")
+        # Ingesting goes on as before with the new recipe: unchanged files stay unchanged.
+        ctx = await build_ingest_context(new_settings, embedder=embedder)
+        try:
+            (root / "late.txt").write_text("A late file about reindexing collections.\n", encoding="utf-8")
+            job_id, _ = await enqueue_path(ctx.sessionmaker, root, collection="docs")
+            late = await run_job(ctx, job_id)
+        finally:
+            await ctx.aclose()
+        assert late is not None and late.status == "succeeded"
+        assert (late.files["new"], late.files["unchanged"]) == (1, len(files))
+        docs = (await client.get("/v1/collections/docs")).json()
+        assert docs["reindex_needed"] is False and docs["chunks"] == len(new) + 1
         await client.aclose()
 
 
