@@ -160,7 +160,7 @@ def build_admission(settings: Settings) -> Admission:
             "searches",
             capacity=api.max_concurrent_searches,
             queue=api.search_queue,
-            wait_seconds=api.queue_wait_seconds,
+            wait_seconds=api.search_queue_wait_seconds,
             retry_after=1.0,
         ),
         keys=KeyLimits(
