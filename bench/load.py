@@ -14,11 +14,13 @@ What it does:
    measured alone) with the service's default limits, pointing at ``--llm-url`` (a running model
    server, e.g. ``make llm-serve``; without one the answer parts are skipped and said so).
 3. Measures search latency unloaded (``--baseline`` sequential searches).
-4. Runs, at once: ``rag ingest`` of the second folder; ``--chats`` websocket chats of ``--questions``
+4. Warms up (40 searches, 8 at a time, one SSE ask, one websocket question; not measured), so
+   that one-time allocations are not counted as growth over the run (the cold RSS is kept too).
+5. Runs, at once: ``rag ingest`` of the second folder; ``--chats`` websocket chats of ``--questions``
    questions each; ``--asks`` SSE asks; ``--searches`` searches with ``--search-concurrency`` in
    flight; a ``/healthz`` probe every 100 ms; a sampler of the server's RSS and of its open
    connections to the model server every 250 ms.
-5. Prints a table and writes JSON: per operation the outcomes (ok, refused with 429/503 + the time
+6. Prints a table and writes JSON: per operation the outcomes (ok, refused with 429/503 + the time
    it took to be refused, errors by kind, 5xx, dropped websockets) and p50/p95/p99 latency; TTFT of
    chats and asks; ``/healthz`` p50/p99/max; event-loop lag from ``/metrics``; RSS before/after; the
    most upstream connections seen vs the configured answer concurrency; the machine's load.
@@ -372,6 +374,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 r.raise_for_status()
                 baseline.append((time.perf_counter() - started) * 1000)
         assert server.proc is not None
+        rss_cold = psutil.Process(server.proc.pid).memory_info().rss / 2**20
+        # Warm-up, not measured: one answer of each transport and a burst of searches, so that the
+        # one-time allocations (the tokenizer, the first streams, the inference sessions' arenas
+        # for concurrent searches) are not counted as growth over the run; "cold" is kept too.
+        warmup = Op("warmup")
+        await search_load(url, 40, 8, warmup, time.monotonic() + 60)
+        if llm_ok:
+            await sse_asks(url, 1, warmup)
+            await chats(url, 1, 1, warmup)
         rss_before = psutil.Process(server.proc.pid).memory_info().rss / 2**20
         stop = asyncio.Event()
         samples: dict[str, list[float]] = {"rss_mb": [], "upstream": []}
@@ -430,7 +441,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "loop_lag": loop_lag(metrics_text),
         "rss_mb": {
+            "cold": round(rss_cold, 1),
             "before": round(rss_before, 1),
+            "growth_pct": round((rss_after / rss_before - 1) * 100, 1),
             "after": round(rss_after, 1),
             "max": round(max(samples["rss_mb"]), 1) if samples["rss_mb"] else None,
         },
