@@ -128,8 +128,6 @@ def create_app(
     # Added last = outermost: the request id and the access log cover everything below; CORS
     # wraps the body limit so a browser can read a 413.
     app.add_middleware(BodyLimit, max_upload_mb=settings.api.max_upload_mb)
-    # Outside the body limit: a shed request costs nothing but this check.
-    app.add_middleware(InFlightLimit, limit=settings.api.max_in_flight)
     if settings.api.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -139,6 +137,9 @@ def create_app(
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     app.add_middleware(RequestContext)
+    # Outside everything of ours: a shed request costs this check and a fixed 503, no request id,
+    # no access line (counted in rag_http_shed_total; InFlightLimit says why).
+    app.add_middleware(InFlightLimit, limit=settings.api.max_in_flight)
     if tracing is not None:
         # Outermost, so the request's span covers everything; per-message send/receive spans are
         # left out (an SSE answer would get one per token).

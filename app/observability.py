@@ -55,6 +55,12 @@ class Metrics:
             ["method", "route", "status"],
             registry=r,
         )
+        self.http_shed = Counter(
+            "rag_http_shed",
+            "HTTP requests refused (503 overloaded) before any work because too many were in progress;"
+            " not in rag_http_requests_total or the access log.",
+            registry=r,
+        )
         self.http_latency = Histogram(
             "rag_http_request_duration_seconds",
             "Time to the end of the response (streams: the whole stream).",

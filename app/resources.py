@@ -26,12 +26,15 @@ from core.wiring import (
     answer_defaults,
     build_llm_client,
     build_retriever,
+    index_recipe,
     load_query_embedder,
     open_database,
     open_store,
 )
 from generation.client import LLMClient
+from ingest.reindex import warn_recipe_mismatches
 from retrieval.hybrid import HybridRetriever
+from retrieval.recipe import IndexRecipe
 from retrieval.types import Embedder, IndexCatalog
 
 logger = logging.getLogger(__name__)
@@ -59,6 +62,8 @@ class Resources:
     """Answer keyword arguments from settings (the calibrated FLARE file is read once, here)."""
     admission: Admission
     """Concurrency gates and per-key limits (:mod:`app.services.admission`)."""
+    recipe: IndexRecipe
+    """The configured index recipe (``core.wiring.index_recipe``), compared with each collection's."""
     leg_executor: ThreadPoolExecutor | None = None
     """Runs hybrid searches' BM25 legs (``RAG_RETRIEVAL__PARALLEL_LEGS``)."""
 
@@ -105,6 +110,9 @@ async def build_resources(
         timed = TimedEmbedder(embedder, metrics.retrieval_latency)
         retriever = build_retriever(settings, store, timed, executor=executor, leg_executor=legs)
         await asyncio.to_thread(_warm_up, store, embedder)
+        recipe = index_recipe(settings, model_id=embedder.model_id, dimension=embedder.dimension)
+        # Search keeps answering from the existing indexes; the operator learns what to run.
+        await warn_recipe_mismatches(db.sessionmaker, recipe)
     except BaseException:
         executor.shutdown(wait=False)
         if legs is not None:
@@ -132,6 +140,7 @@ async def build_resources(
         metrics=metrics,
         answer_defaults=await asyncio.to_thread(answer_defaults, settings),
         admission=build_admission(settings),
+        recipe=recipe,
     )
 
 
@@ -151,7 +160,7 @@ def build_admission(settings: Settings) -> Admission:
             "searches",
             capacity=api.max_concurrent_searches,
             queue=api.search_queue,
-            wait_seconds=api.queue_wait_seconds,
+            wait_seconds=api.search_queue_wait_seconds,
             retry_after=1.0,
         ),
         keys=KeyLimits(

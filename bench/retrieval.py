@@ -1093,7 +1093,8 @@ def evaluate_targets(sizes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def add_ratios(sizes: dict[str, dict[str, Any]]) -> None:
-    """Per size: each mode's p50 relative to the smallest size, and hybrid p50 over embedding p50."""
+    """Per size: each mode's p50 relative to the smallest size, hybrid p50 over embedding p50, and the
+    index's bytes per chunk on disk (per file and in all)."""
     if not sizes:
         return
     base = sizes[min(sizes, key=int)].get("single", {})
@@ -1107,6 +1108,11 @@ def add_ratios(sizes: dict[str, dict[str, Any]]) -> None:
             if embed and mode.startswith("hybrid"):
                 ratios[f"{mode}_p50_vs_embedding_p50"] = round(stats["p50_ms"] / embed, 2)
         record["ratios"] = ratios
+        disk = record.get("disk_bytes")
+        if disk and record.get("chunks"):
+            # What one chunk costs on disk, per file and in all (the snapshot the API loads).
+            record["disk_bytes_per_chunk"] = {name: round(size / record["chunks"], 1) for name, size in disk.items()}
+            record["disk_bytes_per_chunk"]["total"] = round(sum(disk.values()) / record["chunks"], 1)
 
 
 def project_token_build(sizes: dict[str, dict[str, Any]], publish_max: int) -> None:
@@ -1220,7 +1226,7 @@ def build_table(result: dict[str, Any]) -> Any:
     table = Table(title="build, load and memory (seconds, MB)")
     for col in ("chunks", "path", "build s", "build RSS Δ", "step peak Δ", "dense s", "dense RSS Δ", "sparse RSS Δ"):
         table.add_column(col, justify="left" if col == "path" else "right")
-    for col in ("disk MB", "cold load s", "load RSS Δ", "publish +10 s", "worker peak", "status"):
+    for col in ("disk MB", "B/chunk", "cold load s", "load RSS Δ", "publish +10 s", "worker peak", "status"):
         table.add_column(col, justify="left" if col == "status" else "right")
     for key, record in result["sizes"].items():
         path, build, sparse_mb = _build_summary(record)
@@ -1232,6 +1238,7 @@ def build_table(result: dict[str, Any]) -> Any:
             f"{int(key):,}", path, _fmt(build.get("seconds")), _fmt(build.get("rss_delta_mb"), 0),
             _fmt(build.get("rss_peak_delta_mb"), 0), _fmt(dense.get("seconds")), _fmt(dense.get("rss_delta_mb"), 0),
             _fmt(sparse_mb, 0), _fmt(sum(disk.values()) / 1e6, 0) if disk else "—",
+            _fmt(record.get("disk_bytes_per_chunk", {}).get("total"), 0),
             _fmt(cold.get("seconds")), _fmt(cold.get("rss_delta_mb"), 0),
             _fmt(updates.get("publish_add_10", {}).get("seconds")), _fmt(record.get("worker_peak_rss_mb"), 0),
             record.get("status", ""),

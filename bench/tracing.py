@@ -8,7 +8,7 @@ Method: ``--docs`` synthetic documents (~150 words each) are ingested by the rea
 (packaged embedding model, FAISS + BM25 snapshots) into a temporary data dir; then
 ``HybridRetriever.search`` (hybrid, weighted fusion, k=10, query embedding included, the API's
 executor hop included) runs ``-n`` times per configuration, the three configurations interleaved
-query by query in rotated order (so load changes on the shared 2-core machine hit them alike),
+query by query in random order (so load changes on the shared 2-core machine hit them alike),
 after a warm-up. The configuration is switched by swapping the tracer the retrieval module uses,
 so all three run in one process on the same index. "On" uses a ``BatchSpanProcessor`` (as
 ``RAG_TELEMETRY__OTLP_ENDPOINT`` does) posting protobuf to an in-process HTTP receiver, which
@@ -19,7 +19,10 @@ Recorded searches time their four stages inline and create those spans on a back
 ``cpu_ms_per_search`` (the whole process's CPU time over each configuration's block of searches)
 is reported too. Also reported: the cost of one no-op span alone (a micro-benchmark).
 
-Prints a table; writes JSON with medians, p90, means and the overheads in percent.
+Two timed runs: back to back (a saturated service, where span work can only run while searches
+do) and paced (``--gap-ms`` of pause after each search, a service that is not saturated: span
+work runs in the pauses). Prints both tables; writes JSON with medians, p90, means and the
+overheads in percent.
 """
 
 from __future__ import annotations
@@ -210,7 +213,20 @@ def noop_span_ns(iterations: int = 200_000) -> float:
     return (time.perf_counter_ns() - started) / iterations
 
 
-async def run(n: int, docs: int) -> dict[str, Any]:
+def compare(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Per configuration: latency summary and overheads against ``baseline`` (median and paired)."""
+    results = {name: summary(values) for name, values in times.items()}
+    base = results["baseline"]["median_ms"]
+    for name in ("off", "on", "on-10%"):
+        results[name]["overhead_pct_median"] = (results[name]["median_ms"] / base - 1) * 100
+        # Paired: the same query, run back to back in both configurations (load cancels out).
+        diffs = [(t - b) * 1000 for t, b in zip(times[name], times["baseline"], strict=True)]
+        results[name]["paired_median_diff_ms"] = statistics.median(diffs)
+        results[name]["overhead_pct_paired"] = statistics.median(diffs) / base * 100
+    return results
+
+
+async def run(n: int, docs: int, gap_ms: float) -> dict[str, Any]:
     from opentelemetry import trace
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.trace import TracerProvider
@@ -242,8 +258,10 @@ async def run(n: int, docs: int) -> dict[str, Any]:
         retriever = build_retriever(settings, store, embedder, executor=executor, leg_executor=legs)
 
         provider = TracerProvider()
-        processor = BatchSpanProcessor(
-            OTLPSpanExporter(endpoint=f"{receiver.url}/v1/traces")  # the defaults, as configure_tracing
+        from core.span_export import IdleFirstExporter
+
+        processor = BatchSpanProcessor(  # as configure_tracing sets it up, with the OTLP defaults
+            IdleFirstExporter(OTLPSpanExporter(endpoint=f"{receiver.url}/v1/traces"))
         )
         provider.add_span_processor(processor)
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
@@ -258,16 +276,28 @@ async def run(n: int, docs: int) -> dict[str, Any]:
         }
         rng = random.Random(11)
         queries = [" ".join(rng.choice(WORDS) for _ in range(6)) for _ in range(n)]
-        times: dict[str, list[float]] = {name: [] for name in tracers}
-        order = list(tracers)
-        for i, query in enumerate([*queries[:10], *queries]):
-            order = order[1:] + order[:1]
-            for name in order:
-                hybrid._tracer = tracers[name]  # type: ignore[assignment]
-                started = time.perf_counter()
-                await retriever.search(query, k=10)
-                if i >= 10:  # the first ten are the warm-up
-                    times[name].append(time.perf_counter() - started)
+
+        async def timed(gap: float) -> dict[str, list[float]]:
+            times: dict[str, list[float]] = {name: [] for name in tracers}
+            order = list(tracers)
+            for i, query in enumerate([*queries[:10], *queries]):
+                # A fresh random order per query: with a fixed rotation one configuration would always
+                # follow "on" and pay for the span work that runs in the gap after it.
+                rng.shuffle(order)
+                for name in order:
+                    hybrid._tracer = tracers[name]  # type: ignore[assignment]
+                    started = time.perf_counter()
+                    await retriever.search(query, k=10)
+                    if i >= 10:  # the first ten are the warm-up
+                        times[name].append(time.perf_counter() - started)
+                    if gap:
+                        await asyncio.sleep(gap)
+            return times
+
+        # Back to back (a saturated service: span work can only run during searches) and paced
+        # (a pause after each search, as in a service that is not saturated).
+        paced_times = await timed(gap_ms / 1000) if gap_ms else None
+        times = await timed(0.0)
         from retrieval import tracing as stage_spans
 
         # CPU per search: each configuration in its own block, its spans created and exported
@@ -285,14 +315,10 @@ async def run(n: int, docs: int) -> dict[str, Any]:
         processor.shutdown()
         executor.shutdown()
         legs.shutdown()
-        results = {name: summary(values) | {"cpu_ms_per_search": cpu_ms[name]} for name, values in times.items()}
+        results = compare(times)
+        for name, r in results.items():
+            r["cpu_ms_per_search"] = cpu_ms[name]
         base = results["baseline"]["median_ms"]
-        for name in ("off", "on", "on-10%"):
-            results[name]["overhead_pct_median"] = (results[name]["median_ms"] / base - 1) * 100
-            # Paired: the same query, run back to back in both configurations (load cancels out).
-            diffs = [(t - b) * 1000 for t, b in zip(times[name], times["baseline"], strict=True)]
-            results[name]["paired_median_diff_ms"] = statistics.median(diffs)
-            results[name]["overhead_pct_paired"] = statistics.median(diffs) / base * 100
         return {
             "machine": {"cpus": os.cpu_count(), "load": os.getloadavg(), "python": platform.python_version()},
             "docs": docs,
@@ -303,6 +329,7 @@ async def run(n: int, docs: int) -> dict[str, Any]:
             "noop_cost_pct_of_median_search": span_ns * 5 / 1e6 / base * 100,
             "spans_received_by_otlp_receiver": receiver.spans,
             "results": results,
+            "paced": None if paced_times is None else {"gap_ms": gap_ms, "results": compare(paced_times)},
         }
 
 
@@ -310,6 +337,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=300)
     parser.add_argument("--docs", type=int, default=400)
+    parser.add_argument(
+        "--gap-ms", type=float, default=5.0, help="pause after each search in the paced run (0: no paced run)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tracing.json")
     parser.add_argument("--serve-otlp", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -317,7 +347,7 @@ def main() -> None:
         serve_otlp()
         return
     with contextlib.redirect_stdout(sys.stderr):
-        report = asyncio.run(run(args.n, args.docs))
+        report = asyncio.run(run(args.n, args.docs, args.gap_ms))
     print(f"chunks: {report['chunks']}, searches per configuration: {report['searches_per_config']}")
     print(
         f"{'config':<10} {'median ms':>10} {'p90 ms':>8} {'mean ms':>8} {'vs median':>10} {'paired':>9} {'CPU ms':>7}"
@@ -329,6 +359,15 @@ def main() -> None:
             f"{name:<10} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} {r['mean_ms']:>8.2f} {overhead:>10} {paired:>9}"
             f" {r['cpu_ms_per_search']:>7.2f}"
         )
+    if report["paced"] is not None:
+        print(f"paced ({report['paced']['gap_ms']:g} ms pause after each search):")
+        for name, r in report["paced"]["results"].items():
+            overhead = f"{r['overhead_pct_median']:+.1f} %" if "overhead_pct_median" in r else "-"
+            paired = f"{r['overhead_pct_paired']:+.1f} %" if "overhead_pct_paired" in r else "-"
+            print(
+                f"{name:<10} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} {r['mean_ms']:>8.2f}"
+                f" {overhead:>10} {paired:>9}"
+            )
     print(
         f"no-op span: {report['noop_span_ns']:.0f} ns; x{report['spans_per_search']} spans = "
         f"{report['noop_cost_pct_of_median_search']:.3f} % of a median search; "

@@ -213,6 +213,10 @@ class LLMSettings(BaseModel):
     """Time to establish a connection to the model server."""
     max_model_len: int = 2048
     """Context window of the served model, in tokens."""
+    server_nice: int = Field(default=5, ge=0, le=19)
+    """Scheduling niceness of the model server this project starts (``rag run``, ``rag llm serve``):
+    on a small CPU-only machine the API's event loop and searches come before token generation, so
+    health checks, searches and refusals stay fast while answers queue (0: same priority)."""
     max_tokens: int = 256
     """Default answer length cap."""
     temperature: float = 0.0
@@ -372,7 +376,11 @@ class ApiSettings(BaseModel):
     search_queue: int = Field(default=32, ge=0)
     """Searches that may wait for a free slot; more are refused at once (503 ``overloaded``)."""
     queue_wait_seconds: float = Field(default=0.5, gt=0)
-    """Longest wait for a slot before a request is refused with ``Retry-After``."""
+    """Longest wait for an answer slot before the request is refused with ``Retry-After``."""
+    search_queue_wait_seconds: float = Field(default=0.1, gt=0)
+    """Longest wait for a search slot before the request is refused with ``Retry-After: 1``. A search
+    is ~20 ms of work: waiting much longer than a few of them only hides an overload that a quick
+    refusal and a retry handle better (admitted searches keep a bounded latency)."""
     max_in_flight: int = Field(default=64, ge=1)
     """HTTP requests the process works on at once (websockets and ``/healthz``, ``/readyz``,
     ``/metrics`` not counted); beyond it a request is refused (503 ``overloaded``, ``Retry-After: 1``)

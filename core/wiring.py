@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from generation.backends.openai_compat import OpenAICompatClient
     from retrieval.embedders import SentenceTransformerEmbedder
     from retrieval.hybrid import HybridRetriever
+    from retrieval.recipe import IndexRecipe
     from retrieval.store import IndexStore
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,23 @@ def load_query_embedder(settings: Settings) -> SentenceTransformerEmbedder:
     if settings.embedding.query_backend == "onnx":
         embedder.use_onnx_queries(settings.data_dir / "models" / "onnx", threads=settings.embedding.query_threads)
     return embedder
+
+
+def index_recipe(settings: Settings, *, model_id: str, dimension: int) -> IndexRecipe:
+    """The configured index recipe (the one place it is computed from settings): the embedding model
+    the process loaded and the ``chunking`` section. The API, the worker and the CLI all compare a
+    collection's recorded recipe with this one (``reindex_needed``)."""
+    from retrieval.recipe import IndexRecipe
+
+    c = settings.chunking
+    return IndexRecipe(
+        model_id=model_id,
+        dimension=dimension,
+        chunk_tokens=c.chunk_tokens,
+        overlap_tokens=c.overlap_tokens,
+        min_piece_tokens=c.min_piece_tokens,
+        context_tokens=c.context_tokens,
+    )
 
 
 def open_store(settings: Settings, *, model_id: str, dimension: int) -> IndexStore | PgIndex:
@@ -367,7 +385,10 @@ def configure_tracing(settings: Settings, *, exporter: Any = None, service_suffi
         otlp = OTLPSpanExporter(
             endpoint=f"{endpoint.rstrip('/')}/v1/traces", timeout=settings.telemetry.export_timeout_seconds
         )
-        processor = BatchSpanProcessor(otlp)  # SDK defaults: every 5 s or 512 spans, off the request path
+        from core.span_export import IdleFirstExporter
+
+        # SDK defaults: every 5 s or 512 spans, off the request path, encoded between searches.
+        processor = BatchSpanProcessor(IdleFirstExporter(otlp))
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased

@@ -6,6 +6,11 @@ the current snapshot are added (with their stored vectors), ids in the snapshot 
 from the database are removed, and the store switches to the new version atomically.
 Because reconciliation only looks at the two id sets, it repairs any crash between a
 database commit and an index publish: run it again and the sets are equal.
+
+The collection's recipe (``collections.recipe``: how its chunk rows were cut and embedded) is
+recorded in the manifest of every version published here, so a snapshot always names the recipe
+of the rows it was built from. A reindex swaps all of a collection's rows at once; the next
+reconcile then finds no id in common and builds the new version from scratch.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.db.models import Chunk as ChunkRow
 from core.db.models import Collection, Document
+from retrieval.recipe import recipe_from_json
 from retrieval.store import IndexStore, Snapshot
-from retrieval.types import Chunk, IndexCatalog, IndexCorruptError
+from retrieval.types import Chunk, IndexCatalog, IndexCorruptError, IndexMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +93,11 @@ async def reconcile(
     new version built from scratch from the database, which holds every chunk and its vector:
     one corrupt file never stops ingestion, and searches of the collection work again once the
     new version is published.
+
+    A snapshot of another embedding model (:class:`~retrieval.types.IndexMismatchError`) is rebuilt
+    the same way when the database's rows are of the configured model (a reindex committed its
+    rows and the process stopped before publishing); when the rows are of the old model too, it is
+    left alone (searches of it fail until ``rag reindex`` rebuilds it) and nothing is published.
     """
     if store.transactional or not isinstance(store, IndexStore):
         return ReconcileResult(collection_name, 0, 0, 0, None)
@@ -99,6 +110,19 @@ async def reconcile(
             "index unreadable; rebuilding it from the database", extra={"collection": collection_name, "error": str(e)}
         )
         return await rebuild(sessionmaker, store, collection_name)
+    except IndexMismatchError as e:
+        async with sessionmaker() as session:
+            recipe = recipe_from_json(
+                await session.scalar(select(Collection.recipe).where(Collection.name == collection_name))
+            )
+        if recipe is not None and recipe.model_id == store.model_id and recipe.dimension == store.dimension:
+            return await rebuild(sessionmaker, store, collection_name)
+        logger.warning(
+            "index built with another embedding model; run `rag reindex -c %s`",
+            collection_name,
+            extra={"collection": collection_name, "error": str(e)},
+        )
+        return ReconcileResult(collection_name, 0, 0, 0, None)
     have = {int(i) for i in snapshot.ids} if snapshot is not None else set()
     async with sessionmaker() as session:
         collection = await session.scalar(select(Collection).where(Collection.name == collection_name))
@@ -106,15 +130,22 @@ async def reconcile(
             if snapshot is not None:
                 await asyncio.to_thread(store.drop, collection_name)
             return ReconcileResult(collection_name, 0, len(have), 0, None)
+        recipe = recipe_from_json(collection.recipe)
         wanted = await _db_ids(session, collection.id)
         missing = wanted - have
         extra = have - wanted
-        if snapshot is not None and not missing and not extra:
+        if snapshot is not None and not missing and not extra and snapshot.manifest.recipe == recipe:
             return ReconcileResult(collection_name, 0, 0, len(wanted), snapshot.version)
+    if have and wanted and not have & wanted:
+        # Every row was replaced (a reindex): a fresh index beats removing every id from a copy.
+        return await rebuild(sessionmaker, store, collection_name)
+    async with sessionmaker() as session:
         chunks, vectors = await _load_chunks(session, collection, list(missing))
     if vectors.size == 0:
         vectors = np.zeros((0, store.dimension), dtype=np.float32)
-    new = await asyncio.to_thread(store.publish, collection_name, add=chunks, vectors=vectors, remove=extra)
+    new = await asyncio.to_thread(
+        store.publish, collection_name, add=chunks, vectors=vectors, remove=extra, recipe=recipe
+    )
     logger.info(
         "index published",
         extra={"collection": collection_name, "added": len(chunks), "removed": len(extra), "version": new.version},
@@ -131,11 +162,14 @@ async def rebuild(
         if collection is None:
             await asyncio.to_thread(store.drop, collection_name)
             return ReconcileResult(collection_name, 0, 0, 0, None)
+        recipe = recipe_from_json(collection.recipe)
         wanted = await _db_ids(session, collection.id)
         chunks, vectors = await _load_chunks(session, collection, list(wanted))
     if vectors.size == 0:
         vectors = np.zeros((0, store.dimension), dtype=np.float32)
-    new = await asyncio.to_thread(store.publish, collection_name, add=chunks, vectors=vectors, from_scratch=True)
+    new = await asyncio.to_thread(
+        store.publish, collection_name, add=chunks, vectors=vectors, from_scratch=True, recipe=recipe
+    )
     logger.warning(
         "index rebuilt from the database",
         extra={"collection": collection_name, "chunks": len(chunks), "version": new.version},

@@ -13,6 +13,11 @@ Contract:
   stored with its document; the job keeps the totals and the reports of the files that were
   OCR'd or warned about (:func:`add_report`), written with the batch that loaded them.
 - With ``prune``, documents under a folder root that are no longer on disk are deleted.
+- A collection's chunks all come from one index recipe (``retrieval.recipe``): the first chunks
+  of a collection record the configured recipe on its row, and a job for a collection whose
+  recorded recipe differs from the configured one fails at once with :class:`RecipeMismatchError`
+  (run ``rag reindex`` first) instead of adding chunks cut or embedded another way. Each indexed
+  document's extracted text and layout are stored with it, so a reindex never reads files.
 - The index is published by reconciling it with the database (see ``ingest.indexer``),
   during long jobs every ``publish_every`` seconds and always at the end.
 - A cancel request (``queue.request_cancel``) is seen at the next batch boundary, or within
@@ -52,7 +57,9 @@ from ingest.indexer import reconcile, vector_to_bytes
 from ingest.loaders import LoaderError, LoaderLimits, loader_for
 from ingest.loaders.base import LoadedDocument
 from ingest.splitter import Piece, Splitter
+from ingest.stored import layout_of
 from retrieval.chunk_context import embedded_text
+from retrieval.recipe import IndexRecipe, recipe_from_json
 from retrieval.types import Embedder, IndexCatalog
 
 logger = logging.getLogger(__name__)
@@ -146,6 +153,43 @@ class JobCancelled(Exception):
     """Raised inside a job when its cancel request is seen (the job then ends ``cancelled``)."""
 
 
+class RecipeMismatchError(Exception):
+    """The collection's chunks were made with another index recipe than the configured one."""
+
+    def __init__(self, collection: str, recorded: IndexRecipe, configured: IndexRecipe) -> None:
+        changes = "; ".join(recorded.differences(configured))
+        super().__init__(
+            f"collection {collection!r} was indexed with another recipe ({changes}); adding chunks made with "
+            f"the configured one would mix them. Run `rag reindex -c {collection}` first (its index keeps "
+            "answering meanwhile), or configure the recorded recipe again"
+        )
+        self.collection = collection
+
+
+async def check_recipe(session: AsyncSession, collection: Collection, recipe: IndexRecipe | None) -> None:
+    """Before a job adds chunks: record ``recipe`` on a collection without chunks, refuse a collection
+    whose recorded recipe differs (flushes, never commits).
+
+    A collection whose recipe is unknown (chunks from before recipes were recorded) is let through:
+    nothing is known to differ; ``rag reindex`` records one.
+
+    Raises:
+        RecipeMismatchError: The recorded recipe differs and the collection has chunks.
+    """
+    if recipe is None:
+        return
+    has_chunks = (
+        await session.scalar(select(ChunkRow.id).where(ChunkRow.collection_id == collection.id).limit(1))
+    ) is not None
+    recorded = recipe_from_json(collection.recipe)
+    if not has_chunks:
+        if recorded != recipe:
+            collection.recipe = recipe.to_json()
+            await session.flush()
+    elif recorded is not None and recorded != recipe:
+        raise RecipeMismatchError(collection.name, recorded, recipe)
+
+
 class PathChangedError(Exception):
     """A job's folder resolves somewhere else than when the job was queued (a symlink swap)."""
 
@@ -223,8 +267,11 @@ class IngestPipeline:
         check_seconds: float = 1.0,
         executor: Executor | None = None,
         index_writer: PgIndexWriter | None = None,
+        recipe: IndexRecipe | None = None,
     ) -> None:
         self._sessionmaker = sessionmaker
+        # The configured index recipe (None: not checked, for tests of other parts).
+        self._recipe = recipe
         self._store = store
         # The postgres backend's index is written in each batch's transaction, with the chunk rows.
         self._index_writer = index_writer
@@ -368,6 +415,9 @@ class IngestPipeline:
                 )
             )
             known = {p: (s, j) for p, s, j in rows if p == str(root) or p.startswith(prefix)}
+            collection = await session.get(Collection, collection_id)
+            assert collection is not None
+            await check_recipe(session, collection, self._recipe)
             job = await session.get(IngestJob, job_id)
             assert job is not None
             job.files_total = len(listed)
@@ -516,6 +566,9 @@ class IngestPipeline:
                 document.page_count = loaded.page_count if loaded else None
                 document.meta = dict(loaded.metadata) if loaded else {}
                 document.report = loaded.report() if loaded else None
+                # Kept for reindexing without the file (only what chunks were cut from).
+                document.text = loaded.text if loaded and p.error is None else None
+                document.layout = layout_of(loaded) if loaded and p.error is None else None
                 if loaded is not None:
                     job.extraction = add_report(job.extraction, path, loaded.report())
                 document.chunk_count = len(p.pieces) if p.error is None else 0

@@ -78,6 +78,27 @@ async def enqueue(session: AsyncSession, *, collection: Collection, root_path: s
     return job
 
 
+async def enqueue_reindex(session: AsyncSession, *, collection: Collection) -> tuple[IngestJob, bool]:
+    """Queue a ``reindex`` job of ``collection`` (flushes, never commits), unless one is already queued
+    or running: then that one is returned. Returns ``(job, created)``."""
+    existing = await session.scalar(
+        select(IngestJob)
+        .where(
+            IngestJob.collection_id == collection.id,
+            IngestJob.kind == "reindex",
+            IngestJob.status.in_(("queued", "running")),
+        )
+        .order_by(IngestJob.id)
+        .limit(1)
+    )
+    if existing is not None:
+        return existing, False
+    job = IngestJob(collection_id=collection.id, kind="reindex", root_path="", prune=False, status="queued", errors=[])
+    session.add(job)
+    await session.flush()
+    return job, True
+
+
 async def claim(
     session: AsyncSession,
     *,

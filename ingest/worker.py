@@ -23,14 +23,16 @@ from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from core.settings import Settings
-from core.wiring import configure_tracing, load_document_embedder, open_database, open_store
+from core.wiring import configure_tracing, index_recipe, load_document_embedder, open_database, open_store
 from ingest import queue
 from ingest.indexer import reconcile_all
 from ingest.loaders import LoaderLimits
 from ingest.pipeline import IngestPipeline, JobSummary, ProgressCallback, default_worker_id
+from ingest.reindex import Reindexer, warn_recipe_mismatches
 from ingest.splitter import Splitter
 from ingest.watch import watch_folders
 from retrieval.embedders import SentenceTransformerEmbedder
+from retrieval.recipe import IndexRecipe
 from retrieval.store import IndexStore
 
 if TYPE_CHECKING:
@@ -51,6 +53,8 @@ class IngestContext:
     embedder: SentenceTransformerEmbedder
     pipeline: IngestPipeline
     worker_id: str
+    reindexer: Reindexer
+    recipe: IndexRecipe
 
     async def aclose(self) -> None:
         """Stop threads and close database connections."""
@@ -81,20 +85,35 @@ async def build_ingest_context(
         min_piece_tokens=settings.chunking.min_piece_tokens,
     )
     worker_id = worker_id or default_worker_id()
+    recipe = index_recipe(settings, model_id=embedder.model_id, dimension=embedder.dimension)
+    index_writer = None if isinstance(store, IndexStore) else store.writer()
+    batch_chunks = settings.ingest.batch_chunks or max(settings.embedding.batch_size * 4, 64)
     pipeline = IngestPipeline(
         sessionmaker=sessionmaker,
         store=store,
-        index_writer=None if isinstance(store, IndexStore) else store.writer(),
+        index_writer=index_writer,
+        recipe=recipe,
         embedder=embedder,
         splitter=splitter,
         worker_id=worker_id,
         max_file_bytes=settings.ingest.max_file_mb * 1024 * 1024,
         limits=loader_limits(settings),
-        batch_chunks=settings.ingest.batch_chunks or max(settings.embedding.batch_size * 4, 64),
+        batch_chunks=batch_chunks,
         heartbeat_seconds=settings.ingest.heartbeat_seconds,
         publish_every=settings.ingest.publish_every_seconds,
     )
-    return IngestContext(settings, engine, sessionmaker, store, embedder, pipeline, worker_id)
+    reindexer = Reindexer(
+        sessionmaker=sessionmaker,
+        store=store,
+        embedder=embedder,
+        splitter=splitter,
+        recipe=recipe,
+        worker_id=worker_id,
+        batch_chunks=batch_chunks,
+        heartbeat_seconds=settings.ingest.heartbeat_seconds,
+        index_writer=index_writer,
+    )
+    return IngestContext(settings, engine, sessionmaker, store, embedder, pipeline, worker_id, reindexer, recipe)
 
 
 def loader_limits(settings: Settings) -> LoaderLimits:
@@ -138,17 +157,21 @@ async def run_job(ctx: IngestContext, job_id: int, *, on_progress: ProgressCallb
         )
     if job is None:
         return None
-    return await _run_traced(ctx, job.id, job.root_path, on_progress=on_progress)
+    return await _run_traced(ctx, job.id, job.root_path, kind=job.kind, on_progress=on_progress)
 
 
 async def _run_traced(
-    ctx: IngestContext, job_id: int, root: str, *, on_progress: ProgressCallback | None = None
+    ctx: IngestContext, job_id: int, root: str, *, kind: str = "ingest", on_progress: ProgressCallback | None = None
 ) -> JobSummary:
-    """Run a claimed job as its own trace (a no-op span unless the process configured tracing)."""
+    """Run a claimed job (an ingest, or a reindex) as its own trace (a no-op span unless the process
+    configured tracing)."""
     with _tracer.start_as_current_span(
-        "ingest job", context=otel_context.Context(), attributes={"rag.job_id": job_id, "rag.root": root}
+        f"{kind} job",
+        context=otel_context.Context(),
+        attributes={"rag.job_id": job_id, "rag.root": root, "rag.kind": kind},
     ) as span:
-        summary = await ctx.pipeline.run(job_id, on_progress=on_progress)
+        runner = ctx.reindexer if kind == "reindex" else ctx.pipeline
+        summary = await runner.run(job_id, on_progress=on_progress)
         span.set_attribute("rag.status", summary.status)
         return summary
 
@@ -210,6 +233,7 @@ async def run_worker(
     ran = 0
     try:
         await _repair(ctx, "index repaired at start-up")
+        await warn_recipe_mismatches(ctx.sessionmaker, ctx.recipe)
         if folders:
             watcher = asyncio.create_task(
                 watch_folders(
@@ -240,8 +264,8 @@ async def run_worker(
                     checked = time.monotonic()
                 await _idle(stop, wake, settings.ingest.poll_seconds)
                 continue
-            logger.info("job claimed", extra={"job_id": job.id, "root": job.root_path})
-            summary = await _run_traced(ctx, job.id, job.root_path)
+            logger.info("job claimed", extra={"job_id": job.id, "root": job.root_path, "kind": job.kind})
+            summary = await _run_traced(ctx, job.id, job.root_path, kind=job.kind)
             ran += 1
             logger.info("job finished", extra={"job_id": job.id, "status": summary.status})
     finally:

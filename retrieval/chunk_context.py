@@ -14,7 +14,11 @@ window) and by the ingestion pipeline (which embeds :func:`embedded_text`).
 
 from __future__ import annotations
 
-__all__ = ["CONTEXT_SEPARATOR", "chunk_context", "embedded_text"]
+__all__ = ["CONTEXT_SEPARATOR", "CONTEXT_VERSION", "chunk_context", "embedded_text"]
+
+CONTEXT_VERSION = 1
+"""Bump when :func:`chunk_context` or :func:`embedded_text` change what is embedded (it is part of
+:class:`retrieval.recipe.IndexRecipe`, so every collection is then reported as needing a reindex)."""
 
 CONTEXT_SEPARATOR = " > "
 """Joins the title and the levels of the heading path ("Guide > Install > Linux")."""

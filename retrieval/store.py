@@ -7,7 +7,8 @@ Layout under ``root``::
       <collection>/
         CURRENT                         names the live version; replaced with os.replace
         versions/<version>/
-          manifest.json                 model id, dimension, counts, tokenizer, BM25 params
+          manifest.json                 model id, dimension, counts, tokenizer, BM25 params,
+                                        the index recipe (``retrieval.recipe``; absent: unknown)
           dense.faiss                   faiss.write_index of the IDMap2 index
           dense.accel.faiss             its accelerator (large collections only)
           sparse.npz                    BM25 postings (numpy, no pickle; format-1 versions
@@ -59,6 +60,7 @@ import numpy as np
 
 from retrieval.dense import DEFAULT_ACCELERATE_FROM, DEFAULT_NPROBE, AcceleratorKind, DenseIndex
 from retrieval.leads import DocumentLeads
+from retrieval.recipe import IndexRecipe, recipe_from_json
 from retrieval.sparse import BM25Params, SparseIndex
 from retrieval.tokenize import Tokenizer, TokenizerOptions
 from retrieval.types import (
@@ -115,12 +117,19 @@ class Manifest:
     bm25: BM25Params = field(default_factory=BM25Params)
     dense_factory: str = "Flat"
     format: int = FORMAT_VERSION
+    recipe: IndexRecipe | None = None
+    """How the chunks were cut and embedded; ``None``: unknown (a version written before recipes
+    were recorded, or published without one)."""
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict."""
+        """JSON-ready dict (``recipe`` is left out when unknown)."""
         data = asdict(self)
         data["tokenizer"] = self.tokenizer.to_dict()
         data["bm25"] = asdict(self.bm25)
+        if self.recipe is None:
+            del data["recipe"]
+        else:
+            data["recipe"] = self.recipe.to_json()
         return data
 
     @classmethod
@@ -143,6 +152,8 @@ class Manifest:
                 tokenizer=TokenizerOptions.from_dict(data["tokenizer"]),
                 bm25=BM25Params(**data["bm25"]),
                 dense_factory=str(data["dense_factory"]),
+                # Older manifests have none, and an unreadable one must not make the index unusable.
+                recipe=recipe_from_json(data.get("recipe")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise IndexCorruptError(f"malformed manifest: {e}") from e
@@ -401,8 +412,8 @@ class IndexStore:
                 f"collection {manifest.collection!r} (index version {manifest.version}) was built with "
                 f"embedding model {manifest.model_id!r} ({manifest.dimension} dimensions), but the "
                 f"service is configured with {self._model_id!r} ({self._dimension} dimensions). "
-                "Re-ingest the collection or run a rebuild of its index with the configured model "
-                "(or configure the original model again)."
+                "Re-ingest the collection or rebuild its index with the configured model from its stored "
+                f"texts: `rag reindex -c {manifest.collection}` (or configure the original model again)."
             )
 
     def _read_manifest(self, vdir: Path) -> Manifest:
@@ -575,6 +586,7 @@ class IndexStore:
         vectors: FloatMatrix | None = None,
         remove: Iterable[int] = (),
         from_scratch: bool = False,
+        recipe: IndexRecipe | None = None,
     ) -> Snapshot:
         """Publish a new version: the current one, minus ``remove``, plus ``add``.
 
@@ -593,6 +605,9 @@ class IndexStore:
             remove: Chunk ids to delete.
             from_scratch: Ignore the current version (e.g. a rebuild with a new embedding
                 model): the new version holds exactly ``add``.
+            recipe: The recipe the collection's chunks were made with, recorded in the new
+                manifest; ``None`` keeps the current version's (unknown for a new collection).
+                The caller vouches for it: the store cannot tell how chunks were cut.
 
         Returns:
             The new snapshot.
@@ -625,14 +640,17 @@ class IndexStore:
             current: Snapshot | None = None
             if current_version is not None and not from_scratch:
                 current = self._load_version(collection, current_version)
+                if recipe is None:
+                    recipe = current.manifest.recipe
                 if (
                     not add
                     and not remove_ids.intersection(current.chunks)
                     and current.manifest.tokenizer == self._tokenizer_options
                     and current.manifest.bm25 == self._bm25
+                    and current.manifest.recipe == recipe
                 ):
                     return current  # nothing would change: no new version
-            snapshot = self._build(collection, current, add, new_ids, vecs, remove_ids)
+            snapshot = self._build(collection, current, add, new_ids, vecs, remove_ids, recipe)
             self._write(collection, snapshot)
             with self._guard:
                 self._cache[collection] = snapshot
@@ -666,6 +684,7 @@ class IndexStore:
         new_ids: IntArray,
         vecs: FloatMatrix,
         remove_ids: set[int],
+        recipe: IndexRecipe | None,
     ) -> Snapshot:
         tokenizer = Tokenizer(self._tokenizer_options)
         if current is None:
@@ -716,6 +735,7 @@ class IndexStore:
             tokenizer=self._tokenizer_options,
             bm25=self._bm25,
             dense_factory=self._dense_factory,
+            recipe=recipe,
         )
         snapshot = Snapshot(manifest=manifest, dense=dense, sparse=sparse, chunks=chunks)
         snapshot.check()

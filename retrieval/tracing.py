@@ -9,6 +9,12 @@ background thread that creates the spans with their real start and end times und
 recorded parent. The spans carry the same names, parents, timings and attributes as inline
 ones; they reach the span processor a moment later.
 
+Moving the work to a thread is not enough on its own: a background thread that holds the GIL
+when a search wants it back delays that search by up to the interpreter's switch interval
+(5 ms). So the thread creates spans only while no search is running (or once a
+backlog has waited :data:`MAX_DELAY_SECONDS`, so spans are never held back for long under steady
+load), one span at a time, giving the GIL back between spans.
+
 When the parent span is not recording (no SDK configured, or the trace not sampled) nothing is
 timed or queued at all.
 
@@ -29,11 +35,14 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-__all__ = ["Stages", "flush"]
+__all__ = ["MAX_DELAY_SECONDS", "Stages", "flush", "wait_for_idle"]
 
 log = logging.getLogger(__name__)
 
 _Stage = tuple[str, int, int, dict[str, Any]]
+
+MAX_DELAY_SECONDS = 0.5
+"""Longest a published stage waits for a moment with no recorded operation running."""
 
 
 class Stages:
@@ -41,16 +50,21 @@ class Stages:
 
     Use :meth:`stage` around each stage and call :meth:`publish` once when the operation ends
     (also when it failed: the stages that finished are still worth seeing). Thread-safe for
-    stages running on different threads (appending to a list is atomic).
+    stages running on different threads (appending to a list is atomic). Until it is published,
+    an instance counts as a running operation (recorded or not), and span work waits for it.
     """
 
-    __slots__ = ("_context", "_stages", "_tracer")
+    __slots__ = ("_context", "_open", "_stages", "_tracer")
 
     def __init__(self, tracer: trace.Tracer, parent: trace.Span | None = None) -> None:
         span = parent if parent is not None else trace.get_current_span()
         self._tracer = tracer
         self._context = trace.set_span_in_context(span) if span.is_recording() else None
         self._stages: list[_Stage] = []
+        # Every operation counts, recorded or not: an unsampled search is just as slowed down by
+        # a span thread holding the GIL.
+        self._open = True
+        _emitter.started()
 
     @property
     def recording(self) -> bool:
@@ -71,24 +85,41 @@ class Stages:
             self._stages.append((name, started, time.time_ns(), attributes))
 
     def publish(self) -> None:
-        """Queue the recorded stages for span creation (a no-op when nothing was recorded)."""
+        """Queue the recorded stages for span creation (a no-op when nothing was recorded).
+
+        Call it once: it also ends this operation's claim on the span thread's idle time.
+        """
         if self._context is not None and self._stages:
             _emitter.submit(self._tracer, self._context, self._stages)
             self._stages = []
+        if self._open:
+            self._open = False
+            _emitter.finished()
 
 
 class _Emitter:
-    """One daemon thread that turns published stages into spans, in publication order."""
+    """One daemon thread that turns published stages into spans, in publication order, while idle."""
 
     def __init__(self) -> None:
-        self._queue: deque[tuple[trace.Tracer, otel_context.Context, list[_Stage]]] = deque()
+        self._queue: deque[tuple[trace.Tracer, otel_context.Context, list[_Stage], float]] = deque()
         self._cond = threading.Condition()
         self._busy = 0
+        self._running = 0  # operations in progress (Stages created, not yet published)
         self._thread: threading.Thread | None = None
+
+    def started(self) -> None:
+        with self._cond:
+            self._running += 1
+
+    def finished(self) -> None:
+        with self._cond:
+            self._running -= 1
+            if not self._running and self._queue:
+                self._cond.notify_all()
 
     def submit(self, tracer: trace.Tracer, ctx: otel_context.Context, stages: list[_Stage]) -> None:
         with self._cond:
-            self._queue.append((tracer, ctx, stages))
+            self._queue.append((tracer, ctx, stages, time.monotonic() + MAX_DELAY_SECONDS))
             self._busy += 1
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="rag-stage-spans", daemon=True)
@@ -99,15 +130,28 @@ class _Emitter:
         with self._cond:
             return self._cond.wait_for(lambda: self._busy == 0, timeout)
 
+    def wait_for_idle(self, timeout: float) -> None:
+        with self._cond:
+            self._idle(time.monotonic() + timeout)
+
+    def _idle(self, deadline: float) -> None:
+        """Wait (holding the condition) until no operation runs, or until ``deadline``."""
+        remaining = deadline - time.monotonic()
+        if self._running and remaining > 0:
+            self._cond.wait_for(lambda: not self._running, remaining)
+
     def _run(self) -> None:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._queue))
-                tracer, ctx, stages = self._queue.popleft()
+                tracer, ctx, stages, deadline = self._queue.popleft()
             try:
                 for name, started, ended, attributes in stages:
+                    with self._cond:
+                        self._idle(deadline)
                     span = tracer.start_span(name, context=ctx, start_time=started, attributes=attributes or None)
                     span.end(end_time=ended)
+                    time.sleep(0)  # give the GIL back: a search may be waiting for it
             except Exception:  # a broken exporter must not stop the spans of later requests
                 log.exception("could not record stage spans")
             finally:
@@ -122,3 +166,12 @@ _emitter = _Emitter()
 def flush(timeout: float = 5.0) -> bool:
     """Wait until every published stage is a span; ``False`` if ``timeout`` seconds passed first."""
     return _emitter.flush(timeout)
+
+
+def wait_for_idle(timeout: float = MAX_DELAY_SECONDS) -> None:
+    """Block until no search is running, or ``timeout`` seconds (for other span work).
+
+    The span exporter calls it between slices of a batch, so that encoding spans (tens of µs
+    each, holding the GIL) happens between searches rather than inside them.
+    """
+    _emitter.wait_for_idle(timeout)

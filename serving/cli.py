@@ -193,6 +193,10 @@ def serve(
         bool, typer.Option("--w4a8/--no-w4a8", help="int8 activations in the 4-bit layers (AMX: faster, less exact).")
     ] = True,
     startup_timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.")] = 600.0,
+    nice: Annotated[
+        int | None,
+        typer.Option(min=0, max=19, help="Niceness of the server (default: llm.server_nice; 0: normal priority)."),
+    ] = None,
     prepare_first: Annotated[
         bool, typer.Option("--prepare/--no-prepare", help="Prepare the checkpoint first if needed.")
     ] = True,
@@ -234,6 +238,7 @@ def serve(
             expected_model=model_name,
             inherit_output=True,
             startup_timeout=startup_timeout,
+            nice=settings.llm.server_nice if nice is None else nice,
         )
     except LauncherError as e:
         _fail(str(e))

@@ -407,6 +407,8 @@ class ManagedServer:
             The error then carries no log tail: the lines are already on the terminal.
         startup_timeout: Seconds to wait for readiness (vLLM takes ~25-35 s eager on 2 cores).
         cwd: Working directory of the child.
+        nice: Niceness added to the server's (``nice -n``; inherited by the processes it forks);
+            0 runs it at this process's priority.
     """
 
     def __init__(
@@ -422,8 +424,11 @@ class ManagedServer:
         startup_timeout: float = 300.0,
         poll_interval: float = 0.5,
         cwd: Path | None = None,
+        nice: int = 0,
     ) -> None:
-        self.command = list(command)
+        # nice(1) rather than a setpriority after the spawn: the engine-core process vLLM forks
+        # must inherit the priority, whatever the timing.
+        self.command = ["nice", "-n", str(nice), *command] if nice > 0 else list(command)
         self.host = host
         self.port = port
         self.env = dict(env or {})

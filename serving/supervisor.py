@@ -163,6 +163,7 @@ def start_llm(settings: Settings, log_dir: Path, out: TextIO) -> ManagedServer |
         expected_model=llm.model,
         log_path=log_dir / "vllm.log",
         startup_timeout=600,
+        nice=llm.server_nice,
     )
     with step("model server start", out, usually=USUALLY["llm"]) as progress:
         progress.update(current=f"vLLM (CPU) on {server.base_url}, log {log_dir / 'vllm.log'}")

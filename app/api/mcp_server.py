@@ -181,7 +181,7 @@ def build_server(resolve: CallerResolver, *, version: str = "") -> MCPServer[Any
         """The collections you may read, with their document and chunk counts."""
         caller = await resolve(ctx)
         async with caller.resources.sessionmaker() as session:
-            infos = await collections.list_visible(session, caller.principal)
+            infos = await collections.list_visible(session, caller.principal, configured=caller.resources.recipe)
         return CollectionList(collections=[CollectionOut.from_info(i) for i in infos])
 
     @server.tool(title="Get a chunk")

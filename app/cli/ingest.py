@@ -1,4 +1,5 @@
-"""``rag ingest``, ``rag jobs`` (``rag jobs cancel ID``), ``rag worker``: putting documents into collections."""
+"""``rag ingest``, ``rag reindex``, ``rag jobs`` (``rag jobs cancel ID``), ``rag worker``: putting documents
+into collections."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from core.settings import Settings
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root ``rag`` app."""
     app.command()(ingest)
+    app.command()(reindex)
     # ``rag jobs`` alone lists (as it always did); ``rag jobs cancel ID`` stops one.
     group = typer.Typer(help="List ingestion jobs (newest first), or cancel one.")
     group.callback(invoke_without_command=True)(jobs)
@@ -137,6 +139,164 @@ async def _ingest(
         report(_summary_json(summary, job_id, collection))
         if watch:
             await _watch(ctx, path, collection, prune=prune, report=report)
+    finally:
+        await ctx.aclose()
+
+
+def reindex(
+    collections: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--collection", "-c", help="A collection to reindex (repeatable); default: every one that needs it."
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild even collections with the configured recipe.")
+    ] = False,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Run now in this process, or only enqueue.")] = True,
+    list_only: Annotated[
+        bool, typer.Option("--list", help="Only show each collection's recipe and whether it needs a reindex.")
+    ] = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Rebuild collections whose index recipe (chunk sizes, context, embedding model) differs from the
+    configured one: re-chunk and re-embed their stored texts (no file is read again) and swap the new
+    index in at once; searches keep answering from the old one until then.
+
+    Without ``-c``, every collection that needs it (``--list`` shows which); ``--force`` rebuilds the
+    named (or all) collections even when their recipe is the configured one.
+    """
+    setup_logging(verbose)
+    settings = load_settings()
+    lower_priority(settings.ingest.nice)
+    failed = False
+
+    def report(row: dict[str, Any]) -> None:
+        nonlocal failed
+        failed = failed or row.get("status") == "failed"
+        if as_json:
+            typer.echo(json.dumps(row, indent=2))
+        elif "files" in row:
+            chunks = row["chunks"]
+            line = (
+                f"reindexed [bold]{row['collection']}[/]: {row['status']} · {row['files']['changed']} documents · "
+                f"chunks -{chunks['removed']} +{chunks['added']} = {chunks['total']} · {row['seconds']:.1f}s"
+            )
+            console.print(line)
+            for err in row["errors"][:20]:
+                console.print(f"  {err['path']}: {err['reason']}", markup=False, highlight=False)
+            if row["status"] == "failed" and row.get("error"):
+                console.print(f"  {row['error']}", markup=False, highlight=False)
+        else:
+            console.print(f"queued reindex job [bold]{row['job_id']}[/] for collection [bold]{row['collection']}[/]")
+
+    from retrieval.types import RetrievalError
+
+    try:
+        asyncio.run(
+            _reindex(
+                settings,
+                collections or None,
+                force=force,
+                wait=wait,
+                list_only=list_only,
+                as_json=as_json,
+                report=report,
+            )
+        )
+    except LookupError as e:
+        fail(str(e.args[0]))
+    except RetrievalError as e:  # e.g. the postgres index refusing another embedding model
+        fail(str(e))
+    if failed:
+        raise typer.Exit(1)
+
+
+async def _reindex(
+    settings: Settings,
+    names: list[str] | None,
+    *,
+    force: bool,
+    wait: bool,
+    list_only: bool,
+    as_json: bool,
+    report: Callable[[dict[str, Any]], None],
+) -> None:
+    from core.db.models import IngestJob
+    from core.progress import Progress
+    from ingest import queue
+    from ingest.reindex import recipe_statuses
+    from ingest.worker import build_ingest_context, run_job
+
+    with Progress("reindex", unit="documents", rates=("chunks",)) as progress:
+        # The configured recipe names the model's id and dimension: the model is loaded either way.
+        progress.update(current="loading the embedding model")
+        ctx = await build_ingest_context(settings)
+    try:
+        async with ctx.sessionmaker() as session:
+            statuses = await recipe_statuses(session, ctx.recipe, names)
+        missing = sorted(set(names or ()) - {s.collection for s in statuses})
+        if missing:
+            raise LookupError(f"no collection {', '.join(map(repr, missing))}")
+        if list_only:
+            rows = [
+                {
+                    "collection": s.collection,
+                    "chunks": s.chunks,
+                    "recipe": None
+                    if s.recorded is None
+                    else {"fingerprint": s.recorded.fingerprint(), **s.recorded.to_json()},
+                    "reindex_needed": s.reindex_needed,
+                }
+                for s in statuses
+            ]
+            if as_json:
+                typer.echo(
+                    json.dumps(
+                        {
+                            "configured": {"fingerprint": ctx.recipe.fingerprint(), **ctx.recipe.to_json()},
+                            "collections": rows,
+                        },
+                        indent=2,
+                    )
+                )
+                return
+            table = Table(title=f"index recipes · configured: {ctx.recipe.describe()}")
+            for col in ("collection", "chunks", "recipe", "reindex needed"):
+                table.add_column(col, overflow="fold")
+            for s in statuses:
+                recipe = s.recorded.describe() if s.recorded is not None else ("unknown" if s.chunks else "-")
+                table.add_row(s.collection, str(s.chunks), recipe, "yes" if s.reindex_needed else "no")
+            console.print(table)
+            return
+        targets = [s for s in statuses if s.chunks > 0 and (force or s.reindex_needed)]
+        if not targets:
+            if not as_json:
+                console.print(f"nothing to reindex: every collection is indexed with {ctx.recipe.describe()}")
+            return
+        for s in targets:
+            async with ctx.sessionmaker() as session:
+                collection = await queue.get_or_create_collection(session, s.collection)
+                job, _created = await queue.enqueue_reindex(session, collection=collection)
+                await session.commit()
+                job_id = job.id
+            if not wait:
+                report({"job_id": job_id, "status": "queued", "collection": s.collection, "kind": "reindex"})
+                continue
+            with Progress(f"reindex {s.collection}", unit="documents", rates=("chunks",)) as progress:
+
+                def on_progress(done: int, total: int, path: str, outcome: str, *, chunks: int = 0) -> None:
+                    progress.update(done, total=total, current=Path(path).name, chunks=chunks)
+
+                summary = await run_job(ctx, job_id, on_progress=on_progress)
+            row = _summary_json(summary, job_id, s.collection)
+            if summary is not None:
+                async with ctx.sessionmaker() as session:
+                    ended = await session.get(IngestJob, job_id)
+                    row["error"] = ended.error if ended is not None else None
+            row["kind"] = "reindex"
+            report(row)
     finally:
         await ctx.aclose()
 
@@ -290,7 +450,8 @@ def jobs_table(rows: list[dict[str, Any]], *, width: int) -> Table:
             r["status"],
             f"{r['progress'] * 100:.0f}%",
             "/".join(str(files[k]) for k in ("new", "changed", "unchanged", "deleted", "failed")),
-            short_path(r["root_path"], budget),
+            # A reindex has no folder: its kind takes the place (its "changed" files are re-cut documents).
+            "(reindex)" if r.get("kind") == "reindex" else short_path(r["root_path"], budget),
         )
     return table
 

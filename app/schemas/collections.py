@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 from pydantic import BaseModel, Field, StringConstraints
 
 from app.schemas.common import CollectionName, Request, Text
+from retrieval.recipe import IndexRecipe
 
 if TYPE_CHECKING:
     from app.services.collections import CollectionInfo
@@ -20,6 +21,31 @@ class CollectionCreate(Request):
     description: Annotated[Text, StringConstraints(max_length=2000)] | None = None
 
 
+class RecipeOut(BaseModel):
+    """An index recipe (``retrieval.recipe.IndexRecipe``) and its fingerprint."""
+
+    fingerprint: str = Field(description="12 hex digits; equal recipes have equal fingerprints.")
+    model_id: str
+    dimension: int
+    chunk_tokens: int
+    overlap_tokens: int
+    min_piece_tokens: int
+    context_tokens: int
+    context_version: int
+    version: int
+
+    @classmethod
+    def from_recipe(cls, recipe: IndexRecipe) -> RecipeOut:
+        """The wire form of a recipe."""
+        return cls(fingerprint=recipe.fingerprint(), **recipe.to_json())
+
+
+class ReindexRequest(Request):
+    """Options of a reindex."""
+
+    force: bool = Field(default=False, description="Rebuild even when the collection has the configured recipe.")
+
+
 class CollectionOut(BaseModel):
     """A collection with its counts."""
 
@@ -29,6 +55,16 @@ class CollectionOut(BaseModel):
     documents: int = Field(description="Documents recorded (indexed or failed).")
     failed_documents: int
     chunks: int = Field(description="Chunks indexed.")
+    recipe: RecipeOut | None = Field(
+        default=None,
+        description="How the chunks were cut and embedded; `null`: unknown (indexed before recipes were "
+        "recorded) or no chunks yet.",
+    )
+    reindex_needed: bool = Field(
+        default=False,
+        description="The chunks' recipe differs from the configured one (or is unknown): search keeps answering "
+        "from the existing index; `POST /v1/collections/{name}/reindex` rebuilds it.",
+    )
 
     @classmethod
     def from_info(cls, info: CollectionInfo) -> CollectionOut:
@@ -40,6 +76,8 @@ class CollectionOut(BaseModel):
             documents=info.documents,
             failed_documents=info.failed_documents,
             chunks=info.chunks,
+            recipe=RecipeOut.from_recipe(info.recipe) if info.recipe is not None else None,
+            reindex_needed=info.reindex_needed,
         )
 
 

@@ -43,6 +43,11 @@ class JobOut(BaseModel):
     """A job and its progress."""
 
     id: int
+    kind: str = Field(
+        default="ingest",
+        description="`ingest` (a folder or file: `root_path`) or `reindex` (the collection re-chunked and "
+        "re-embedded from its stored texts; `root_path` is empty).",
+    )
     collection: str
     root_path: str
     prune: bool
@@ -72,6 +77,7 @@ class JobOut(BaseModel):
         """The wire form of a job row (the API and ``rag jobs --json`` both print this)."""
         return cls(
             id=job.id,
+            kind=job.kind or "ingest",
             collection=collection,
             root_path=job.root_path,
             prune=job.prune,

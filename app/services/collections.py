@@ -1,4 +1,5 @@
-"""Collections: create, list and inspect (with counts), delete (rows, index, uploaded files).
+"""Collections: create, list and inspect (with counts and index recipe), queue a reindex, delete
+(rows, index, uploaded files).
 
 Every function takes the :class:`~app.services.keys.Principal`; a collection outside its scope
 is reported exactly like a missing one (``NotFound``), so keys cannot probe for names.
@@ -19,13 +20,15 @@ from app.services.errors import Conflict, Forbidden, InvalidInput, NotFound
 from app.services.keys import Principal
 from core.db.base import utcnow
 from core.db.models import Collection, Document, IngestJob
+from ingest import queue
 from ingest.queue import InvalidCollectionName, check_collection_name
+from retrieval.recipe import IndexRecipe, recipe_from_json, reindex_needed
 from retrieval.types import IndexCatalog
 
 
 @dataclass(frozen=True, slots=True)
 class CollectionInfo:
-    """A collection with its document and chunk counts."""
+    """A collection with its document and chunk counts and its index recipe."""
 
     id: int
     name: str
@@ -34,6 +37,10 @@ class CollectionInfo:
     documents: int
     failed_documents: int
     chunks: int
+    recipe: IndexRecipe | None = None
+    """The recipe its chunks were made with (``None``: unknown, or no chunks yet)."""
+    reindex_needed: bool = False
+    """Its chunks' recipe differs from the configured one (or is unknown): ``rag reindex``."""
 
 
 def _not_found(name: str) -> NotFound:
@@ -102,20 +109,32 @@ def _info_query() -> Select[tuple[Collection, int, int, int]]:
     ).outerjoin(docs, docs.c.cid == Collection.id)
 
 
-def _info(row: tuple[Collection, int, int, int]) -> CollectionInfo:
+def _info(row: tuple[Collection, int, int, int], configured: IndexRecipe) -> CollectionInfo:
     c, documents, failed, chunks = row
-    return CollectionInfo(c.id, c.name, c.description, c.created_at, int(documents), int(failed), int(chunks))
+    recipe = recipe_from_json(c.recipe)
+    return CollectionInfo(
+        c.id,
+        c.name,
+        c.description,
+        c.created_at,
+        int(documents),
+        int(failed),
+        int(chunks),
+        recipe=recipe,
+        reindex_needed=reindex_needed(recipe, configured, has_chunks=int(chunks) > 0),
+    )
 
 
-async def list_visible(session: AsyncSession, principal: Principal) -> list[CollectionInfo]:
-    """The collections ``principal`` may see, by name, with counts."""
+async def list_visible(session: AsyncSession, principal: Principal, *, configured: IndexRecipe) -> list[CollectionInfo]:
+    """The collections ``principal`` may see, by name, with counts and recipes (compared with
+    ``configured``, the process's :func:`core.wiring.index_recipe`)."""
     stmt = _info_query().order_by(Collection.name)
     if not principal.admin:
         stmt = stmt.where(Collection.name.in_(sorted(principal.collections)))
-    return [_info(row.tuple()) for row in await session.execute(stmt)]
+    return [_info(row.tuple(), configured) for row in await session.execute(stmt)]
 
 
-async def get(session: AsyncSession, principal: Principal, name: str) -> CollectionInfo:
+async def get(session: AsyncSession, principal: Principal, name: str, *, configured: IndexRecipe) -> CollectionInfo:
     """One collection with counts.
 
     Raises:
@@ -126,7 +145,28 @@ async def get(session: AsyncSession, principal: Principal, name: str) -> Collect
     row = (await session.execute(_info_query().where(Collection.name == name))).first()
     if row is None:
         raise _not_found(name)
-    return _info(row.tuple())
+    return _info(row.tuple(), configured)
+
+
+async def reindex(
+    session: AsyncSession, principal: Principal, name: str, *, configured: IndexRecipe, force: bool = False
+) -> tuple[IngestJob, bool]:
+    """Queue a reindex of ``name`` with the configured recipe (flushes, never commits).
+
+    Returns the job and whether it is new (a queued or running reindex of the collection is
+    returned instead of a second one).
+
+    Raises:
+        NotFound: Missing, or outside the principal's scope.
+        Conflict: The collection already has the configured recipe (and not ``force``), or no chunks.
+    """
+    info = await get(session, principal, name, configured=configured)
+    if info.chunks == 0:
+        raise Conflict(f"collection {name!r} has no chunks to reindex")
+    if not info.reindex_needed and not force:
+        raise Conflict(f"collection {name!r} is already indexed with the configured recipe; use force to rebuild it")
+    collection = await require(session, principal, name)
+    return await queue.enqueue_reindex(session, collection=collection)
 
 
 async def visible_names(session: AsyncSession, principal: Principal) -> list[str]:

@@ -38,6 +38,11 @@ class Collection(Base):
     name: Mapped[str] = mapped_column(String(128), unique=True)
     description: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    recipe: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """The :class:`retrieval.recipe.IndexRecipe` its chunk rows were cut and embedded with (JSON);
+    ``None``: unknown (chunks written before recipes were recorded) or never set (no chunks yet).
+    Written with the chunks that follow it (the first ingest, a reindex's swap), so the rows and
+    their recipe always agree."""
 
     documents: Mapped[list[Document]] = relationship(
         back_populates="collection", cascade="all, delete-orphan", passive_deletes=True
@@ -66,6 +71,12 @@ class Document(Base):
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     """The extraction report of the last load: format, pages, pages_ocr, characters, ocr_seconds, warnings."""
     last_job_id: Mapped[int | None] = mapped_column(Integer)
+    text: Mapped[str | None] = mapped_column(Text)
+    """The extracted text the chunks' offsets point into (``None``: ingested before it was kept);
+    a reindex re-chunks it without reading the file again."""
+    layout: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """What the splitter needs besides the text: page/slide spans, row spans, markdown, page unit
+    (``ingest.reindex.layout_of``)."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
@@ -125,13 +136,16 @@ class Chunk(Base):
 
 
 class IngestJob(Base):
-    """A request to (re-)ingest a folder or file into a collection, and its progress."""
+    """A request to (re-)ingest a folder or file into a collection, or to reindex it, and its progress."""
 
     __tablename__ = "ingest_jobs"
     __table_args__ = (Index("ix_ingest_jobs_status_created_at", "status", "created_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16), default="ingest", server_default="ingest")
+    """``ingest`` (a folder or file, ``root_path``) or ``reindex`` (the collection's stored texts
+    re-chunked and re-embedded with the configured recipe; ``root_path`` is empty)."""
     root_path: Mapped[str] = mapped_column(String(4096))
     prune: Mapped[bool] = mapped_column(Boolean, default=True)
     status: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|succeeded|failed|cancelled

@@ -158,4 +158,8 @@ def test_beyond_max_in_flight_requests_are_shed_before_any_work(make_api: Callab
     }
     assert shed.headers["retry-after"] == "1"
     assert api.client.get("/healthz").status_code == 200  # never shed
-    assert api.client.get("/metrics").status_code == 200
+    metrics = api.client.get("/metrics")
+    assert metrics.status_code == 200
+    # Counted, not logged per request: a shed request costs the loop as little as possible.
+    assert "rag_http_shed_total 1.0" in metrics.text
+    assert 'route="unmatched",status="503"' not in metrics.text

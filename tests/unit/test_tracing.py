@@ -168,3 +168,78 @@ def test_stages_under_a_span_that_is_not_recording_cost_nothing() -> None:
         attributes["ignored"] = 1
     stages.publish()
     assert stage_spans.flush(timeout=0.1)
+
+
+def test_stage_spans_wait_while_a_search_runs_and_follow_when_it_ends() -> None:
+    """Span work holds the GIL, so it waits for a moment when no search is running."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("done"):
+        finished_search = stage_spans.Stages(tracer)
+        with finished_search.stage("stage"):
+            pass
+    running = stage_spans.Stages(tracer)  # another search, still running (unsampled: it counts too)
+    finished_search.publish()
+    assert not stage_spans.flush(timeout=0.1), "a span was made while a search was running"
+    assert [s.name for s in exporter.get_finished_spans()] == ["done"]
+    running.publish()
+    assert stage_spans.flush(timeout=2)
+    assert {s.name for s in exporter.get_finished_spans()} == {"done", "stage"}
+
+
+def test_stage_spans_are_not_held_back_for_long_under_steady_load() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("done"):
+        finished_search = stage_spans.Stages(tracer)
+        with finished_search.stage("stage"):
+            pass
+    running = stage_spans.Stages(tracer)
+    try:
+        finished_search.publish()
+        assert stage_spans.flush(timeout=stage_spans.MAX_DELAY_SECONDS + 2)
+        assert "stage" in {s.name for s in exporter.get_finished_spans()}
+    finally:
+        running.publish()
+
+
+def test_the_exporter_sends_big_batches_in_slices() -> None:
+    from collections.abc import Sequence
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    from core.span_export import SLICE, IdleFirstExporter
+
+    class Recorder(SpanExporter):
+        def __init__(self, fail_on: int | None = None) -> None:
+            self.calls: list[int] = []
+            self.fail_on = fail_on
+
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            self.calls.append(len(spans))
+            failed = len(self.calls) == self.fail_on
+            return SpanExportResult.FAILURE if failed else SpanExportResult.SUCCESS
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    for _ in range(2 * SLICE + 3):
+        provider.get_tracer("test").start_span("x").end()
+    spans = memory.get_finished_spans()
+    inner = Recorder()
+    assert IdleFirstExporter(inner).export(spans) is SpanExportResult.SUCCESS
+    assert inner.calls == [SLICE, SLICE, 3]
+    failing = Recorder(fail_on=1)
+    assert IdleFirstExporter(failing).export(spans) is SpanExportResult.FAILURE
+    assert failing.calls == [SLICE, SLICE, 3]  # one failed slice does not drop the others

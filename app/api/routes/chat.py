@@ -13,4 +13,4 @@ router = APIRouter()
 @router.websocket("/v1/chat")
 async def chat(websocket: WebSocket) -> None:
     """Ask questions and receive answer events; several in flight, cancellable (docs/websocket.md)."""
-    await ChatSocket(websocket, get_resources(websocket)).serve()
+    await ChatSocket(websocket, await get_resources(websocket)).serve()
