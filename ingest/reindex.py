@@ -280,7 +280,15 @@ class Reindexer:
                         session,
                         collection_id=collection_id,
                         chunks=[
-                            IndexedChunk(chunk_id, item.document_id, item.path, piece.text, item.vectors[i])
+                            IndexedChunk(
+                                chunk_id,
+                                item.document_id,
+                                item.path,
+                                piece.text,
+                                item.vectors[i],
+                                heading=piece.heading,
+                                ordinal=piece.ordinal,
+                            )
                             for i, (chunk_id, piece) in enumerate(zip(ids.all(), item.pieces, strict=True))
                         ],
                     )

@@ -11,7 +11,7 @@ float rounding aside), never an approximation:
 1. Each (collection, term) pair of the query gets an upper bound of what it can add to a chunk:
    ``weight · (k1+1) / (1 + k1·(1−b)/max_tf + k1·b·min(dl/tf)/avgdl)``, with ``max_tf`` and
    ``min(dl/tf)`` over the term's postings (``rag_index.terms``, kept by the insert trigger of
-   migration 0006; deletes leave them as they are, which only loosens the bound). It holds for
+   migration 0007; deletes leave them as they are, which only loosens the bound). It holds for
    any avgdl: the score's tf part is ``(k1+1) / (1 + k1·(1−b)/tf + k1·b·(dl/tf)/avgdl)``.
 2. Pairs are taken by bound, best first. After the first ``i``, θ is the ``depth``-th best sum
    over their postings (a lower bound of the true ``depth``-th best score: terms only add).

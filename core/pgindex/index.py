@@ -12,7 +12,7 @@ contract:
   iterative scan so the collection/path filters inside the SQL still fill ``depth``; with
   ``lead_weight > 0`` (the default) the local backend's section-lead blend
   (:mod:`retrieval.leads`): the candidates are that top ``depth`` plus the ``depth`` best section
-  leads (a partial HNSW index over ``chunk_id = lead_id``, migration 0006), each scored
+  leads (a partial HNSW index over ``chunk_id = lead_id``, migration 0007), each scored
   ``(1 − w)·cos(q, chunk) + w·cos(q, lead)`` by :func:`retrieval.leads.blend_candidates`;
 - **BM25 leg**: rank-bm25's Okapi definition (:mod:`retrieval.sparse`) computed in SQL from the
   postings and the collection statistics: ``idf = ln(N - df + 0.5) - ln(df + 0.5)``, negative
@@ -148,7 +148,7 @@ _WEIGHTS = """
     )
 """
 
-# One call of rag_index.bm25_top (migration 0006, core/pgindex/bm25.py) with the pairs' arrays.
+# One call of rag_index.bm25_top (migration 0007, core/pgindex/bm25.py) with the pairs' arrays.
 _SPARSE = text(
     _WEIGHTS
     + """
@@ -169,7 +169,7 @@ _SPARSE = text(
 )
 
 # The dense leg with section leads (retrieval/leads.py): the HNSW top ``depth`` of all chunks
-# (hit) and of the leads alone (partial HNSW index of migration 0006), each row with the
+# (hit) and of the leads alone (partial HNSW index of migration 0007), each row with the
 # similarity of its section's lead; blended in Python (retrieval.leads.blend_candidates).
 _DENSE_LEADS = text(
     """

@@ -73,7 +73,7 @@ def shard_ddl(dimension: int) -> list[str]:
             tf integer NOT NULL, doc_len integer NOT NULL,
             PRIMARY KEY (collection_id, term, chunk_id) INCLUDE (tf, doc_len))""",
         "CREATE INDEX IF NOT EXISTS ix_rag_shard_postings_chunk ON rag_shard.postings (chunk_id)",
-        # Section leads (migration 0006 on the coordinator): NULL on rows put before, which then
+        # Section leads (migration 0007 on the coordinator): NULL on rows put before, which then
         # count as their own lead until re-ingested.
         "ALTER TABLE rag_shard.chunks ADD COLUMN IF NOT EXISTS lead_id bigint",
         """CREATE INDEX IF NOT EXISTS ix_rag_shard_chunks_lead_embedding ON rag_shard.chunks

@@ -1,7 +1,7 @@
 """postgres retrieval backend: section leads for the dense leg, BM25 bounds for MaxScore pruning
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-07 12:00:00
 
 - ``rag_index.chunks.lead_id``: the chunk's section lead (the first chunk of its document under its
@@ -24,8 +24,8 @@ from sqlalchemy import Connection, text
 
 from core.pgindex.bm25 import bm25_function
 
-revision: str = "0006"
-down_revision: str | None = "0005"
+revision: str = "0007"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
