@@ -7,6 +7,7 @@ module stays cheap; the model is loaded once per process by the composition root
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import logging
 import threading
@@ -97,7 +98,9 @@ class SentenceTransformerEmbedder:
         else:
             use_bf16 = dtype == "bfloat16"
         self._bf16 = use_bf16
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the model and its own tokenizer (see _own_tokenizer)
+        self._counting_lock = threading.Lock()
+        self._counting_tokenizer: Any = None
         dimension = self._model.get_embedding_dimension()
         if dimension is None:
             raise RetrievalError(f"embedding model {model!r} does not report its dimension")
@@ -219,7 +222,7 @@ class SentenceTransformerEmbedder:
                     quantize_document_encoder(float_path, int8_path)
                     logger.info("quantized the document encoder to int8", extra={"path": str(int8_path)})
                 encoder = OnnxDocumentEncoder(
-                    int8_path, self._model.tokenizer, max_length=self.max_seq_length, threads=threads
+                    int8_path, self._own_tokenizer(), max_length=self.max_seq_length, threads=threads
                 )
                 break
             except RetrievalError as e:
@@ -283,7 +286,7 @@ class SentenceTransformerEmbedder:
                     with self._lock:
                         export_query_encoder(self._model, path)
                     logger.info("exported the query encoder to ONNX", extra={"path": str(path)})
-                encoder = OnnxQueryEncoder(path, self._model.tokenizer, max_length=self.max_seq_length, threads=threads)
+                encoder = OnnxQueryEncoder(path, self._own_tokenizer(), max_length=self.max_seq_length, threads=threads)
                 worst = min(float(np.dot(encoder.embed(t), reference[i])) for i, t in enumerate(PROBE_SENTENCES))
                 if worst < 1.0 - tolerance:
                     raise RetrievalError(f"the ONNX query encoder differs from PyTorch (cosine {worst:.6f})")
@@ -306,7 +309,21 @@ class SentenceTransformerEmbedder:
             digest.update(weights.read_bytes())
         return digest.hexdigest()[:16]
 
+    def _own_tokenizer(self) -> Any:
+        """A private copy of the model's tokenizer for one user with its own lock.
+
+        A Hugging Face fast tokenizer is not safe to share between threads: each call sets the
+        Rust core's padding and truncation for itself, so a query tokenized on a retrieval thread
+        while the model pads a batch of sources on another (the answer checks) broke the batch
+        ("expected sequence of length 125 at dim 1 (got 89)", seen under load). Every user other
+        than :meth:`_encode` (which holds ``_lock``) gets its own copy.
+        """
+        return copy.deepcopy(self._model.tokenizer)
+
     def count_tokens(self, text: str) -> int:
-        """Model tokens in ``text`` without special tokens."""
-        ids: list[int] = self._model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Model tokens in ``text`` without special tokens (thread-safe)."""
+        with self._counting_lock:
+            if self._counting_tokenizer is None:
+                self._counting_tokenizer = self._own_tokenizer()
+            ids: list[int] = self._counting_tokenizer(text, add_special_tokens=False)["input_ids"]
         return len(ids)

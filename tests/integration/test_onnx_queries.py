@@ -87,3 +87,38 @@ def test_a_graph_that_disagrees_with_pytorch_is_refused(
         assert embedder.use_onnx_queries(tmp_path) is False
     assert "stays on PyTorch" in caplog.text and embedder.query_backend == "torch"
     np.testing.assert_array_equal(embedder.embed_query("How do I undo a commit?"), before)
+
+
+def test_queries_sources_and_token_counts_from_many_threads_at_once(
+    fresh_embedder: SentenceTransformerEmbedder, tmp_path: Path
+) -> None:
+    """Under load the API tokenizes queries (retrieval threads), embeds an answer's sources (the
+    answer checks) and counts tokens at the same time; one shared Hugging Face tokenizer made a
+    source batch come out unpadded ("expected sequence of length 125 at dim 1 (got 89)")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert fresh_embedder.use_onnx_queries(tmp_path) is True
+    # Sources of different lengths, so a batch needs padding.
+    sources = [" ".join(["reactor port quokka vault"] * n) for n in (3, 20, 45, 7)]
+    expected_sources = fresh_embedder.embed_documents(sources)
+    expected_query = fresh_embedder.embed_query(QUERIES[0])
+    expected_count = fresh_embedder.count_tokens(QUERIES[1])
+
+    def work(i: int) -> None:
+        for _ in range(20 if i % 3 == 0 else 120):
+            if i % 3 == 0:
+                np.testing.assert_allclose(fresh_embedder.embed_documents(sources), expected_sources, atol=1e-5)
+            elif i % 3 == 1:
+                np.testing.assert_allclose(fresh_embedder.embed_query(QUERIES[0]), expected_query, atol=1e-5)
+            else:
+                assert fresh_embedder.count_tokens(QUERIES[1]) == expected_count
+
+    with ThreadPoolExecutor(6) as pool:
+        for future in [pool.submit(work, i) for i in range(6)]:
+            future.result()
+    # The race needs an unlucky interleaving to show, so also the rule that prevents it: no user
+    # but the model itself touches the model's tokenizer object.
+    model_tokenizer = fresh_embedder.tokenizer
+    assert fresh_embedder._onnx is not None and fresh_embedder._onnx._tokenizer is not model_tokenizer
+    assert fresh_embedder._counting_tokenizer is not None
+    assert fresh_embedder._counting_tokenizer is not model_tokenizer
