@@ -118,3 +118,31 @@ def lower_priority(increment: int) -> None:
             os.nice(increment)
         except OSError:  # not permitted: keep going at the normal priority
             logging.getLogger(__name__).warning("could not lower the process priority")
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas for this process (``M_ARENA_MAX``); ``False`` where not applied.
+
+    glibc gives threads their own arenas (up to 8 per core) and rarely returns their free pages,
+    so a server whose requests hop across many threads (retrieval, the answer checks, the database
+    driver) grows its resident memory with every burst. Measured with ``bench/load.py`` (one run
+    each, after a warm-up): RSS growth over the run 24 % by default, 10 % with two arenas. Call it
+    before the threads start; ``MALLOC_ARENA_MAX`` in the environment, if set, wins.
+    """
+    import ctypes
+    import ctypes.util
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        # -8 is M_ARENA_MAX in glibc's malloc.h; mallopt returns 1 on success.
+        return bool(libc.mallopt(ctypes.c_int(-8), ctypes.c_int(arenas)) == 1)
+    except (OSError, AttributeError):  # musl and others have no mallopt: their allocator differs anyway
+        logging.getLogger(__name__).debug("malloc arenas left as they are")
+        return False

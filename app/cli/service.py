@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from app.cli.common import console, load_settings, quiet_model_loading, setup_logging
+from app.cli.common import console, limit_malloc_arenas, load_settings, quiet_model_loading, setup_logging
 
 
 def register(app: typer.Typer) -> None:
@@ -38,6 +38,7 @@ def serve(
     from app.observability import configure_logging
 
     configure_logging(settings.server.log_level)
+    limit_malloc_arenas()
     uvicorn.run(
         create_app(settings),
         host=settings.server.host,
