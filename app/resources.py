@@ -13,12 +13,13 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.observability import Metrics, TimedEmbedder
 from app.services.admission import Admission, Gate, KeyLimits
+from app.services.jobs import JobWakeups
 from core.pgindex.index import PgRetriever
 from core.settings import Settings
 from core.wiring import (
@@ -66,6 +67,8 @@ class Resources:
     """The configured index recipe (``core.wiring.index_recipe``), compared with each collection's."""
     leg_executor: ThreadPoolExecutor | None = None
     """Runs hybrid searches' BM25 legs (``RAG_RETRIEVAL__PARALLEL_LEGS``)."""
+    job_wakeups: JobWakeups = field(default_factory=JobWakeups)
+    """Wakes this process's job-event watchers when a job changes through this process."""
 
     async def aclose(self) -> None:
         """Close the model-server connections, the thread pools and the database pool."""

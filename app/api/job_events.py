@@ -18,7 +18,8 @@ sent. A job the principal cannot see is ``NotFound`` before the first event.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from app.resources import Resources
 from app.schemas.events import JobEndEvent, JobFileEvent, JobProgressEvent, JobWireEvent
@@ -87,6 +88,18 @@ async def job_events(
         NotFound: The job is missing or not the principal's to see (also if it is deleted meanwhile).
     """
     poll = resources.settings.api.job_events_poll_seconds
+    wakeup = resources.job_wakeups.subscribe(job_id)
+    try:
+        async with contextlib.aclosing(_poll(resources, principal, job_id, after, poll, wakeup)) as events:
+            async for item in events:
+                yield item
+    finally:
+        resources.job_wakeups.unsubscribe(job_id, wakeup)
+
+
+async def _poll(
+    resources: Resources, principal: Principal, job_id: int, after: int, poll: float, wakeup: asyncio.Event
+) -> AsyncGenerator[tuple[int | None, JobWireEvent], None]:
     last: tuple[object, ...] | None = None
     while True:
         async with resources.sessionmaker() as session:
@@ -105,4 +118,7 @@ async def job_events(
             yield None, JobEndEvent(job=JobOut.from_row(job, collection))
             return
         if len(rows) < PAGE:
-            await asyncio.sleep(poll)
+            # Until the next poll, or until a change made through this process wakes us.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), poll)
+            wakeup.clear()

@@ -173,3 +173,35 @@ async def job_counts(session: AsyncSession) -> tuple[dict[str, int], tuple[int, 
         )
     ).one()
     return by_status, (int(seen), int(total), float(progress))
+
+
+class JobWakeups:
+    """Wakes this process's watchers of a job at once (instead of at their next poll).
+
+    Job events are polled from the database (the worker is another process), every
+    ``api.job_events_poll_seconds``. A change made through this API process, such as a cancel
+    request, wakes the job's watchers here so that they report it before the worker acts on it:
+    a worker that stops within the poll interval used to end the job before any watcher had seen
+    ``cancel_requested``. Watchers served by another replica still see it at their next poll.
+    """
+
+    def __init__(self) -> None:
+        self._events: dict[int, set[asyncio.Event]] = {}
+
+    def subscribe(self, job_id: int) -> asyncio.Event:
+        """An event set by :meth:`wake` for ``job_id``; pass it to :meth:`unsubscribe` when done."""
+        event = asyncio.Event()
+        self._events.setdefault(job_id, set()).add(event)
+        return event
+
+    def unsubscribe(self, job_id: int, event: asyncio.Event) -> None:
+        watchers = self._events.get(job_id)
+        if watchers is not None:
+            watchers.discard(event)
+            if not watchers:
+                del self._events[job_id]
+
+    def wake(self, job_id: int) -> None:
+        """Wake every watcher of ``job_id`` in this process."""
+        for event in self._events.get(job_id, ()):
+            event.set()

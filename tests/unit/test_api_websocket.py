@@ -286,3 +286,25 @@ def test_job_events_over_sse_resume_after_the_last_event_id(make_api: Callable[.
         again = [int(line[3:]) for line in r.iter_lines() if line.startswith("id:")]
     assert again == ids[2:]
     assert api.client.get("/v1/jobs/999/events").status_code == 404
+
+
+def test_a_cancel_through_this_api_reaches_its_job_watchers_at_once(make_api: Callable[..., Api]) -> None:  # noqa: F811
+    """Job events are polled; a cancel request made through the same process wakes the watchers,
+    so they report it even when the worker stops before the next poll."""
+    import time
+
+    api = make_api(api={"job_events_poll_seconds": 30.0})
+    job_id = _job_with_events(api, status="running", paths=["/srv/docs/a.md"])
+    with api.client.websocket_connect("/v1/chat") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "watch_job", "id": "w", "job_id": job_id})
+        first = [ws.receive_json() for _ in range(3)]
+        assert first[-1]["type"] == "progress" and first[-1]["cancel_requested"] is False
+        started = time.monotonic()
+        assert api.client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+        update = ws.receive_json()
+        assert time.monotonic() - started < 10, "the watcher waited for its next poll"
+        assert update["type"] == "progress" and update["cancel_requested"] is True
+        _finish(api, job_id)
+        api.resources.job_wakeups.wake(job_id)
+        assert ws.receive_json()["type"] == "job_end"

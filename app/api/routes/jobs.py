@@ -72,13 +72,14 @@ async def get_job(job_id: RowId, session: SessionDep, principal: PrincipalDep) -
     summary="Cancel a job",
     responses={409: {"model": ErrorResponse, "description": "The job already ended."}},
 )
-async def cancel_job(job_id: RowId, session: SessionDep, principal: PrincipalDep) -> JobOut:
+async def cancel_job(job_id: RowId, session: SessionDep, principal: PrincipalDep, resources: ResourcesDep) -> JobOut:
     """Cancel a job. A queued job is `cancelled` at once. A running job gets `cancel_requested`
     and keeps `running` until its worker stops at the next batch boundary (within one embedding
     batch): what it committed stays indexed, the rest of the folder is left for the next job, and
     the job ends `cancelled`. Repeating the request is harmless; a finished job answers 409."""
     job, collection = await jobs.cancel_job(session, principal, job_id)
     await session.commit()
+    resources.job_wakeups.wake(job_id)  # this process's watchers report the request before the worker acts
     return JobOut.from_row(job, collection)
 
 
