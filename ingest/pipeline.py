@@ -39,12 +39,14 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -247,6 +249,65 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+async def insert_chunk_rows(
+    session: AsyncSession,
+    *,
+    collection_id: int,
+    document_id: int,
+    path: str,
+    pieces: Sequence[Piece],
+    vectors: npt.NDArray[np.float32],
+    index_writer: PgIndexWriter | None,
+) -> int:
+    """Insert one document's chunk rows (``vectors[i]`` is ``pieces[i]``'s) and, with the postgres
+    backend, its index rows in the same transaction; return how many chunks were written.
+
+    The one place a chunk row is shaped: ingestion and reindexing both write through it.
+    """
+    values = [
+        {
+            "document_id": document_id,
+            "collection_id": collection_id,
+            "ordinal": piece.ordinal,
+            "text": piece.text,
+            "start": piece.start,
+            "end": piece.end,
+            "page": piece.page,
+            "token_count": piece.token_count,
+            "heading": piece.heading,
+            "location": piece.location,
+            "embedding": vector_to_bytes(vectors[i]),
+        }
+        for i, piece in enumerate(pieces)
+    ]
+    if values and index_writer is not None:
+        ids = await session.scalars(insert(ChunkRow).returning(ChunkRow.id, sort_by_parameter_order=True), values)
+        await index_writer.add(
+            session,
+            collection_id=collection_id,
+            chunks=[
+                IndexedChunk(chunk_id, document_id, path, piece.text, vectors[i], piece.heading, piece.ordinal)
+                for i, (chunk_id, piece) in enumerate(zip(ids.all(), pieces, strict=True))
+            ],
+        )
+    elif values:
+        await session.execute(insert(ChunkRow), values)
+    return len(values)
+
+
+async def beat_while_running(
+    sessionmaker: async_sessionmaker[AsyncSession], job_id: int, worker_id: str, seconds: float
+) -> None:
+    """Record ``worker_id``'s heartbeat on the job every ``seconds`` until cancelled (run it as a task)."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            async with sessionmaker() as session:
+                await queue.heartbeat(session, job_id, worker_id)
+        except Exception:  # a missed beat is not fatal; the next one retries
+            logger.warning("heartbeat failed", exc_info=True, extra={"job_id": job_id})
+
+
 class IngestPipeline:
     """Runs ingestion jobs. One instance per process; jobs run one at a time per instance."""
 
@@ -340,7 +401,9 @@ class IngestPipeline:
             collection_name, collection_id = collection.name, collection.id
             root = Path(job.root_path)
             prune = job.prune
-        heartbeat = asyncio.create_task(self._heartbeat(job_id))
+        heartbeat = asyncio.create_task(
+            beat_while_running(self._sessionmaker, job_id, self._worker_id, self._heartbeat_seconds)
+        )
         self._events.clear()
         try:
             await self._run(job_id, collection_id, collection_name, root, prune, on_progress)
@@ -372,15 +435,6 @@ class IngestPipeline:
             )
             await session.commit()
             return summarize(job, collection_name, int(total or 0), time.monotonic() - started)
-
-    async def _heartbeat(self, job_id: int) -> None:
-        while True:
-            await asyncio.sleep(self._heartbeat_seconds)
-            try:
-                async with self._sessionmaker() as session:
-                    await queue.heartbeat(session, job_id, self._worker_id)
-            except Exception:  # a missed beat is not fatal; the next one retries
-                logger.warning("heartbeat failed", exc_info=True, extra={"job_id": job_id})
 
     async def _run(
         self,
@@ -588,45 +642,15 @@ class IngestPipeline:
                         job.files_changed += 1
                 await session.flush()
                 if p.error is None:
-                    values = [
-                        {
-                            "document_id": document.id,
-                            "collection_id": collection_id,
-                            "ordinal": piece.ordinal,
-                            "text": piece.text,
-                            "start": piece.start,
-                            "end": piece.end,
-                            "page": piece.page,
-                            "token_count": piece.token_count,
-                            "heading": piece.heading,
-                            "location": piece.location,
-                            "embedding": vector_to_bytes(vectors[row + i]),
-                        }
-                        for i, piece in enumerate(p.pieces)
-                    ]
-                    if values and self._index_writer is not None:
-                        ids = await session.scalars(
-                            insert(ChunkRow).returning(ChunkRow.id, sort_by_parameter_order=True), values
-                        )
-                        await self._index_writer.add(
-                            session,
-                            collection_id=collection_id,
-                            chunks=[
-                                IndexedChunk(
-                                    chunk_id,
-                                    document.id,
-                                    path,
-                                    piece.text,
-                                    vectors[row + i],
-                                    piece.heading,
-                                    piece.ordinal,
-                                )
-                                for i, (chunk_id, piece) in enumerate(zip(ids.all(), p.pieces, strict=True))
-                            ],
-                        )
-                    elif values:
-                        await session.execute(insert(ChunkRow), values)
-                    job.chunks_added += len(values)
+                    job.chunks_added += await insert_chunk_rows(
+                        session,
+                        collection_id=collection_id,
+                        document_id=document.id,
+                        path=path,
+                        pieces=p.pieces,
+                        vectors=vectors[row : row + len(p.pieces)],
+                        index_writer=self._index_writer,
+                    )
                 row += len(p.pieces)
             job.errors = errors
             job.progress = done / total if total else 1.0

@@ -42,17 +42,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.db.base import utcnow
 from core.db.models import Chunk as ChunkRow
 from core.db.models import Collection, Document, IngestJob, IngestJobEvent
-from core.pgindex.writer import IndexedChunk, PgIndexWriter
-from ingest import queue
-from ingest.indexer import reconcile, vector_to_bytes
+from core.pgindex.writer import PgIndexWriter
+from ingest.indexer import reconcile
 from ingest.loaders.base import LoadedDocument
-from ingest.pipeline import JobCancelled, JobSummary, ProgressCallback, summarize, without_stem_title
+from ingest.pipeline import (
+    JobCancelled,
+    JobSummary,
+    ProgressCallback,
+    beat_while_running,
+    insert_chunk_rows,
+    summarize,
+    without_stem_title,
+)
 from ingest.splitter import Piece, Splitter
 from ingest.stored import StoredChunk, rebuilt_document, stored_document
 from retrieval.chunk_context import embedded_text
@@ -113,7 +120,9 @@ class Reindexer:
             collection = await session.get(Collection, job.collection_id)
             assert collection is not None
             name, collection_id = collection.name, collection.id
-        heartbeat = asyncio.create_task(self._heartbeat(job_id))
+        heartbeat = asyncio.create_task(
+            beat_while_running(self._sessionmaker, job_id, self._worker_id, self._heartbeat_seconds)
+        )
         try:
             await self._reindex(job_id, collection_id, name, on_progress)
             status, error = "succeeded", None
@@ -146,15 +155,6 @@ class Reindexer:
                     extra={"collection": name, "recipe": self._recipe.describe(), "chunks": int(total or 0)},
                 )
             return summarize(job, name, int(total or 0), time.monotonic() - started)
-
-    async def _heartbeat(self, job_id: int) -> None:
-        while True:
-            await asyncio.sleep(self._heartbeat_seconds)
-            try:
-                async with self._sessionmaker() as session:
-                    await queue.heartbeat(session, job_id, self._worker_id)
-            except Exception:  # a missed beat is not fatal; the next one retries
-                logger.warning("heartbeat failed", exc_info=True, extra={"job_id": job_id})
 
     async def _reindex(self, job_id: int, collection_id: int, name: str, on_progress: ProgressCallback | None) -> None:
         async with self._sessionmaker() as session:
@@ -256,48 +256,19 @@ class Reindexer:
                     continue
                 removed = await session.execute(delete(ChunkRow).where(ChunkRow.document_id == item.document_id))
                 job.chunks_removed += int(getattr(removed, "rowcount", 0) or 0)
-                values = [
-                    {
-                        "document_id": item.document_id,
-                        "collection_id": collection_id,
-                        "ordinal": piece.ordinal,
-                        "text": piece.text,
-                        "start": piece.start,
-                        "end": piece.end,
-                        "page": piece.page,
-                        "token_count": piece.token_count,
-                        "heading": piece.heading,
-                        "location": piece.location,
-                        "embedding": vector_to_bytes(item.vectors[i]),
-                    }
-                    for i, piece in enumerate(item.pieces)
-                ]
-                if values and self._index_writer is not None:
-                    ids = await session.scalars(
-                        insert(ChunkRow).returning(ChunkRow.id, sort_by_parameter_order=True), values
-                    )
-                    await self._index_writer.add(
-                        session,
-                        collection_id=collection_id,
-                        chunks=[
-                            IndexedChunk(
-                                chunk_id,
-                                item.document_id,
-                                item.path,
-                                piece.text,
-                                item.vectors[i],
-                                heading=piece.heading,
-                                ordinal=piece.ordinal,
-                            )
-                            for i, (chunk_id, piece) in enumerate(zip(ids.all(), item.pieces, strict=True))
-                        ],
-                    )
-                elif values:
-                    await session.execute(insert(ChunkRow), values)
+                written = await insert_chunk_rows(
+                    session,
+                    collection_id=collection_id,
+                    document_id=item.document_id,
+                    path=item.path,
+                    pieces=item.pieces,
+                    vectors=item.vectors,
+                    index_writer=self._index_writer,
+                )
                 document = await session.get(Document, item.document_id)
                 assert document is not None
-                document.chunk_count = len(values)
-                job.chunks_added += len(values)
+                document.chunk_count = written
+                job.chunks_added += written
                 job.files_changed += 1
             collection = await session.get(Collection, collection_id)
             assert collection is not None
