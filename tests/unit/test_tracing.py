@@ -117,6 +117,26 @@ def test_search_and_mcp_calls_are_traced(traced: tuple[Api, InMemorySpanExporter
     assert search.context.trace_id == call.context.trace_id
 
 
+def recording_tracer() -> tuple[Any, InMemorySpanExporter]:
+    """A tracer of its own SDK provider, exporting synchronously to the returned in-memory exporter."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider.get_tracer("test"), exporter
+
+
+def search_with_one_stage(tracer: Any) -> stage_spans.Stages:
+    """A finished search (span ``done``) with one timed stage (``stage``), not yet published."""
+    with tracer.start_as_current_span("done"):
+        stages = stage_spans.Stages(tracer)
+        with stages.stage("stage"):
+            pass
+    return stages
+
+
 def test_log_lines_carry_the_trace_id(traced: tuple[Api, InMemorySpanExporter]) -> None:
     from opentelemetry import trace
 
@@ -132,13 +152,7 @@ def test_tracing_is_off_without_an_endpoint(make_settings: Any) -> None:
 
 
 def test_stages_become_spans_under_their_parent_with_their_own_times() -> None:
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("test")
+    tracer, exporter = recording_tracer()
     with tracer.start_as_current_span("parent") as parent:
         stages = stage_spans.Stages(tracer)
         assert stages.recording
@@ -172,17 +186,8 @@ def test_stages_under_a_span_that_is_not_recording_cost_nothing() -> None:
 
 def test_stage_spans_wait_while_a_search_runs_and_follow_when_it_ends() -> None:
     """Span work holds the GIL, so it waits for a moment when no search is running."""
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("test")
-    with tracer.start_as_current_span("done"):
-        finished_search = stage_spans.Stages(tracer)
-        with finished_search.stage("stage"):
-            pass
+    tracer, exporter = recording_tracer()
+    finished_search = search_with_one_stage(tracer)
     running = stage_spans.Stages(tracer)  # another search, still running (unsampled: it counts too)
     finished_search.publish()
     assert not stage_spans.flush(timeout=0.1), "a span was made while a search was running"
@@ -193,17 +198,8 @@ def test_stage_spans_wait_while_a_search_runs_and_follow_when_it_ends() -> None:
 
 
 def test_stage_spans_are_not_held_back_for_long_under_steady_load() -> None:
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("test")
-    with tracer.start_as_current_span("done"):
-        finished_search = stage_spans.Stages(tracer)
-        with finished_search.stage("stage"):
-            pass
+    tracer, exporter = recording_tracer()
+    finished_search = search_with_one_stage(tracer)
     running = stage_spans.Stages(tracer)
     try:
         finished_search.publish()
