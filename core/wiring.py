@@ -345,12 +345,16 @@ class Tracing:
     provider: Any
     """The ``opentelemetry.sdk.trace.TracerProvider`` spans go to."""
     processor: Any
-    """This configuration's span processor (batching to OTLP, or a test's simple processor)."""
+    """This configuration's span processor (the OTLP export process, or a test's simple processor)."""
+    stage_sink: Any = None
+    """The stage sink this configuration installed (:func:`retrieval.tracing.set_stage_sink`), if any."""
 
     def shutdown(self) -> None:
         """Export what is buffered and stop this configuration's exporter."""
         from retrieval import tracing as stage_spans
 
+        if self.stage_sink is not None and stage_spans.current_stage_sink() is self.stage_sink:
+            stage_spans.set_stage_sink(None)
         stage_spans.flush()  # the search stages still waiting to become spans
         self.processor.force_flush()
         self.processor.shutdown()
@@ -362,10 +366,13 @@ def configure_tracing(settings: Settings, *, exporter: Any = None, service_suffi
     Off (``None``, nothing imported from the SDK) unless ``telemetry.otlp_endpoint`` is set or a
     test passes ``exporter`` (e.g. the SDK's ``InMemorySpanExporter``, exported synchronously).
     The library floors only use the OpenTelemetry *API*; without this call its tracer is a no-op.
+    With an endpoint, spans are encoded and exported by a child process
+    (:class:`core.span_export.SpanShipper`), and the search stages reach it as plain tuples.
 
     One ``TracerProvider`` per process (OpenTelemetry allows the global provider to be set once):
     the first call installs it, later calls (a second app in one test process) add their
-    exporter to it.
+    exporter to it; the search stages are then made into SDK spans again, so that every
+    processor sees them.
     """
     endpoint = settings.telemetry.otlp_endpoint
     if endpoint is None and exporter is None:
@@ -373,24 +380,27 @@ def configure_tracing(settings: Settings, *, exporter: Any = None, service_suffi
     from opentelemetry import trace
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    from retrieval import tracing as stage_spans
 
     processor: Any
+    sink: stage_spans.StageSink | None = None
     if exporter is not None:
         processor = SimpleSpanProcessor(exporter)
     else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from core.span_export import SpanShipper
 
         assert endpoint is not None
-        otlp = OTLPSpanExporter(
-            endpoint=f"{endpoint.rstrip('/')}/v1/traces", timeout=settings.telemetry.export_timeout_seconds
+        processor = SpanShipper(
+            f"{endpoint.rstrip('/')}/v1/traces", timeout_seconds=settings.telemetry.export_timeout_seconds
         )
-        from core.span_export import IdleFirstExporter
-
-        # SDK defaults: every 5 s or 512 spans, off the request path, encoded between searches.
-        processor = BatchSpanProcessor(IdleFirstExporter(otlp))
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
+        sink = processor.ship_stages
+    current = trace.get_tracer_provider()
+    first = not isinstance(current, TracerProvider)  # this call creates the provider: its only processor
+    if isinstance(current, TracerProvider):
+        provider = current
+    else:
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
         provider = TracerProvider(
@@ -399,4 +409,6 @@ def configure_tracing(settings: Settings, *, exporter: Any = None, service_suffi
         )
         trace.set_tracer_provider(provider)
     provider.add_span_processor(processor)
-    return Tracing(provider=provider, processor=processor)
+    # Stage tuples skip every processor but the shipper: only when it is the provider's only one.
+    stage_spans.set_stage_sink(sink if first else None)
+    return Tracing(provider=provider, processor=processor, stage_sink=sink if first else None)

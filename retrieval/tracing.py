@@ -18,6 +18,11 @@ load), one span at a time, giving the GIL back between spans.
 When the parent span is not recording (no SDK configured, or the trace not sampled) nothing is
 timed or queued at all.
 
+A process that exports spans elsewhere can skip span creation here altogether:
+:func:`set_stage_sink` installs a callable that receives each operation's parent span and its
+stages as plain tuples (``core.span_export.SpanShipper`` sends them to its export process, which
+builds the spans there). The background thread then stays idle.
+
 :func:`flush` waits until every published stage has become a span: the process's tracing
 shutdown calls it before flushing the exporter, and tests call it before reading spans.
 """
@@ -29,17 +34,31 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-__all__ = ["MAX_DELAY_SECONDS", "Stages", "flush", "wait_for_idle"]
+__all__ = [
+    "MAX_DELAY_SECONDS",
+    "Stage",
+    "StageSink",
+    "Stages",
+    "current_stage_sink",
+    "flush",
+    "set_stage_sink",
+    "wait_for_idle",
+]
 
 log = logging.getLogger(__name__)
 
-_Stage = tuple[str, int, int, dict[str, Any]]
+Stage = tuple[str, int, int, dict[str, Any]]
+"""One timed stage: span name, start and end (ns since the epoch), attributes."""
+StageSink = Callable[[trace.Span, list[Stage]], None]
+"""Receives an operation's recording parent span and its finished stages (see :func:`set_stage_sink`)."""
+
+_sink: StageSink | None = None
 
 MAX_DELAY_SECONDS = 0.5
 """Longest a published stage waits for a moment with no recorded operation running."""
@@ -54,13 +73,14 @@ class Stages:
     an instance counts as a running operation (recorded or not), and span work waits for it.
     """
 
-    __slots__ = ("_context", "_open", "_stages", "_tracer")
+    __slots__ = ("_context", "_open", "_parent", "_stages", "_tracer")
 
     def __init__(self, tracer: trace.Tracer, parent: trace.Span | None = None) -> None:
         span = parent if parent is not None else trace.get_current_span()
         self._tracer = tracer
+        self._parent = span
         self._context = trace.set_span_in_context(span) if span.is_recording() else None
-        self._stages: list[_Stage] = []
+        self._stages: list[Stage] = []
         # Every operation counts, recorded or not: an unsampled search is just as slowed down by
         # a span thread holding the GIL.
         self._open = True
@@ -90,7 +110,14 @@ class Stages:
         Call it once: it also ends this operation's claim on the span thread's idle time.
         """
         if self._context is not None and self._stages:
-            _emitter.submit(self._tracer, self._context, self._stages)
+            sink = _sink
+            if sink is not None:
+                try:
+                    sink(self._parent, self._stages)
+                except Exception:  # tracing must never fail the operation it observes
+                    log.exception("could not hand stage spans to the sink")
+            else:
+                _emitter.submit(self._tracer, self._context, self._stages)
             self._stages = []
         if self._open:
             self._open = False
@@ -101,7 +128,7 @@ class _Emitter:
     """One daemon thread that turns published stages into spans, in publication order, while idle."""
 
     def __init__(self) -> None:
-        self._queue: deque[tuple[trace.Tracer, otel_context.Context, list[_Stage], float]] = deque()
+        self._queue: deque[tuple[trace.Tracer, otel_context.Context, list[Stage], float]] = deque()
         self._cond = threading.Condition()
         self._busy = 0
         self._running = 0  # operations in progress (Stages created, not yet published)
@@ -117,7 +144,7 @@ class _Emitter:
             if not self._running and self._queue:
                 self._cond.notify_all()
 
-    def submit(self, tracer: trace.Tracer, ctx: otel_context.Context, stages: list[_Stage]) -> None:
+    def submit(self, tracer: trace.Tracer, ctx: otel_context.Context, stages: list[Stage]) -> None:
         with self._cond:
             self._queue.append((tracer, ctx, stages, time.monotonic() + MAX_DELAY_SECONDS))
             self._busy += 1
@@ -161,6 +188,21 @@ class _Emitter:
 
 
 _emitter = _Emitter()
+
+
+def set_stage_sink(sink: StageSink | None) -> None:
+    """Send every published operation's stages to ``sink`` instead of making spans here (``None``: back to spans).
+
+    The sink is called on the thread that publishes, once per operation: it must be quick and
+    must not block (queue the tuples, as ``core.span_export.SpanShipper.ship_stages`` does).
+    """
+    global _sink
+    _sink = sink
+
+
+def current_stage_sink() -> StageSink | None:
+    """The installed stage sink (``None``: stages become SDK spans on the background thread)."""
+    return _sink
 
 
 def flush(timeout: float = 5.0) -> bool:

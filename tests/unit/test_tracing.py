@@ -209,33 +209,80 @@ def test_stage_spans_are_not_held_back_for_long_under_steady_load() -> None:
         running.publish()
 
 
-def test_the_exporter_sends_big_batches_in_slices() -> None:
-    from collections.abc import Sequence
+def test_span_records_rebuild_the_same_spans_in_the_export_process() -> None:
+    """What crosses the pipe to the export process rebuilds every field OTLP carries."""
+    import pickle
 
+    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-    from core.span_export import SLICE, IdleFirstExporter
-
-    class Recorder(SpanExporter):
-        def __init__(self, fail_on: int | None = None) -> None:
-            self.calls: list[int] = []
-            self.fail_on = fail_on
-
-        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-            self.calls.append(len(spans))
-            failed = len(self.calls) == self.fail_on
-            return SpanExportResult.FAILURE if failed else SpanExportResult.SUCCESS
+    from core.span_export import readable_spans, span_record, stage_records
 
     memory = InMemorySpanExporter()
-    provider = TracerProvider()
+    provider = TracerProvider(resource=Resource.create({"service.name": "ragsvc-test"}))
     provider.add_span_processor(SimpleSpanProcessor(memory))
-    for _ in range(2 * SLICE + 3):
-        provider.get_tracer("test").start_span("x").end()
-    spans = memory.get_finished_spans()
-    inner = Recorder()
-    assert IdleFirstExporter(inner).export(spans) is SpanExportResult.SUCCESS
-    assert inner.calls == [SLICE, SLICE, 3]
-    failing = Recorder(fail_on=1)
-    assert IdleFirstExporter(failing).export(spans) is SpanExportResult.FAILURE
-    assert failing.calls == [SLICE, SLICE, 3]  # one failed slice does not drop the others
+    tracer = provider.get_tracer("rag.test", "1.2")
+    other = tracer.start_span("other")
+    with tracer.start_as_current_span(
+        "root", kind=SpanKind.SERVER, links=[Link(other.get_span_context(), {"why": "x"})]
+    ) as root:
+        with tracer.start_as_current_span("child", attributes={"rag.k": 5, "rag.collections": ("a", "b")}) as child:
+            child.add_event("retry", {"attempt": 2})
+            child.set_status(Status(StatusCode.ERROR, "boom"))
+        stages = [("retrieval.dense", 10, 20, {"rag.depth": 100}), ("retrieval.bm25", 12, 25, {})]
+        stage_record = stage_records(root, stages, dict(root.resource.attributes))  # type: ignore[attr-defined]
+    other.end()
+    originals = {s.name: s for s in memory.get_finished_spans()}
+    resource = dict(originals["root"].resource.attributes)
+    records = [span_record(s, resource) for s in originals.values()] + [stage_record]
+    rebuilt = {s.name: s for s in readable_spans(pickle.loads(pickle.dumps(records)))}
+
+    for name, original in originals.items():
+        copy = rebuilt[name]
+        assert copy.context == original.context and copy.parent == original.parent
+        assert (copy.start_time, copy.end_time, copy.kind) == (original.start_time, original.end_time, original.kind)
+        assert dict(copy.attributes or {}) == dict(original.attributes or {})
+        assert (copy.status.status_code, copy.status.description) == (
+            original.status.status_code,
+            original.status.description,
+        )
+        assert [(e.name, e.timestamp, dict(e.attributes or {})) for e in copy.events] == [
+            (e.name, e.timestamp, dict(e.attributes or {})) for e in original.events
+        ]
+        assert [(lk.context.span_id, dict(lk.attributes or {})) for lk in copy.links] == [
+            (lk.context.span_id, dict(lk.attributes or {})) for lk in original.links
+        ]
+        assert copy.instrumentation_scope == original.instrumentation_scope
+        assert copy.resource.attributes["service.name"] == "ragsvc-test"
+    root_ctx = originals["root"].context
+    for name, (start, end, attributes) in {
+        "retrieval.dense": (10, 20, {"rag.depth": 100}),
+        "retrieval.bm25": (12, 25, {}),
+    }.items():
+        stage = rebuilt[name]
+        assert stage.parent is not None and stage.parent.span_id == root_ctx.span_id
+        assert stage.context.trace_id == root_ctx.trace_id and stage.context.span_id not in (0, root_ctx.span_id)
+        assert (stage.start_time, stage.end_time, dict(stage.attributes or {})) == (start, end, attributes)
+        assert stage.instrumentation_scope == originals["root"].instrumentation_scope
+    assert rebuilt["retrieval.dense"].context.span_id != rebuilt["retrieval.bm25"].context.span_id
+
+
+def test_a_stage_sink_receives_the_stages_instead_of_the_span_thread() -> None:
+    tracer, exporter = recording_tracer()
+    received: list[tuple[Any, list[stage_spans.Stage]]] = []
+    stage_spans.set_stage_sink(lambda parent, stages: received.append((parent, stages)))
+    try:
+        with tracer.start_as_current_span("parent") as parent:
+            stages = stage_spans.Stages(tracer)
+            with stages.stage("retrieval.dense") as attributes:
+                attributes["rag.depth"] = 3
+            stages.publish()
+    finally:
+        stage_spans.set_stage_sink(None)
+    assert stage_spans.flush(timeout=1)
+    assert [s.name for s in exporter.get_finished_spans()] == ["parent"]  # no SDK span was made here
+    [(sent_parent, sent)] = received
+    assert sent_parent is parent
+    assert [(name, attrs) for name, _, _, attrs in sent] == [("retrieval.dense", {"rag.depth": 3})]
