@@ -220,6 +220,7 @@ class SpanShipper(SpanProcessor):
         self.dropped = 0
         """Records dropped because the queue was full or the child was gone."""
         self._closed = False
+        self._timeout = timeout_seconds
         self._flush_requested = 0
         self._flushed = 0
         self._flush_ok = False
@@ -335,18 +336,22 @@ class SpanShipper(SpanProcessor):
         return done and self._flush_ok
 
     def shutdown(self) -> None:
-        """Send what is queued, let the child export it and exit (bounded waits)."""
+        """Send what is queued, let the child export it and exit.
+
+        Bounded: the child gets one export timeout (plus a little) after the pipe closes; a child
+        still retrying an unreachable collector then is killed, and its spans are lost.
+        """
         if self._closed:
             return
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=self._timeout + 5)
         if self._child.stdin is not None:
             with contextlib.suppress(OSError):
                 self._child.stdin.close()
         try:
-            self._child.wait(timeout=30)
+            self._child.wait(timeout=self._timeout + 5)
         except subprocess.TimeoutExpired:
             self._child.kill()
             self._child.wait()
