@@ -101,8 +101,13 @@ def span_record(span: ReadableSpan, resource: dict[str, Any]) -> Record:
     )
 
 
-def stage_records(parent: Span, stages: Sequence[stage_spans.Stage], resource: dict[str, Any]) -> Record:
-    """The timed stages of one operation under ``parent`` (a recording SDK span) as one record."""
+def stage_records(
+    parent: Span, stages: Sequence[stage_spans.Stage], resource: dict[str, Any], rooted: bool = False
+) -> Record:
+    """The timed stages of one operation under ``parent`` (a recording SDK span) as one record.
+
+    ``rooted``: the first stage is the operation's own span and the parent of the others.
+    """
     ctx = parent.get_span_context()
     scope = getattr(parent, "instrumentation_scope", None)
     return (
@@ -113,6 +118,7 @@ def stage_records(parent: Span, stages: Sequence[stage_spans.Stage], resource: d
         list(stages),
         None if scope is None else (scope.name, scope.version, scope.schema_url),
         resource,
+        rooted,
     )
 
 
@@ -183,23 +189,29 @@ def readable_spans(records: Iterable[Record]) -> list[ReadableSpan]:
                 )
             )
         else:
-            _, trace_id, parent_id, flags, stages, scope, res = record
+            _, trace_id, parent_id, flags, stages, scope, res, rooted = record
             trace_flags = TraceFlags(flags)
             parent_ctx = SpanContext(trace_id, parent_id, is_remote=False, trace_flags=trace_flags)
-            for name, start, end, attributes in stages:
-                span_id = random.getrandbits(64) or 1
+            for i, (name, start, end, attributes) in enumerate(stages):
+                context = SpanContext(trace_id, random.getrandbits(64) or 1, is_remote=False, trace_flags=trace_flags)
+                failed = stage_spans.ERROR_TYPE in attributes
                 spans.append(
                     Readable(
                         name=name,
-                        context=SpanContext(trace_id, span_id, is_remote=False, trace_flags=trace_flags),
+                        context=context,
                         parent=parent_ctx,
                         resource=resource_of(res),
                         attributes=attributes or None,
+                        status=Status(StatusCode.ERROR, str(attributes[stage_spans.ERROR_TYPE]))
+                        if failed
+                        else Status(StatusCode.UNSET),
                         start_time=start,
                         end_time=end,
                         instrumentation_scope=scope_of(scope),
                     )
                 )
+                if rooted and i == 0:
+                    parent_ctx = context  # the operation's own span: the other stages are its children
     return spans
 
 
@@ -249,9 +261,9 @@ class SpanShipper(SpanProcessor):
             return
         self._put(span_record(span, self._resource(span.resource)))
 
-    def ship_stages(self, parent: Span, stages: Sequence[stage_spans.Stage]) -> None:
+    def ship_stages(self, parent: Span, stages: Sequence[stage_spans.Stage], rooted: bool = False) -> None:
         """Queue an operation's timed stages as child spans of ``parent`` (a stage sink)."""
-        self._put(stage_records(parent, stages, self._resource(getattr(parent, "resource", None))))
+        self._put(stage_records(parent, stages, self._resource(getattr(parent, "resource", None)), rooted))
 
     def _resource(self, resource: Any) -> dict[str, Any]:
         key = id(resource)
@@ -262,10 +274,10 @@ class SpanShipper(SpanProcessor):
         return found
 
     def _put(self, record: Record) -> None:
-        if self._closed or self._broken:
-            self.dropped += 1
-            return
         with self._cond:
+            if self._closed or self._broken:
+                self.dropped += 1
+                return
             if len(self._queue) >= self._max_queue:
                 self._queue.popleft()
                 self.dropped += 1
@@ -311,8 +323,10 @@ class SpanShipper(SpanProcessor):
             stdin.write(len(payload).to_bytes(4, "big") + payload)
             stdin.flush()
         except (BrokenPipeError, OSError, ValueError):
-            self._broken = True
-            self.dropped += records
+            with self._cond:  # from now on nothing is queued: what waits and what comes is dropped
+                self._broken = True
+                self.dropped += records + len(self._queue)
+                self._queue.clear()
             log.error("the span export process is gone; spans are dropped until the service restarts")
 
     def _await_ack(self, timeout: float = 30.0) -> bool:

@@ -22,9 +22,9 @@ Tracing: spans ``retrieval.search`` > ``retrieval.embed_query``, ``retrieval.den
 come from the OpenTelemetry *API* only. With no SDK configured by the process (the default),
 its tracer is a no-op: a span costs a non-recording object and a context switch, about a
 microsecond against milliseconds of search, and attributes are only built when recording.
-When recording, the four stages are timed inline and become spans on a background thread
-(:mod:`retrieval.tracing`): an SDK span costs 40-60 µs to create, too much to pay four times
-inside a search of a few milliseconds.
+When recording, the search and its four stages are timed inline and become spans later
+(:mod:`retrieval.tracing`: on a background thread, or in the span export process): an SDK span
+costs 40-60 µs to create, too much to pay five times inside a search of a few milliseconds.
 
 Errors: :class:`~retrieval.types.UnknownCollectionError` when the filter names a
 collection without an index; :class:`~retrieval.types.IndexMismatchError` when the
@@ -167,17 +167,24 @@ class HybridRetriever:
     ) -> list[ScoredChunk]:
         """Return at most ``k`` chunks, best first (:meth:`search_sync` in the executor)."""
         loop = asyncio.get_running_loop()
-        with _tracer.start_as_current_span("retrieval.search") as span:
-            if span.is_recording():
-                opts = options or self._defaults
-                span.set_attributes({"rag.k": k, "rag.mode": opts.mode, "rag.depth": opts.depth})
-                if filters is not None and filters.collections is not None:
-                    span.set_attribute("rag.collections", list(filters.collections))
-            # run_in_executor does not carry context variables: the thread's spans join this one.
-            call = functools.partial(
-                contextvars.copy_context().run, self.search_sync, query, k=k, filters=filters, options=options
-            )
+        # The search's own span is timed here and made later with its stages (retrieval.tracing).
+        stages = Stages(_tracer, root="retrieval.search")
+        if stages.recording:
+            opts = options or self._defaults
+            stages.root_attributes.update({"rag.k": k, "rag.mode": opts.mode, "rag.depth": opts.depth})
+            if filters is not None and filters.collections is not None:
+                stages.root_attributes["rag.collections"] = list(filters.collections)
+        # run_in_executor does not carry context variables: the thread sees this request's trace.
+        call = functools.partial(
+            contextvars.copy_context().run, self._search, query, k=k, filters=filters, options=options, stages=stages
+        )
+        try:
             return await loop.run_in_executor(self._executor, call)
+        except BaseException as e:
+            stages.fail(e)
+            raise
+        finally:
+            stages.publish()
 
     def _snapshots(self, filters: SearchFilters | None) -> list[Snapshot]:
         if filters is None or filters.collections is None:
@@ -228,6 +235,22 @@ class HybridRetriever:
                 an index.
             ValueError: For invalid options.
         """
+        stages = Stages(_tracer)
+        try:
+            return self._search(query, k=k, filters=filters, options=options, stages=stages)
+        finally:
+            stages.publish()
+
+    def _search(
+        self,
+        query: str,
+        *,
+        k: int,
+        filters: SearchFilters | None,
+        options: SearchOptions | None,
+        stages: Stages,
+    ) -> list[ScoredChunk]:
+        """:meth:`search_sync` recording into ``stages`` (published by the caller)."""
         opts = options or self._defaults
         validate_search_options(opts)
         if k <= 0:
@@ -248,11 +271,7 @@ class HybridRetriever:
         if not searchable:
             return []
 
-        stages = Stages(_tracer)
-        try:
-            return self._search_legs(query, k, opts, snapshots, searchable, depth, stages)
-        finally:
-            stages.publish()
+        return self._search_legs(query, k, opts, snapshots, searchable, depth, stages)
 
     def _search_legs(
         self,

@@ -41,6 +41,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 __all__ = [
+    "ERROR_TYPE",
     "MAX_DELAY_SECONDS",
     "Stage",
     "StageSink",
@@ -55,10 +56,14 @@ log = logging.getLogger(__name__)
 
 Stage = tuple[str, int, int, dict[str, Any]]
 """One timed stage: span name, start and end (ns since the epoch), attributes."""
-StageSink = Callable[[trace.Span, list[Stage]], None]
-"""Receives an operation's recording parent span and its finished stages (see :func:`set_stage_sink`)."""
+StageSink = Callable[[trace.Span, list[Stage], bool], None]
+"""Receives an operation's recording parent span, its finished stages and whether the first of
+them is the operation's own span, the parent of the others (see :func:`set_stage_sink`)."""
 
 _sink: StageSink | None = None
+
+ERROR_TYPE = "error.type"
+"""Attribute naming the exception that failed an operation (its span's status is then an error)."""
 
 MAX_DELAY_SECONDS = 0.5
 """Longest a published stage waits for a moment with no recorded operation running."""
@@ -71,20 +76,47 @@ class Stages:
     (also when it failed: the stages that finished are still worth seeing). Thread-safe for
     stages running on different threads (appending to a list is atomic). Until it is published,
     an instance counts as a running operation (recorded or not), and span work waits for it.
+
+    With ``root``, the operation itself becomes a span of that name too, from this object's
+    creation to :meth:`publish`, with :attr:`root_attributes`, and the stages become its
+    children: under a request's span the cost of one more SDK span (~50 µs) leaves the request
+    path as well. Outside any trace the operation starts one with a real span made at once (the
+    tracer's sampler must decide). :meth:`fail` marks it failed (status error, ``error.type``).
     """
 
-    __slots__ = ("_context", "_open", "_parent", "_stages", "_tracer")
+    __slots__ = ("_context", "_open", "_own", "_parent", "_root", "_stages", "_tracer")
 
-    def __init__(self, tracer: trace.Tracer, parent: trace.Span | None = None) -> None:
+    def __init__(self, tracer: trace.Tracer, parent: trace.Span | None = None, *, root: str | None = None) -> None:
         span = parent if parent is not None else trace.get_current_span()
+        self._own: trace.Span | None = None
+        self._root: Stage | None = None
+        if root is not None and not span.get_span_context().is_valid:
+            # No trace to join (an operation outside any request): it starts one, as a real span
+            # made now, so that the tracer's sampler decides.
+            own = tracer.start_span(root)
+            if own.is_recording():
+                self._own = span = own
+                self._root = (root, 0, 0, {})
         self._tracer = tracer
         self._parent = span
         self._context = trace.set_span_in_context(span) if span.is_recording() else None
         self._stages: list[Stage] = []
+        if root is not None and self._context is not None and self._root is None:
+            self._root = (root, time.time_ns(), 0, {})
         # Every operation counts, recorded or not: an unsampled search is just as slowed down by
         # a span thread holding the GIL.
         self._open = True
         _emitter.started()
+
+    @property
+    def root_attributes(self) -> dict[str, Any]:
+        """The attributes of the operation's own span (a throwaway dict when there is none)."""
+        return self._root[3] if self._root is not None else {}
+
+    def fail(self, error: BaseException) -> None:
+        """Mark the operation's own span failed (its status becomes an error)."""
+        if self._root is not None:
+            self._root[3][ERROR_TYPE] = type(error).__qualname__
 
     @property
     def recording(self) -> bool:
@@ -109,15 +141,27 @@ class Stages:
 
         Call it once: it also ends this operation's claim on the span thread's idle time.
         """
+        rooted = self._root is not None and self._own is None
+        if self._own is not None and self._root is not None:
+            attributes = self._root[3]
+            self._own.set_attributes(attributes)
+            if ERROR_TYPE in attributes:
+                self._own.set_status(trace.Status(trace.StatusCode.ERROR, str(attributes[ERROR_TYPE])))
+            self._own.end()
+            self._root = self._own = None
+        elif self._root is not None:
+            name, started, _, attributes = self._root
+            self._stages.insert(0, (name, started, time.time_ns(), attributes))
+            self._root = None
         if self._context is not None and self._stages:
             sink = _sink
             if sink is not None:
                 try:
-                    sink(self._parent, self._stages)
+                    sink(self._parent, self._stages, rooted)
                 except Exception:  # tracing must never fail the operation it observes
                     log.exception("could not hand stage spans to the sink")
             else:
-                _emitter.submit(self._tracer, self._context, self._stages)
+                _emitter.submit(self._tracer, self._context, self._stages, rooted)
             self._stages = []
         if self._open:
             self._open = False
@@ -128,7 +172,7 @@ class _Emitter:
     """One daemon thread that turns published stages into spans, in publication order, while idle."""
 
     def __init__(self) -> None:
-        self._queue: deque[tuple[trace.Tracer, otel_context.Context, list[Stage], float]] = deque()
+        self._queue: deque[tuple[trace.Tracer, otel_context.Context, list[Stage], bool, float]] = deque()
         self._cond = threading.Condition()
         self._busy = 0
         self._running = 0  # operations in progress (Stages created, not yet published)
@@ -144,9 +188,9 @@ class _Emitter:
             if not self._running and self._queue:
                 self._cond.notify_all()
 
-    def submit(self, tracer: trace.Tracer, ctx: otel_context.Context, stages: list[Stage]) -> None:
+    def submit(self, tracer: trace.Tracer, ctx: otel_context.Context, stages: list[Stage], rooted: bool) -> None:
         with self._cond:
-            self._queue.append((tracer, ctx, stages, time.monotonic() + MAX_DELAY_SECONDS))
+            self._queue.append((tracer, ctx, stages, rooted, time.monotonic() + MAX_DELAY_SECONDS))
             self._busy += 1
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="rag-stage-spans", daemon=True)
@@ -171,13 +215,18 @@ class _Emitter:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: bool(self._queue))
-                tracer, ctx, stages, deadline = self._queue.popleft()
+                tracer, ctx, stages, rooted, deadline = self._queue.popleft()
             try:
-                for name, started, ended, attributes in stages:
+                parent = ctx
+                for i, (name, started, ended, attributes) in enumerate(stages):
                     with self._cond:
                         self._idle(deadline)
-                    span = tracer.start_span(name, context=ctx, start_time=started, attributes=attributes or None)
+                    span = tracer.start_span(name, context=parent, start_time=started, attributes=attributes or None)
+                    if ERROR_TYPE in attributes:
+                        span.set_status(trace.Status(trace.StatusCode.ERROR, str(attributes[ERROR_TYPE])))
                     span.end(end_time=ended)
+                    if rooted and i == 0:
+                        parent = trace.set_span_in_context(span, ctx)  # the other stages are its children
                     time.sleep(0)  # give the GIL back: a search may be waiting for it
             except Exception:  # a broken exporter must not stop the spans of later requests
                 log.exception("could not record stage spans")

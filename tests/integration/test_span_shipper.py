@@ -37,8 +37,9 @@ def test_spans_and_stages_reach_the_receiver_through_the_export_process(
 ) -> None:
     receiver, shipper, provider = shipped
     tracer = provider.get_tracer("retrieval.hybrid")
-    with tracer.start_as_current_span("retrieval.search") as root:
-        stages = stage_spans.Stages(tracer)
+    with tracer.start_as_current_span("POST /v1/search") as request:
+        stages = stage_spans.Stages(tracer, root="retrieval.search")  # as HybridRetriever.search does
+        stages.root_attributes["rag.k"] = 10
         with stages.stage("retrieval.embed_query"):
             pass
         with stages.stage("retrieval.dense") as attributes:
@@ -46,8 +47,15 @@ def test_spans_and_stages_reach_the_receiver_through_the_export_process(
         stages.publish()
     assert shipper.force_flush(10_000), "the export process did not confirm the flush"
     spans = {s["name"]: s for s in receiver.spans}
-    assert set(spans) == {"retrieval.search", "retrieval.embed_query", "retrieval.dense"}
-    trace_id = f"{root.get_span_context().trace_id:032x}"
+    assert set(spans) == {"POST /v1/search", "retrieval.search", "retrieval.embed_query", "retrieval.dense"}
+    assert spans["retrieval.search"]["parent"] == spans["POST /v1/search"]["id"]
+    assert (
+        spans["retrieval.dense"]["parent"]
+        == spans["retrieval.embed_query"]["parent"]
+        == spans["retrieval.search"]["id"]
+    )
+    assert spans["retrieval.search"]["attributes"]["rag.k"].int_value == 10
+    trace_id = f"{request.get_span_context().trace_id:032x}"
     assert {s["trace"] for s in spans.values()} == {trace_id}
     assert {s["service"] for s in spans.values()} == {"ragsvc-test"}
     assert spans["retrieval.dense"]["attributes"]["rag.depth"].int_value == 100

@@ -45,6 +45,8 @@ class Receiver:
                                 {
                                     "name": span.name,
                                     "trace": span.trace_id.hex(),
+                                    "id": span.span_id.hex(),
+                                    "parent": span.parent_span_id.hex(),
                                     "service": service,
                                     "ms": (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6,
                                     "start": span.start_time_unix_nano,

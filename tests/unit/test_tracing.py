@@ -271,8 +271,8 @@ def test_span_records_rebuild_the_same_spans_in_the_export_process() -> None:
 
 def test_a_stage_sink_receives_the_stages_instead_of_the_span_thread() -> None:
     tracer, exporter = recording_tracer()
-    received: list[tuple[Any, list[stage_spans.Stage]]] = []
-    stage_spans.set_stage_sink(lambda parent, stages: received.append((parent, stages)))
+    received: list[tuple[Any, list[stage_spans.Stage], bool]] = []
+    stage_spans.set_stage_sink(lambda parent, stages, rooted: received.append((parent, stages, rooted)))
     try:
         with tracer.start_as_current_span("parent") as parent:
             stages = stage_spans.Stages(tracer)
@@ -283,6 +283,51 @@ def test_a_stage_sink_receives_the_stages_instead_of_the_span_thread() -> None:
         stage_spans.set_stage_sink(None)
     assert stage_spans.flush(timeout=1)
     assert [s.name for s in exporter.get_finished_spans()] == ["parent"]  # no SDK span was made here
-    [(sent_parent, sent)] = received
-    assert sent_parent is parent
+    [(sent_parent, sent, rooted)] = received
+    assert sent_parent is parent and not rooted
     assert [(name, attrs) for name, _, _, attrs in sent] == [("retrieval.dense", {"rag.depth": 3})]
+
+
+def test_an_operation_span_is_made_later_with_its_stages_under_it() -> None:
+    """``root``: the operation's own span is timed inline too and becomes the stages' parent."""
+    tracer, exporter = recording_tracer()
+    with tracer.start_as_current_span("request") as request:
+        stages = stage_spans.Stages(tracer, root="retrieval.search")
+        stages.root_attributes["rag.k"] = 10
+        with stages.stage("retrieval.dense"):
+            pass
+        stages.fail(ValueError("bad"))
+        stages.publish()
+    assert stage_spans.flush()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    search, dense = spans["retrieval.search"], spans["retrieval.dense"]
+    assert search.parent is not None and search.parent.span_id == request.get_span_context().span_id
+    assert dense.parent is not None and dense.parent.span_id == search.context.span_id
+    assert search.attributes == {"rag.k": 10, "error.type": "ValueError"}
+    assert search.status.status_code.name == "ERROR"
+    assert search.start_time <= dense.start_time <= dense.end_time <= search.end_time  # type: ignore[operator]
+
+
+def test_an_unrecorded_operation_has_no_root_to_fill() -> None:
+    from opentelemetry import trace
+
+    stages = stage_spans.Stages(trace.NoOpTracer(), root="retrieval.search")
+    stages.root_attributes["ignored"] = 1  # a throwaway dict
+    stages.fail(RuntimeError("x"))
+    stages.publish()
+    assert not stages.recording and stages.root_attributes == {}
+
+
+def test_an_operation_outside_any_trace_starts_one() -> None:
+    tracer, exporter = recording_tracer()
+    stages = stage_spans.Stages(tracer, root="retrieval.search")  # no current span: a new trace
+    assert stages.recording
+    stages.root_attributes["rag.k"] = 3
+    with stages.stage("retrieval.bm25"):
+        pass
+    stages.publish()
+    assert stage_spans.flush()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    search, bm25 = spans["retrieval.search"], spans["retrieval.bm25"]
+    assert search.parent is None and search.attributes == {"rag.k": 3}
+    assert bm25.parent is not None and bm25.parent.span_id == search.context.span_id
