@@ -23,10 +23,17 @@ contract:
   question's common terms are probed for the candidates rather than summed over every posting);
 - **fusion**: :mod:`retrieval.fusion`, the local backend's functions and defaults.
 
-The legs run concurrently on two pooled connections, the BM25 one while the query is embedded.
-All database I/O runs on a private event loop in a thread of its own, so the blocking
-:meth:`PgRetriever.search_sync` (CLI, evaluations) and the async :meth:`PgRetriever.search`
-(API) share one pool, and the caller's event loop is never blocked.
+The legs run concurrently on two pooled connections, the BM25 one while the query is embedded,
+and both read **one snapshot** with the chunk rows fetched afterwards (:class:`ReadView`: a
+REPEATABLE READ transaction exports its snapshot, the second leg's transaction imports it), so a
+search that straddles a commit (a reindex swapping a collection's chunks, an ingest, a delete)
+answers entirely from before it or entirely from after it: never ids from one side that the
+chunk-row fetch can no longer find (which returned ``hits: []`` during a reindex). The sharded
+index's shards commit on their own, outside that snapshot: when a hit's chunk row is gone, the
+whole search runs once more on a fresh view. All database I/O runs on a private event loop in a
+thread of its own, so the blocking :meth:`PgRetriever.search_sync` (CLI, evaluations) and the
+async :meth:`PgRetriever.search` (API) share one pool, and the caller's event loop is never
+blocked.
 
 Errors: :class:`~retrieval.types.UnknownCollectionError` for a filter naming a collection with no
 indexed chunk; :class:`~retrieval.types.IndexMismatchError` when the index was built with another
@@ -36,10 +43,12 @@ model, dimension or tokenizer; :class:`PgIndexUnavailableError` when the tables 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import re
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -70,12 +79,14 @@ from retrieval.types import (
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["PgIndex", "PgIndexUnavailableError", "PgRetriever"]
+__all__ = ["PgIndex", "PgIndexUnavailableError", "PgRetriever", "ReadView"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LegRows = list[tuple[int, float]]
+_MAX_OVERFLOW = 10
+"""Connections the pool opens beyond ``pool_size`` under load (SQLAlchemy's default)."""
 
 
 class PgIndexUnavailableError(RetrievalError):
@@ -104,6 +115,71 @@ class _LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         self.loop.close()
+
+
+# The first statement of a search's view: its snapshot (exported for the other leg's connection),
+# the dense leg's knobs (transaction-local: a pooled connection carries no setting to the next
+# user) and the indexed collections, in one round trip.
+_OPEN_VIEW = text(
+    """
+    SELECT pg_export_snapshot(),
+           set_config('hnsw.ef_search', :ef, true),
+           set_config('hnsw.iterative_scan', 'relaxed_order', true),
+           set_config('plan_cache_mode', 'force_custom_plan', true),
+           ARRAY(SELECT c.name FROM rag_index.stats s JOIN collections c ON c.id = s.collection_id
+                 WHERE s.n_docs > 0 ORDER BY c.id),
+           ARRAY(SELECT c.id FROM rag_index.stats s JOIN collections c ON c.id = s.collection_id
+                 WHERE s.n_docs > 0 ORDER BY c.id)
+    """
+)
+# What pg_export_snapshot() returns (checked before it is spliced into SET TRANSACTION SNAPSHOT,
+# which takes no parameters).
+_SNAPSHOT_ID = re.compile(r"[0-9A-F]+-[0-9A-F]+(-[0-9]+)?")
+
+
+def resolve_collections(indexed: dict[str, int], names: Sequence[str] | None) -> list[int]:
+    """Ids of the named collections among the ``indexed`` ones (``None``: all of them, sorted).
+
+    Raises:
+        UnknownCollectionError: If a named collection has no indexed chunk.
+    """
+    if names is None:
+        return sorted(indexed.values())
+    ids = []
+    for name in dict.fromkeys(names):
+        if name not in indexed:
+            raise UnknownCollectionError(f"collection {name!r} has no index")
+        ids.append(indexed[name])
+    return ids
+
+
+class ReadView:
+    """One search's consistent read of the index and the chunk rows.
+
+    A REPEATABLE READ, READ ONLY transaction on one pooled connection (:attr:`connection`: the
+    dense leg and the chunk-row fetch) whose snapshot other connections join (:meth:`joined`: the
+    BM25 leg, concurrently), by ``pg_export_snapshot()`` and ``SET TRANSACTION SNAPSHOT``. Every
+    statement of the search then sees the database as of the view's first statement. Made by
+    :meth:`PgIndex.view`; the snapshot can be joined only while the view is open.
+    """
+
+    def __init__(self, engine: AsyncEngine, connection: AsyncConnection, snapshot: str, indexed: dict[str, int]):
+        if not _SNAPSHOT_ID.fullmatch(snapshot):
+            raise RetrievalError(f"unexpected snapshot id {snapshot!r}")
+        self._engine = engine
+        self.connection = connection
+        self.snapshot = snapshot
+        self.indexed = indexed
+        """Names and ids of the collections with indexed chunks, in this view."""
+
+    @contextlib.asynccontextmanager
+    async def joined(self) -> AsyncIterator[AsyncConnection]:
+        """Another pooled connection in a transaction that reads this view's snapshot."""
+        async with self._engine.connect() as conn:
+            await conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+            async with conn.begin():
+                await conn.exec_driver_sql(f"SET TRANSACTION SNAPSHOT '{self.snapshot}'")
+                yield conn
 
 
 _DENSE = text(
@@ -278,11 +354,14 @@ class PgIndex:
         self._ef_search = ef_search
         self._loop = _LoopThread("pgindex")
         self._pool_size = pool_size
+        # A search holds its view's connection while it takes a second one for the other leg: at most
+        # half the pool's connections are views, so every view can get its second one.
+        self._views = asyncio.Semaphore(max(1, (pool_size + _MAX_OVERFLOW) // 2))
         self._engine: AsyncEngine = self._loop.run(self._create_engine())
 
     async def _create_engine(self) -> AsyncEngine:
         # Created on the private loop: asyncpg connections belong to the loop that opened them.
-        return create_async_engine(self._url, pool_size=self._pool_size, pool_pre_ping=True)
+        return create_async_engine(self._url, pool_size=self._pool_size, max_overflow=_MAX_OVERFLOW, pool_pre_ping=True)
 
     @classmethod
     def open(cls, url: str, **kwargs: Any) -> PgIndex:
@@ -416,43 +495,62 @@ class PgIndex:
 
     # -- the legs (overridden by the sharded index) -----------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def view(self) -> AsyncIterator[ReadView]:
+        """A :class:`ReadView`: one snapshot for a search's legs and its chunk-row fetch."""
+        async with self._views, self._engine.connect() as conn:
+            await conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+            async with conn.begin():
+                row = (await conn.execute(_OPEN_VIEW, {"ef": str(self._ef_search)})).one()
+                yield ReadView(self._engine, conn, row[0], dict(zip(row[4], row[5], strict=True)))
+
     async def collection_ids(self, names: Sequence[str] | None) -> list[int]:
         """Ids of the named collections (``None``: every indexed one).
 
         Raises:
             UnknownCollectionError: If a named collection has no indexed chunk.
         """
-        async with self._engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    text(
-                        "SELECT c.name, c.id FROM rag_index.stats s JOIN collections c ON c.id = s.collection_id "
-                        "WHERE s.n_docs > 0"
-                    )
-                )
-            ).tuples()
-            indexed = dict(rows.all())
-        if names is None:
-            return sorted(indexed.values())
-        ids = []
-        for name in dict.fromkeys(names):
-            if name not in indexed:
-                raise UnknownCollectionError(f"collection {name!r} has no index")
-            ids.append(indexed[name])
-        return ids
+        async with self.view() as view:
+            return resolve_collections(view.indexed, names)
+
+    @contextlib.asynccontextmanager
+    async def _leg_connection(self, view: ReadView | None, *, joined: bool) -> AsyncIterator[AsyncConnection]:
+        """The view's own connection, a connection joined to its snapshot, or (no view) a transaction of
+        its own with the search knobs set."""
+        if view is not None and not joined:
+            yield view.connection
+            return
+        if view is not None:
+            async with view.joined() as conn:
+                await self._set_search_knobs(conn)
+                yield conn
+            return
+        async with self._engine.begin() as conn:
+            await self._set_search_knobs(conn)
+            yield conn
 
     async def dense_leg(
-        self, cids: list[int], vector: str, depth: int, prefix: str | None, lead_weight: float = 0.0
+        self,
+        cids: list[int],
+        vector: str,
+        depth: int,
+        prefix: str | None,
+        lead_weight: float = 0.0,
+        *,
+        view: ReadView | None = None,
+        joined: bool = False,
     ) -> LegRows:
         """Best-first ``(chunk_id, dense score)`` inside the filters: the HNSW search's inner products,
-        blended with the section leads' when ``lead_weight > 0`` (:func:`blend_leads`)."""
+        blended with the section leads' when ``lead_weight > 0`` (:func:`blend_leads`).
+
+        With a ``view``, on its connection (``joined``: on another one, in its snapshot); without, in a
+        transaction of its own."""
         condition = "AND path LIKE :prefix ESCAPE '\\'" if prefix is not None else ""
         params: dict[str, Any] = {"q": vector, "cids": cids, "depth": depth}
         if prefix is not None:
             params["prefix"] = like_prefix(prefix)
         sql = (_DENSE_LEADS if lead_weight > 0 else _DENSE).text.format(prefix=condition)
-        async with self._engine.begin() as conn:
-            await self._set_search_knobs(conn)
+        async with self._leg_connection(view, joined=joined) as conn:
             rows = (await conn.execute(text(sql), params)).all()
         if lead_weight > 0:
             return blend_leads(rows, depth, lead_weight)
@@ -471,14 +569,23 @@ class PgIndex:
             {"ef": str(self._ef_search)},
         )
 
-    async def sparse_leg(self, cids: list[int], tokens: list[str], depth: int, prefix: str | None) -> LegRows:
+    async def sparse_leg(
+        self,
+        cids: list[int],
+        tokens: list[str],
+        depth: int,
+        prefix: str | None,
+        *,
+        view: ReadView | None = None,
+        joined: bool = False,
+    ) -> LegRows:
         """Best-first ``(chunk_id, BM25 score)`` of the chunks holding a query term, inside the filters
-        (exact top ``depth``: ``rag_index.bm25_top``, :mod:`core.pgindex.bm25`)."""
+        (exact top ``depth``: ``rag_index.bm25_top``, :mod:`core.pgindex.bm25`). ``view`` and ``joined``
+        as in :meth:`dense_leg`."""
         if not tokens:
             return []
-        async with self._engine.begin() as conn:
-            # Custom plans: the plan depends on how many postings the query's terms have.
-            await conn.execute(text("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)"))
+        # Custom plans (the search knobs): the plan depends on how many postings the query's terms have.
+        async with self._leg_connection(view, joined=joined) as conn:
             rows = (await conn.execute(_SPARSE, self.sparse_params(cids, tokens, depth, prefix))).all()
         return _ranked(rows)
 
@@ -496,11 +603,13 @@ class PgIndex:
             "read_share": READ_SHARE,
         }
 
-    async def chunks(self, ids: Sequence[int]) -> dict[int, Chunk]:
-        """The chunks with these ids (from the chunk rows; ids that no longer exist are absent)."""
+    async def chunks(self, ids: Sequence[int], *, view: ReadView | None = None) -> dict[int, Chunk]:
+        """The chunks with these ids (from the chunk rows, in ``view`` if given; ids that do not exist
+        there are absent)."""
         if not ids:
             return {}
-        async with self._engine.connect() as conn:
+        async with contextlib.AsyncExitStack() as stack:
+            conn = view.connection if view is not None else await stack.enter_async_context(self._engine.connect())
             rows = (await conn.execute(_CHUNKS, {"ids": list(ids)})).all()
         return {
             int(r[0]): Chunk(
@@ -601,44 +710,90 @@ class PgRetriever:
         if k <= 0:
             return []
         index = self._index
+        use_dense = opts.mode in ("hybrid", "dense")
+        tokens = index.tokenizer(query) if opts.mode in ("hybrid", "sparse") else None
+        # The search runs on the index's loop (the BM25 leg starts at once) while this thread embeds
+        # the query and hands the vector over.
+        vector: Future[str] = Future()
+        done = index._loop.submit(self._search(tokens, vector if use_dense else None, k, filters, opts))
+        if use_dense:
+            try:
+                vector.set_result(vector_literal(self._embed(query)))
+            except BaseException as e:
+                vector.set_exception(e)
+                with contextlib.suppress(BaseException):
+                    done.result()
+                raise
+        return done.result()
+
+    async def _search(
+        self,
+        tokens: list[str] | None,
+        vector: Future[str] | None,
+        k: int,
+        filters: SearchFilters | None,
+        opts: SearchOptions,
+    ) -> list[ScoredChunk]:
+        """One search in one :class:`ReadView`; once more in a fresh view if a hit's chunk row is gone
+        (only shards, which commit outside the view's snapshot, can cause that)."""
+        out: list[ScoredChunk] = []
+        for attempt in (1, 2):
+            out, vanished = await self._search_in_view(tokens, vector, k, filters, opts)
+            if not vanished:
+                break
+            log.info("search: %d hits' chunk rows vanished in attempt %d", vanished, attempt)
+        return out
+
+    async def _search_in_view(
+        self,
+        tokens: list[str] | None,
+        vector: Future[str] | None,
+        k: int,
+        filters: SearchFilters | None,
+        opts: SearchOptions,
+    ) -> tuple[list[ScoredChunk], int]:
+        index = self._index
         names = filters.collections if filters is not None else None
         prefix = filters.path_prefix if filters is not None else None
         depth = max(opts.depth, k)
-        use_dense = opts.mode in ("hybrid", "dense")
-        use_sparse = opts.mode in ("hybrid", "sparse")
-        cids = index.run(index.collection_ids(names))
-        if not cids:
-            return []
-        # The BM25 leg starts on the index's loop while this thread embeds the query.
-        sparse_future: Future[LegRows] | None = None
-        if use_sparse:
-            sparse_future = index._loop.submit(index.sparse_leg(cids, index.tokenizer(query), depth, prefix))
-        dense: LegRows = []
-        try:
-            if use_dense:
-                vector = vector_literal(self._embed(query))
-                dense = index.run(index.dense_leg(cids, vector, depth, prefix, opts.lead_weight))
-        finally:
-            sparse = sparse_future.result() if sparse_future is not None else []
-        if opts.mode == "dense":
-            fused = [Fused(i, s, LegScore(r, s), None) for r, (i, s) in enumerate(dense, start=1)]
-        elif opts.mode == "sparse":
-            fused = [Fused(i, s, None, LegScore(r, s)) for r, (i, s) in enumerate(sparse, start=1)]
-        elif opts.fusion == "rrf":
-            fused = rrf(Legs(dense, sparse), k=opts.rrf_k, weights=(opts.dense_weight, opts.sparse_weight))
-        else:
-            fused = weighted(Legs(dense, sparse), alpha=opts.alpha, normalization=opts.normalization)
-        top = fused[: k + 8]  # a few spare rows: a chunk deleted since the legs ran is skipped
-        chunks = index.run(index.chunks([row.id for row in top]))
+        async with index.view() as view:
+            cids = resolve_collections(view.indexed, names)
+            if not cids:
+                return [], 0
+            sparse_task: asyncio.Task[LegRows] | None = None
+            if tokens is not None:
+                # Hybrid: on a second connection in the view's snapshot, concurrently with the dense leg.
+                sparse_task = asyncio.ensure_future(
+                    index.sparse_leg(cids, tokens, depth, prefix, view=view, joined=vector is not None)
+                )
+            dense: LegRows = []
+            try:
+                if vector is not None:
+                    literal = await asyncio.wrap_future(vector)
+                    dense = await index.dense_leg(cids, literal, depth, prefix, opts.lead_weight, view=view)
+            finally:
+                sparse = await sparse_task if sparse_task is not None else []
+            if opts.mode == "dense":
+                fused = [Fused(i, s, LegScore(r, s), None) for r, (i, s) in enumerate(dense, start=1)]
+            elif opts.mode == "sparse":
+                fused = [Fused(i, s, None, LegScore(r, s)) for r, (i, s) in enumerate(sparse, start=1)]
+            elif opts.fusion == "rrf":
+                fused = rrf(Legs(dense, sparse), k=opts.rrf_k, weights=(opts.dense_weight, opts.sparse_weight))
+            else:
+                fused = weighted(Legs(dense, sparse), alpha=opts.alpha, normalization=opts.normalization)
+            top = fused[: k + 8]  # spare rows for the retry's sake: an attempt that lost a few still answers
+            chunks = await index.chunks([row.id for row in top], view=view)
         out: list[ScoredChunk] = []
+        vanished = 0
         for row in top:
             chunk = chunks.get(row.id)
             if chunk is None:
+                vanished += 1
                 continue
             out.append(ScoredChunk(chunk=chunk, score=row.score, rank=len(out) + 1, dense=row.dense, sparse=row.sparse))
             if len(out) == k:
                 break
-        return out
+        return out, vanished
 
     def _embed(self, query: str) -> npt.NDArray[np.float32]:
         return self._embedder.embed_query(query)

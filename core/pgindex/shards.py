@@ -41,7 +41,7 @@ import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import text
 
 from core.pgindex.bm25 import bm25_function
-from core.pgindex.index import _WEIGHTS, PgIndex, _ranked, blend_leads, like_prefix
+from core.pgindex.index import _WEIGHTS, PgIndex, ReadView, _ranked, blend_leads, like_prefix
 from core.pgindex.writer import IndexedChunk, PgIndexWriter, lead_ids, postings, vector_literal
 
 if TYPE_CHECKING:
@@ -351,11 +351,20 @@ class ShardedPgIndex(PgIndex):
         return ShardedPgIndexWriter(self._tokenizer)
 
     async def dense_leg(
-        self, cids: list[int], vector: str, depth: int, prefix: str | None, lead_weight: float = 0.0
+        self,
+        cids: list[int],
+        vector: str,
+        depth: int,
+        prefix: str | None,
+        lead_weight: float = 0.0,
+        *,
+        view: ReadView | None = None,
+        joined: bool = False,
     ) -> list[tuple[int, float]]:
         """Every shard's HNSW top ``depth`` (and its leads' with ``lead_weight > 0``), merged as one
-        node's (best first, ties by id) and cut at ``depth``."""
-        async with self._engine.connect() as conn:
+        node's (best first, ties by id) and cut at ``depth``. The shards answer outside ``view``'s
+        snapshot (they commit on their own; :class:`~core.pgindex.index.PgRetriever` retries)."""
+        async with self._leg_connection(view, joined=joined) as conn:
             rows = (
                 await conn.execute(
                     text(
@@ -377,12 +386,20 @@ class ShardedPgIndex(PgIndex):
         return _ranked([(r[0], r[1]) for r in rows])[:depth]
 
     async def sparse_leg(
-        self, cids: list[int], tokens: list[str], depth: int, prefix: str | None
+        self,
+        cids: list[int],
+        tokens: list[str],
+        depth: int,
+        prefix: str | None,
+        *,
+        view: ReadView | None = None,
+        joined: bool = False,
     ) -> list[tuple[int, float]]:
-        """Global weights from the coordinator, scored on every shard, merged and cut at ``depth``."""
+        """Global weights from the coordinator (in ``view``'s snapshot), scored on every shard, merged
+        and cut at ``depth``."""
         if not tokens:
             return []
-        async with self._engine.connect() as conn:
+        async with self._leg_connection(view, joined=joined) as conn:
             weights = (
                 await conn.execute(
                     _BM25_WEIGHTS,

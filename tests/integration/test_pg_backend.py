@@ -9,6 +9,7 @@ deletes must leave the statistics equal to the postings without any reconcile.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import AsyncIterator
@@ -289,3 +290,85 @@ def write_sections(folder: Path, count: int) -> None:
             row = rows[(d * 4 + s) % len(rows)]
             parts.append(f"## {heading}\n\n{row['text']}\n\n{row['text']}\n")
         (folder / f"manual{d}.md").write_text("\n".join(parts), encoding="utf-8")
+
+
+async def swap_collection(ctx: IngestContext, collection: str) -> None:
+    """What a reindex's swap does to a collection, in one committed transaction: every chunk row (and its
+    index rows) replaced by a copy under a new id, the old rows deleted (cascading through the index)."""
+    copy = """
+        INSERT INTO {table} SELECT (jsonb_populate_record(NULL::{table}, to_jsonb(c) || jsonb_build_object({keys}))).*
+        FROM {table} c {joins}
+    """
+    async with ctx.sessionmaker() as session, session.begin():
+        await session.execute(
+            text(
+                "CREATE TEMP TABLE swap_ids ON COMMIT DROP AS SELECT c.id AS old, nextval(pg_get_serial_sequence("
+                "'chunks', 'id')) AS new FROM chunks c JOIN collections col ON col.id = c.collection_id "
+                "WHERE col.name = :name"
+            ),
+            {"name": collection},
+        )
+        await session.execute(
+            text(copy.format(table="chunks", keys="'id', m.new", joins="JOIN swap_ids m ON m.old = c.id"))
+        )
+        await session.execute(
+            text(
+                copy.format(
+                    table="rag_index.chunks",
+                    keys="'chunk_id', m.new, 'lead_id', l.new",
+                    joins="JOIN swap_ids m ON m.old = c.chunk_id JOIN swap_ids l ON l.old = c.lead_id",
+                )
+            )
+        )
+        await session.execute(
+            text(
+                copy.format(
+                    table="rag_index.postings", keys="'chunk_id', m.new", joins="JOIN swap_ids m ON m.old = c.chunk_id"
+                )
+            )
+        )
+        await session.execute(text("DELETE FROM chunks WHERE id IN (SELECT old FROM swap_ids)"))
+
+
+@pytest.mark.parametrize("step", ["dense_leg", "sparse_leg", "chunks"])
+async def test_a_search_straddling_a_swap_answers_from_one_snapshot(
+    ctx: IngestContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """A reindex's swap commits while a hybrid search runs, right before one of its steps (forced: the
+    step is wrapped to commit the swap first). The search answers from the snapshot it started in:
+    the old chunks, all of them found (it used to answer ``hits: []`` when the swap committed between
+    the legs and the chunk-row fetch, because each ran in a transaction of its own)."""
+    folder = tmp_path / "faq"
+    write_passages(folder, 40)
+    await ingest(ctx, folder, "faq")
+    index = ctx.store
+    assert isinstance(index, PgIndex)
+    retriever = index.retriever(ctx.embedder)
+    query, filters = "how do I read a file line by line", SearchFilters(("faq",))
+    old = set(await chunk_texts(ctx, "faq"))
+    before = await asyncio.to_thread(retriever.search_sync, query, k=10, filters=filters)
+    assert len(before) == 10 and {h.chunk.id for h in before} <= old
+
+    test_loop = asyncio.get_running_loop()
+    original = getattr(index, step)
+    swapped = []
+
+    async def swap_first(*args: Any, **kwargs: Any) -> Any:
+        if not swapped:  # on the index's loop: the swap commits on the test's loop, then the step runs
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(swap_collection(ctx, "faq"), test_loop))
+            swapped.append(step)
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(index, step, swap_first)
+    during = await asyncio.to_thread(retriever.search_sync, query, k=10, filters=filters)
+    monkeypatch.undo()
+    assert swapped == [step]
+    new = set(await chunk_texts(ctx, "faq"))
+    assert new and not new & old
+    assert [(h.chunk.id, h.chunk.text, h.score) for h in during] == [
+        (h.chunk.id, h.chunk.text, h.score) for h in before
+    ]
+    after = await asyncio.to_thread(retriever.search_sync, query, k=10, filters=filters)
+    assert len(after) == 10 and {h.chunk.id for h in after} <= new
+    assert [h.chunk.text for h in after] == [h.chunk.text for h in before]
+    await assert_statistics_exact(ctx)
