@@ -96,9 +96,14 @@ def span_record(span: ReadableSpan, resource: dict[str, Any]) -> Record:
             for link in span.links
         ]
         or None,
-        None if scope is None else (scope.name, scope.version, scope.schema_url),
+        _scope_record(scope),
         resource,
     )
+
+
+def _scope_record(scope: Any) -> tuple[Any, ...] | None:
+    """An instrumentation scope as the ``InstrumentationScope`` arguments :func:`readable_spans` passes back."""
+    return None if scope is None else (scope.name, scope.version, scope.schema_url)
 
 
 def stage_records(
@@ -116,7 +121,7 @@ def stage_records(
         ctx.span_id,
         int(ctx.trace_flags),
         list(stages),
-        None if scope is None else (scope.name, scope.version, scope.schema_url),
+        _scope_record(scope),
         resource,
         rooted,
     )
@@ -194,7 +199,6 @@ def readable_spans(records: Iterable[Record]) -> list[ReadableSpan]:
             parent_ctx = SpanContext(trace_id, parent_id, is_remote=False, trace_flags=trace_flags)
             for i, (name, start, end, attributes) in enumerate(stages):
                 context = SpanContext(trace_id, random.getrandbits(64) or 1, is_remote=False, trace_flags=trace_flags)
-                failed = stage_spans.ERROR_TYPE in attributes
                 spans.append(
                     Readable(
                         name=name,
@@ -202,9 +206,7 @@ def readable_spans(records: Iterable[Record]) -> list[ReadableSpan]:
                         parent=parent_ctx,
                         resource=resource_of(res),
                         attributes=attributes or None,
-                        status=Status(StatusCode.ERROR, str(attributes[stage_spans.ERROR_TYPE]))
-                        if failed
-                        else Status(StatusCode.UNSET),
+                        status=stage_spans.stage_status(attributes),
                         start_time=start,
                         end_time=end,
                         instrumentation_scope=scope_of(scope),

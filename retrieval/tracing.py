@@ -49,6 +49,7 @@ __all__ = [
     "current_stage_sink",
     "flush",
     "set_stage_sink",
+    "stage_status",
     "wait_for_idle",
 ]
 
@@ -64,6 +65,15 @@ _sink: StageSink | None = None
 
 ERROR_TYPE = "error.type"
 """Attribute naming the exception that failed an operation (its span's status is then an error)."""
+
+
+def stage_status(attributes: dict[str, Any]) -> trace.Status:
+    """A stage span's status: an error when :data:`ERROR_TYPE` is among its attributes, else unset."""
+    failure = attributes.get(ERROR_TYPE)
+    return (
+        trace.Status(trace.StatusCode.UNSET) if failure is None else trace.Status(trace.StatusCode.ERROR, str(failure))
+    )
+
 
 MAX_DELAY_SECONDS = 0.5
 """Longest a published stage waits for a moment with no recorded operation running."""
@@ -145,8 +155,7 @@ class Stages:
         if self._own is not None and self._root is not None:
             attributes = self._root[3]
             self._own.set_attributes(attributes)
-            if ERROR_TYPE in attributes:
-                self._own.set_status(trace.Status(trace.StatusCode.ERROR, str(attributes[ERROR_TYPE])))
+            self._own.set_status(stage_status(attributes))
             self._own.end()
             self._root = self._own = None
         elif self._root is not None:
@@ -222,8 +231,7 @@ class _Emitter:
                     with self._cond:
                         self._idle(deadline)
                     span = tracer.start_span(name, context=parent, start_time=started, attributes=attributes or None)
-                    if ERROR_TYPE in attributes:
-                        span.set_status(trace.Status(trace.StatusCode.ERROR, str(attributes[ERROR_TYPE])))
+                    span.set_status(stage_status(attributes))
                     span.end(end_time=ended)
                     if rooted and i == 0:
                         parent = trace.set_span_in_context(span, ctx)  # the other stages are its children
