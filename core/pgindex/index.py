@@ -117,15 +117,19 @@ class _LoopThread:
         self.loop.close()
 
 
-# The first statement of a search's view: its snapshot (exported for the other leg's connection),
-# the dense leg's knobs (transaction-local: a pooled connection carries no setting to the next
-# user) and the indexed collections, in one round trip.
-_OPEN_VIEW = text(
-    """
-    SELECT pg_export_snapshot(),
-           set_config('hnsw.ef_search', :ef, true),
+# The dense leg's knobs, transaction-local: a pooled connection carries no setting to the next
+# user. asyncpg prepares statements, and a generic plan may not see that the HNSW order-by argument
+# is one constant vector and scan the table instead: hence the custom plan.
+_SEARCH_KNOBS = """set_config('hnsw.ef_search', :ef, true),
            set_config('hnsw.iterative_scan', 'relaxed_order', true),
-           set_config('plan_cache_mode', 'force_custom_plan', true),
+           set_config('plan_cache_mode', 'force_custom_plan', true)"""
+_SET_SEARCH_KNOBS = text(f"SELECT {_SEARCH_KNOBS}")
+# The first statement of a search's view: its snapshot (exported for the other leg's connection),
+# the knobs and the indexed collections, in one round trip.
+_OPEN_VIEW = text(
+    f"""
+    SELECT pg_export_snapshot(),
+           {_SEARCH_KNOBS},
            ARRAY(SELECT c.name FROM rag_index.stats s JOIN collections c ON c.id = s.collection_id
                  WHERE s.n_docs > 0 ORDER BY c.id),
            ARRAY(SELECT c.id FROM rag_index.stats s JOIN collections c ON c.id = s.collection_id
@@ -557,17 +561,7 @@ class PgIndex:
         return _ranked(rows)
 
     async def _set_search_knobs(self, conn: AsyncConnection) -> None:
-        # Transaction-local: a pooled connection carries no setting to the next user.
-        await conn.execute(
-            text(
-                "SELECT set_config('hnsw.ef_search', :ef, true), "
-                "set_config('hnsw.iterative_scan', 'relaxed_order', true), "
-                # asyncpg prepares statements; a generic plan may not see that the HNSW order-by
-                # argument is one constant vector and scan the table instead.
-                "set_config('plan_cache_mode', 'force_custom_plan', true)"
-            ),
-            {"ef": str(self._ef_search)},
-        )
+        await conn.execute(_SET_SEARCH_KNOBS, {"ef": str(self._ef_search)})
 
     async def sparse_leg(
         self,
